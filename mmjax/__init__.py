@@ -1,0 +1,3 @@
+"""mmjax: multimodal transformers in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,17 @@
+"""Data: TFDS builders that prepare offline, grain pipelines, tokenizers.
+
+Batch contract (what pipelines yield and models read; every array has the batch as its
+leading axis; numpy on the host, global jax.Arrays inside the train step):
+
+  image     float32 [B, H, W, 3]      normalised pixels
+  video     float32 [B, T, H, W, 3]
+  audio     float32 [B, num_samples]  mono waveform (models compute the spectrogram)
+  sensor    float32 [B, T, C]         time series
+  text      int32   [B, L]            caption token ids, 0 = padding
+  question  int32   [B, L]            question token ids, 0 = padding
+  answer    int32   [B]               index into the answer vocabulary
+  label     int32   [B]               class index
+  valid     bool    [B]               eval batches only: False on padding rows
+
+Token id 0 is padding in every tokenizer.
+"""

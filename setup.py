@@ -1,0 +1,36 @@
+"""mmjax: multimodal transformers in JAX/Flax, shaped for TPU pods and GPU clusters."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal transformer research codebase in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mmjax", "mmjax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "importlib_resources",  # tfds needs it when TensorFlow is absent
+        "ml-collections>=1.0",
+        "chex>=0.1.90",
+        "sentencepiece>=0.2",
+        "scikit-learn>=1.3",  # ships the real handwritten-digits dataset
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
+        "pillow>=10",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Weight import parity tests compare against the reference PyTorch models.
+        "convert": ["torch", "transformers>=4.40", "safetensors", "timm"],
+        "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets
+        "gpu": ["jax[cuda12]"],
+    },
+)
