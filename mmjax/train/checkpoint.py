@@ -189,6 +189,7 @@ def load_params(path: str) -> Dict[str, np.ndarray]:
   state_dir = _resolve_state_dir(path)
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(state_dir)
+  tree = getattr(tree, "item_metadata", tree)
   tree = getattr(tree, "tree", tree)
   if "params" not in tree:
     raise ValueError(f"{state_dir} has no 'params' entry; found {sorted(tree)}.")

@@ -90,7 +90,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
       (loss, metrics), grads = grad_fn(state.params, batch, rng)
     else:
       (loss, metrics), grads = accumulated_grads(state.params, batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite update never enters the state: with on_nonfinite="skip" that is the
@@ -326,16 +326,21 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
       state, metrics = train_step(state, sharding_lib.global_batch(local, mesh))
       unchecked.append((step, metrics["finite"]))
       bar.update(1)
+      first_step = step == start_step + 1
+      if first_step:  # includes compilation: time throughput from here on
+        jax.block_until_ready(metrics)
+        last_log_time, last_log_step = time.perf_counter(), step
 
       if step % config.log_every == 0 or step == total:
         check_finite()
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         host["finite"] = host["finite"] > 0
-        now = time.perf_counter()
-        steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        last_log_time, last_log_step = now, step
-        host.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * config.batch_size,
-                    mfu=flops_per_step * steps_per_s / peak)
+        if not first_step:
+          now = time.perf_counter()
+          steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          last_log_time, last_log_step = now, step
+          host.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * config.batch_size,
+                      mfu=flops_per_step * steps_per_s / peak)
         writer.write(step, host)
         bar.update(0, loss=host["loss"], lr=host["lr"])
         results.update({f"train/{k}": v for k, v in host.items()})
