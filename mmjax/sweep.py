@@ -28,7 +28,7 @@ DIR/results.png (each plotted metric against `plot.x`).
 import csv
 import dataclasses
 import hashlib
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -47,19 +47,6 @@ CostFn = Callable[[ml_collections.ConfigDict], Mapping[str, float]]
 RESULT_FILE = "result.json"
 # Columns every run reports besides the trainer's metrics.
 COST_COLUMNS = ("params", "gflops")
-
-
-def load_config(path: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
-  """Loads `get_config(arg)` from a config file, e.g. for a sweep's `base`."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Config file {path!r} does not exist.")
-  name = "_mmjax_config_" + re.sub(r"\W", "_", os.path.abspath(path))
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"Config file {path!r} has no get_config(arg=None) function.")
-  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -133,9 +120,25 @@ def expand(sweep: ml_collections.ConfigDict) -> List[Run]:
 
 
 def model_cost(config: ml_collections.ConfigDict) -> Dict[str, float]:
-  """Parameter count and analytic forward GFLOPs per example of `config.model`."""
+  """Parameter count and analytic forward GFLOPs per example (the model's `evaluate`).
+
+  Shapes only: the model is initialised with `jax.eval_shape` on one example's shapes
+  from the data pipeline and its forward pass traced, never compiled or run.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mmjax.models import flops  # pylint: disable=g-import-not-at-top
-  return flops.model_cost(config)
+  from mmjax.models.base import build_model  # pylint: disable=g-import-not-at-top
+  for module in config.get("imports", ()):
+    importlib.import_module(module)
+  model = build_model(config.model)
+  shapes = pipeline.dataset_info(config.data)["shapes"]
+  batch = {k: jax.ShapeDtypeStruct((1,) + tuple(shape), dtype)
+           for k, (shape, dtype) in shapes.items()}
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), batch, train=False, method="loss"))
+  return {"params": flops.count_params(variables["params"]),
+          "gflops": flops.model_flops(model, variables, batch, method="evaluate") / 1e9}
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *,
@@ -206,6 +209,9 @@ def collect(sweep: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, An
                    **{c: result[c] for c in COST_COLUMNS if c in result}}.items():
         values.setdefault(k, []).append(v)
     row = dict(label=label, overrides=_label(results[0]["overrides"]), seeds=len(results))
+    # Numeric overrides (e.g. batch_size) can be a plot axis too.
+    row["config"] = {k: (float(v), 0.0) for k, v in results[0]["overrides"].items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for k, v in values.items():
       row[k] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
     rows.append(row)
@@ -213,8 +219,9 @@ def collect(sweep: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, An
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
-  metrics = sorted({k for r in rows for k in r} - {"label", "overrides", "seeds", "wall_s",
-                                                   *COST_COLUMNS})
+  """Table columns: cost, then metrics (overridden config fields are in the label)."""
+  metrics = sorted({k for r in rows for k in r}
+                   - {"label", "overrides", "config", "seeds", "wall_s", *COST_COLUMNS})
   return [c for c in COST_COLUMNS if any(c in r for r in rows)] + metrics + ["wall_s"]
 
 
@@ -265,14 +272,16 @@ def write_report(sweep: ml_collections.ConfigDict, workdir: str,
 
 def write_plot(rows: Sequence[Mapping[str, Any]], path: str, x: str, ys: Sequence[str],
                title: str = "") -> None:
-  """One panel per metric in `ys`: mean ± std over seeds against column `x`."""
+  """One panel per metric in `ys`: mean ± std over seeds against `x`, a column or an
+  overridden numeric config field (e.g. "batch_size")."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [{**r.get("config", {}), **r} for r in rows]
   missing = [c for c in [x, *ys] if not any(c in r for r in rows)]
   if missing:
-    raise ValueError(f"Plot columns {missing} are not in the results; "
-                     f"available: {_columns(rows)}.")
+    raise ValueError(f"Plot columns {missing} are not in the results; available: "
+                     f"{_columns(rows)} and overridden fields {sorted(rows[0]['config'])}.")
   fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 4), squeeze=False)
   for ax, y in zip(axes[0], ys):
     for r in rows:
