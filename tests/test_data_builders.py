@@ -91,7 +91,7 @@ def test_shapes_audio_sensor_caption_and_answers_agree(tiny_shapes):
     shape = heard_shape(r["audio"])
     assert shape in objects, (caption, shape)
     where = sensed_position(r["sensor"])
-    at_sensed = [s for s, (_, p) in objects.items() if p == where]
+    at_sensed = [s for s, (_, p, _) in objects.items() if p == where]
     assert len(at_sensed) == 1, (caption, where)
     qtype = shapes.QUESTION_TYPES[r["question_type"]]
     answer = shapes.ANSWERS[r["answer"]]
