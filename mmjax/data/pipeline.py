@@ -19,7 +19,9 @@ How the training order is made (all of it a pure function of `seed` and the step
      (seed, example index, epoch)) -> batched -> optional worker processes.
 
 So a restored iterator yields exactly the batch that would have come next, and each
-augmented example is the same whichever process or worker made it.
+augmented example is the same whichever process or worker made it. With worker processes
+(num_workers > 0) each worker batches its own slice of that stream, so the batch order is
+a (deterministic) function of num_workers too: resume with the same num_workers.
 
 `config.data` fields (see `default_config`):
 
@@ -51,6 +53,7 @@ import collections
 import math
 from typing import Any, Dict, Iterable, Optional
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -211,6 +214,8 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
                                             prefetch_buffer_size=data_config.prefetch))
   ds = ds.batch(local_batch, drop_remainder=True)  # dropped (None) examples are skipped
   if data_config.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # workers re-read absl flags; outside app.run there are none
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
         per_worker_buffer_size=max(1, data_config.prefetch // local_batch)))
