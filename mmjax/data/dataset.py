@@ -22,6 +22,7 @@ A research fork registers its own dataset from its own file:
 declares them with defaults in `builder_defaults()`, and unknown keys are an error.
 """
 import dataclasses
+import fcntl
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -161,9 +162,16 @@ class TfdsDataset(Dataset):
 
   def prepare(self) -> None:
     if not self.builder.data_path.exists():
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      tfds.disable_progress_bar()
-      self.builder.download_and_prepare()
+      # Several processes of one job may share a data_dir: one builds, the others wait.
+      os.makedirs(self.data_dir, exist_ok=True)
+      with open(os.path.join(self.data_dir, f".{self.builder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if self.builder.data_path.exists():  # built meanwhile by another process:
+          self.builder = self.make_builder()  # reload its info (splits, files)
+        else:
+          import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+          tfds.disable_progress_bar()
+          self.builder.download_and_prepare()
     if self.spm_path and not os.path.exists(self.spm_path):
       from mmjax.data import tokenizer  # pylint: disable=g-import-not-at-top
       source = self.builder.as_data_source(split="train")

@@ -208,7 +208,10 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   if shard_len < local_batch:
     raise ValueError(f"Process {pi} has {shard_len} examples of {maker.name}/{maker.split}, "
                      f"fewer than one batch of {local_batch}.")
-  ds = (shard.shuffle(seed=seed % 2**32).repeat()
+  # Each process shuffles its shard with its own stream, so processes do not walk
+  # neighbouring records in lockstep.
+  shuffle_seed = int(np.random.SeedSequence([seed % 2**32, pi]).generate_state(1)[0])
+  ds = (shard.shuffle(seed=shuffle_seed).repeat()
         .map_with_index(lambda step, index: maker(index, epoch=step // shard_len)))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                             prefetch_buffer_size=data_config.prefetch))
