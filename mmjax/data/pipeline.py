@@ -29,12 +29,15 @@ a (deterministic) function of num_workers too: resume with the same num_workers.
                     "tfds", "cifar10", "mnist", "coco_captions", "imagenet2012", ...)
   data_dir          where datasets are prepared/read; None -> $MMJAX_DATA_DIR, else
                     ~/.cache/mmjax/datasets
-  builder           the dataset's own options (sizes, generation seed, vocab size, ...);
-                    unknown keys are an error listing the valid ones
+  <name>            a section named after the dataset (e.g. `shapes`): its own options
+                    (sizes, generation seed, vocab size, ...); unknown keys are an error
+                    listing the valid ones. Sections of other datasets are ignored, so
+                    `--config.data.name=cifar10` switches datasets by itself.
   train_split       split to train on
   eval_split        split to evaluate on; None -> the dataset's default
   tokenizer         "sentencepiece" (trained at prepare time on the dataset's text),
-                    "bytes", or a path to any SentencePiece .model file
+                    "bytes", or a path to any SentencePiece .model file; None -> the
+                    dataset's default ("sentencepiece" for shapes / digits, else "bytes")
   image_size        images are resized to this by the default preprocessing; None = native
   max_text_len      caption tokens (`text`), padded / truncated
   max_question_len  question tokens (`question`), padded / truncated
@@ -86,10 +89,10 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict({
       "name": name,
       "data_dir": placeholder(str),
-      "builder": dict(cls.builder_defaults()),
+      name: dict(cls.builder_defaults()),
       "train_split": "train",
       "eval_split": placeholder(str),
-      "tokenizer": getattr(cls, "default_tokenizer", "sentencepiece"),
+      "tokenizer": placeholder(str),
       "image_size": placeholder(int),
       "max_text_len": 24,
       "max_question_len": 16,
@@ -100,12 +103,11 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
       "prefetch": 16,
       "drop_bad_records": False,
   })
-  config.update(getattr(cls, "config_defaults", {}))  # e.g. imagenet2012: image_size=224
   for key, value in overrides.items():
     if key not in config:
       raise ValueError(f"Unknown config.data field {key!r}; valid: {sorted(config)}.")
-    if key == "builder":
-      config.builder.update(value)
+    if key == name:
+      config[name].update(value)
     else:
       config[key] = value
   return config
@@ -115,14 +117,16 @@ def _complete(data_config) -> ml_collections.ConfigDict:
   """data_config with missing fields filled from default_config; unknown fields raise."""
   if "name" not in data_config:
     raise ValueError(f"config.data needs a `name`; expected one of {DATASETS.names()}.")
-  full = default_config(data_config.name)
-  unknown = sorted(set(data_config) - set(full))
+  name = data_config.name
+  full = default_config(name)
+  unknown = sorted(set(data_config) - set(full) - set(DATASETS.names()))
   if unknown:
-    raise ValueError(f"Unknown config.data fields {unknown}; valid fields: {sorted(full)}.")
+    raise ValueError(f"Unknown config.data fields {unknown}; valid fields: {sorted(full)} "
+                     "(or a section named after a dataset).")
   given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
-  builder = given.pop("builder", None) or {}
-  full.update(given)
-  full.builder = ml_collections.ConfigDict(dict(builder))  # validated by the dataset
+  full.update({k: v for k, v in given.items() if k not in DATASETS})
+  # The dataset's own section as given (the dataset validates it against its defaults).
+  full[name] = ml_collections.ConfigDict(dict(given.get(name) or {}))
   return full
 
 
@@ -143,7 +147,7 @@ class _ExampleMaker:
     self.source = ds.source(split)
     self.fields = ds.fields()
     self.drop_bad = data_config.drop_bad_records
-    tokenizer = tokenizer_lib.build_tokenizer(data_config.tokenizer, ds.spm_path)
+    tokenizer = _tokenizer(data_config, ds)
     spec = data_config.preprocess if train else data_config.eval_preprocess
     self.pp_spec = spec or ds.default_preprocess(train)
     self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(tokenizer=tokenizer))
@@ -169,6 +173,11 @@ class _ExampleMaker:
     example = {k: _to_contract(k, v, where) for k, v in example.items()}
     example["index"] = np.int32(index)
     return example
+
+
+def _tokenizer(data_config, ds: dataset_lib.Dataset) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.build_tokenizer(data_config.tokenizer or ds.default_tokenizer,
+                                       ds.spm_path)
 
 
 def _to_contract(key: str, value: Any, where: str) -> np.ndarray:
@@ -278,7 +287,7 @@ def dataset_info(data_config) -> Dict[str, Any]:
   ds.prepare()
   maker = _ExampleMaker(data_config, data_config.train_split, train=True)
   example = maker(0)
-  tokenizer = tokenizer_lib.build_tokenizer(data_config.tokenizer, ds.spm_path)
+  tokenizer = _tokenizer(data_config, ds)
   info = {
       "name": data_config.name,
       "splits": ds.splits(),
