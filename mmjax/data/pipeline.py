@@ -140,8 +140,8 @@ class _ExampleMaker:
   """Reads, checks and preprocesses one record; picklable for grain worker processes."""
 
   def __init__(self, data_config, split: str, *, train: bool, seed: int = 0):
-    self.config = data_config = _complete(data_config)
-    ds = get_dataset(data_config)
+    data_config = _complete(data_config)
+    self.dataset = ds = get_dataset(data_config)
     ds.prepare()
     self.name, self.split, self.train, self.seed = data_config.name, split, train, seed
     self.source = ds.source(split)
@@ -245,8 +245,8 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: Optional
   """
   data_config = _complete(data_config)
   pi, pc, local_batch = _process_shard(process_index, process_count, global_batch_size)
-  ds_obj = get_dataset(data_config)
-  split = split or data_config.eval_split or ds_obj.default_eval_split
+  if split is None:
+    split = data_config.eval_split or get_dataset(data_config).default_eval_split
   maker = _ExampleMaker(data_config, split, train=False)
   num = len(maker.source)
   shard = range(pi, num, pc)
@@ -262,7 +262,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: Optional
   ds = grain.MapDataset.range(num_batches * local_batch).map(example)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                             prefetch_buffer_size=data_config.prefetch))
-  return ds.batch(local_batch, drop_remainder=False)
+  return ds.batch(local_batch)  # every batch is full: the shard is padded to a multiple
 
 
 def _padding_example(maker: _ExampleMaker) -> Dict[str, np.ndarray]:
@@ -279,13 +279,15 @@ def _padding_example(maker: _ExampleMaker) -> Dict[str, np.ndarray]:
 def dataset_info(data_config) -> Dict[str, Any]:
   """Facts about the configured data: sizes, vocabularies, answers, chance levels, shapes.
 
-  Prepares the dataset if needed. `shapes` maps each batch key to (shape without the
-  batch axis, dtype) of one preprocessed training example.
+  Prepares the dataset if needed. Always present: name, splits ({split: size}),
+  train_split, eval_split, vocab_size, tokenizer, max_text_len, max_question_len and
+  shapes ({batch key: (shape without the batch axis, dtype)} of one preprocessed training
+  example). From the dataset, where they apply: num_classes / classes, num_answers /
+  answers, chance ({task: accuracy or recall@1 of chance}), question_types, ...
   """
   data_config = _complete(data_config)
-  ds = get_dataset(data_config)
-  ds.prepare()
   maker = _ExampleMaker(data_config, data_config.train_split, train=True)
+  ds = maker.dataset
   example = maker(0)
   tokenizer = _tokenizer(data_config, ds)
   info = {
