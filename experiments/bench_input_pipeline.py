@@ -41,16 +41,21 @@ def main():
   for _ in range(args.warmup):
     batch = next(iterator)
   first = time.perf_counter() - start
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(args.batches):
     batch = next(iterator)
   seconds = time.perf_counter() - start
+  cpu_seconds = time.process_time() - cpu_start  # this process only (not workers)
   result = {
       "dataset": args.dataset, "batch_size": args.batch_size,
       "num_workers": args.num_workers, "read_threads": args.read_threads,
       "cpus": os.cpu_count(), "startup_and_warmup_s": round(first, 2),
       "pipeline_examples_per_s": round(args.batches * args.batch_size / seconds, 1),
       "pipeline_ms_per_batch": round(1000 * seconds / args.batches, 2),
+      # On a shared machine wall time depends on the others' load; CPU time less so.
+      "examples_per_cpu_s": (round(args.batches * args.batch_size / cpu_seconds, 1)
+                             if args.num_workers == 0 else None),
+      "load_average_1min": round(os.getloadavg()[0], 2),
       "batch": {k: [list(v.shape), str(v.dtype)] for k, v in batch.items()},
       "splits": info["splits"],
   }
