@@ -58,6 +58,8 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")  # cell = 3 * row + column
 COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ANSWERS = tuple(COLORS) + SHAPES + COUNTS + POSITIONS + ("yes", "no")
+# relation -> (axis of divmod(cell, 3) = (row, column), sign): "a REL b" holds when
+# sign * (a's coordinate - b's) > 0; row 0 is the top.
 RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}
 QUESTION_TYPES = ("color", "shape", "count", "position", "relation", "heard_color",
                   "heard_position", "sensed_shape", "sensed_color", "heard_at_sensed")
@@ -129,7 +131,7 @@ def make_question(objects: List[dict], heard: int, sensed: int,
     a, b = objects[int(a)], objects[int(b)]
     def holds(rel):
       axis, sign = RELATIONS[rel]
-      return sign * (divmod(a["cell"], 3)[axis] - divmod(b["cell"], 3)[axis]) < 0
+      return sign * (divmod(a["cell"], 3)[axis] - divmod(b["cell"], 3)[axis]) > 0
     true = [r for r in RELATIONS if holds(r)]
     false = [r for r in RELATIONS if not holds(r)]
     answer = "yes" if true and rng.random() < 0.5 else "no"
@@ -209,7 +211,9 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
   """TFDS array_record builder for `shapes`; built with a ShapesConfig."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "1.1.0": "Fix inverted answers of relation questions; bigger shapes."}
 
   def _info(self):
     o = self.builder_config.options
