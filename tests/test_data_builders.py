@@ -1,6 +1,4 @@
 """Offline datasets: deterministic builds, consistent multimodal content, public TFDS passthrough."""
-import json
-import os
 
 import numpy as np
 import pytest
