@@ -97,6 +97,7 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
       "prefetch": 16,
       "drop_bad_records": False,
   })
+  config.update(getattr(cls, "config_defaults", {}))  # e.g. imagenet2012: image_size=224
   for key, value in overrides.items():
     if key not in config:
       raise ValueError(f"Unknown config.data field {key!r}; valid: {sorted(config)}.")
