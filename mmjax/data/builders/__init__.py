@@ -1,1 +1,7 @@
+"""Bundled datasets; importing this package registers them in mmjax.registry.DATASETS.
 
+  shapes   procedural scenes with captions, questions, audio and sensor streams
+  digits   real 8x8 handwritten digits from scikit-learn, with captions and questions
+"""
+from mmjax.data.builders import digits  # noqa: F401
+from mmjax.data.builders import shapes  # noqa: F401
