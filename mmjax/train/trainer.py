@@ -113,19 +113,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> None:
+                                 process_id: Optional[int] = None,
+                                 force: bool = False) -> None:
   """`jax.distributed.initialize` when this is one process of a multi-process run.
 
-  Explicit flags win; otherwise jax detects the cluster (TPU pod slices, SLURM, Open MPI,
-  JAX_COORDINATOR_ADDRESS). A single process on one machine skips it. Must run before
-  any other JAX call.
+  Explicit arguments win; `force` (main's --multiprocess) or a detected cluster
+  (SLURM with several tasks, Open MPI, a multi-worker TPU slice, JAX_COORDINATOR_ADDRESS)
+  lets jax find the coordinator itself. A single process on one machine skips it.
+  Must run before any other JAX call.
   """
   if coordinator_address or (num_processes or 1) > 1:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return
   env = os.environ
-  cluster = (env.get("JAX_COORDINATOR_ADDRESS")
+  cluster = (force
+             or env.get("JAX_COORDINATOR_ADDRESS")
              or int(env.get("SLURM_NTASKS", "1")) > 1
              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
@@ -259,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       state, start_step = checkpointer.restore_latest(
           state_lib.abstract_with_shardings(abstract, shardings), train_iter)
       if state is not None:
-        logging.info("Resumed from checkpoint step %d in %s.", start_step, checkpointer.directory)
+        if is_chief:
+          print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
         pending = None
       else:
         start_step, pending = 0, first_batch
