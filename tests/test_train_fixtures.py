@@ -74,6 +74,10 @@ def create_train_iterator(data, *, global_batch_size: int, seed: int):
              .repeat()
              .map(lambda i: _example(int(i), data.size, data.num_classes, 0))
              .batch(per_process, drop_remainder=True))
+  poisoned = tuple(data.get("nan_at_steps", ()))
+  if poisoned:  # NaN images in the batches of these (1-based) steps: a divergence drill
+    dataset = dataset.map_with_index(
+        lambda i, b: dict(b, image=b["image"] * np.nan) if i + 1 in poisoned else b)
   return iter(dataset.to_iter_dataset())
 
 

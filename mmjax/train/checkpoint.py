@@ -202,27 +202,30 @@ def load_params(path: str) -> Dict[str, np.ndarray]:
 
 
 def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-  """Resizes a [1, N(+1), D] position embedding to `new_shape` (square grids; a leading
-  class-token row, when the lengths say there is one, is kept as is)."""
-  try:  # the model library's implementation, when present, is the reference
-    from mmjax.nn.embed import resample_posemb as library_resample  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    library_resample = None
-  if library_resample is not None:
-    return np.asarray(library_resample(jnp.asarray(posemb), tuple(new_shape)))
+  """Resizes a [1, prefix + N, D] position embedding to `new_shape` (square patch grids;
+  a leading class-token row, when the lengths say there is one, is kept as is)."""
   old_n, new_n = posemb.shape[-2], new_shape[-2]
-  for extra in (0, 1):
-    if _is_square(old_n - extra) and _is_square(new_n - extra):
+  for prefix in (0, 1):
+    if _is_square(old_n - prefix) and _is_square(new_n - prefix):
       break
   else:
     raise ValueError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
                      "lengths are not square grids (with at most one class token).")
-  head, grid = posemb[..., :extra, :], posemb[..., extra:, :]
-  old_side, new_side = int(round(np.sqrt(old_n - extra))), int(round(np.sqrt(new_n - extra)))
-  grid = grid.reshape(grid.shape[:-2] + (old_side, old_side, grid.shape[-1]))
-  grid = jax.image.resize(grid, grid.shape[:-3] + (new_side, new_side, grid.shape[-1]), "bilinear")
-  grid = np.asarray(grid).reshape(posemb.shape[:-2] + (new_side * new_side, posemb.shape[-1]))
-  return np.concatenate([head, grid], axis=-2).astype(posemb.dtype)
+  old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
+  try:  # the model library's implementation, once present, is the reference
+    from mmjax.nn.embed import resample_posemb as library_resample  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    library_resample = _resample_grid
+  out = library_resample(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
+                         num_prefix_tokens=prefix)
+  return np.asarray(out, posemb.dtype)
+
+
+def _resample_grid(posemb, old_grid, new_grid, num_prefix_tokens):
+  prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+  grid = grid.reshape(tuple(old_grid) + (posemb.shape[-1],))
+  grid = jax.image.resize(grid, tuple(new_grid) + (posemb.shape[-1],), "bilinear")
+  return jnp.concatenate([prefix, grid.reshape((1, -1, posemb.shape[-1]))], axis=1)
 
 
 def _is_square(n: int) -> bool:
