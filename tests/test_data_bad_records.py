@@ -84,7 +84,7 @@ def test_dropped_bad_records_are_skipped_and_counted():
 
 
 def test_text_left_untokenized_is_an_error():
-  config = pipeline.default_config("toy_with_bad_records", builder={"bad": False},
+  config = pipeline.default_config("toy_with_bad_records", toy_with_bad_records={"bad": False},
                                    preprocess="decode|keep('image', 'caption')")
   it = pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match="batch key 'caption' holds .* tokenize"):

@@ -27,17 +27,17 @@ def assert_records_equal(a, b):
 @pytest.fixture(scope="module")
 def tiny_shapes(tmp_path_factory):
   config = pipeline.default_config("shapes", data_dir=str(tmp_path_factory.mktemp("a")),
-                                   builder=TINY_SHAPES)
+                                   shapes=TINY_SHAPES)
   pipeline.get_dataset(config).prepare()
   return config
 
 
 @pytest.mark.parametrize("name", ["shapes", "digits"])
 def test_building_twice_gives_identical_records_and_vocabulary(name, tiny_shapes, tmp_path):
-  builder = TINY_SHAPES if name == "shapes" else {}
+  options = {name: TINY_SHAPES if name == "shapes" else {}}
   datasets = [tiny_shapes] if name == "shapes" else []
   while len(datasets) < 2:
-    datasets.append(pipeline.default_config(name, builder=builder,
+    datasets.append(pipeline.default_config(name, **options,
                                             data_dir=str(tmp_path / str(len(datasets)))))
   a, b = (pipeline.get_dataset(c) for c in datasets)
   a.prepare(), b.prepare()
@@ -109,10 +109,17 @@ def test_shapes_audio_sensor_caption_and_answers_agree(tiny_shapes):
 
 
 def test_shapes_options_are_validated(tmp_path):
-  with pytest.raises(ValueError, match="Unknown config.data.builder options.*num_trian"):
-    pipeline.get_dataset(pipeline.default_config("shapes", builder={"num_trian": 5}))
+  with pytest.raises(ValueError, match="Unknown config.data.shapes options.*num_trian"):
+    pipeline.get_dataset(pipeline.default_config("shapes", shapes={"num_trian": 5}))
   with pytest.raises(ValueError, match="max_objects must be in"):
-    pipeline.get_dataset(pipeline.default_config("shapes", builder={"max_objects": 12}))
+    pipeline.get_dataset(pipeline.default_config("shapes", shapes={"max_objects": 12}))
+
+
+def test_switching_datasets_is_one_field(tmp_path):
+  config = pipeline.default_config("shapes", data_dir=str(tmp_path), image_size=None)
+  config.name = "cifar10"  # as --config.data.name=cifar10 does; the shapes section stays
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    assert pipeline.dataset_info(config)["num_classes"] == 10
 
 
 @pytest.mark.parametrize("name,image_shape", [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 3))])

@@ -9,7 +9,8 @@ TensorFlow and internet, in the array_record format that reads back without Tens
 then train on it by changing one field: `--config.data.name=cifar10`. Any other TFDS
 dataset works through `name="tfds"` with `builder.tfds_name` and `builder.fields`, a map
 from batch-contract key to TFDS feature path ("captions/text" reads a nested feature; a
-sequence of texts is tokenised by its first entry).
+sequence of texts is tokenised by its first entry). Options live in `config.data.tfds`
+(or `config.data.cifar10`, ... for the aliases).
 
 Records keep their TFDS decoding (images as uint8 arrays); `fields` renames them to the
 batch-contract keys, and the default preprocessing decodes / resizes / normalises images
@@ -49,8 +50,12 @@ class PublicTfds(dataset_lib.Dataset):
   """Any prepared TFDS dataset, by `builder.tfds_name` (see the module docstring)."""
 
   default_tokenizer = "bytes"  # or a SentencePiece .model path (e.g. a T5 vocabulary)
-  defaults: Dict[str, Any] = {"tfds_name": "", "fields": {"image": "image", "label": "label"},
-                              "eval_split": "test"}
+  defaults: Dict[str, Any] = {
+      "tfds_name": "",                       # the TFDS name, e.g. "cifar10"
+      "fields": {"image": "image", "label": "label"},  # batch key -> TFDS feature path
+      "eval_split": "test",
+      "image_size": None,                    # resize to this if config.data.image_size is None
+  }
 
   @classmethod
   def builder_defaults(cls):
@@ -59,8 +64,8 @@ class PublicTfds(dataset_lib.Dataset):
   def __init__(self, data_config):
     super().__init__(data_config)
     if not self.options["tfds_name"]:
-      raise ValueError("config.data.builder.tfds_name is empty; expected a TFDS dataset "
-                       "name such as 'cifar10'.")
+      raise ValueError(f"config.data.{data_config.name}.tfds_name is empty; expected a TFDS "
+                       "dataset name such as 'cifar10'.")
     self.default_eval_split = self.options["eval_split"]
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
@@ -102,7 +107,7 @@ class PublicTfds(dataset_lib.Dataset):
     c, keys = self.config, list(self.options["fields"])
     ops = []
     if "image" in keys:
-      size = c.get("image_size")
+      size = c.get("image_size") or self.options["image_size"]
       ops.append("decode")
       if size:
         ops.append(f"resize({size})")
@@ -126,11 +131,11 @@ class PublicTfds(dataset_lib.Dataset):
 
 
 def _register_alias(name: str, fields: Dict[str, str], eval_split: str, image_size=None):
-  """Registers `name` as PublicTfds with that dataset's fields and eval split."""
+  """Registers `name` as PublicTfds with that dataset's fields, eval split, image size."""
 
   class Alias(PublicTfds):
-    defaults = {"tfds_name": name, "fields": fields, "eval_split": eval_split}
-    config_defaults = {"image_size": image_size}
+    defaults = {"tfds_name": name, "fields": fields, "eval_split": eval_split,
+                "image_size": image_size}
 
   Alias.__name__ = Alias.__qualname__ = f"Tfds_{name}"
   DATASETS.register(name)(Alias)
