@@ -16,7 +16,8 @@ from mmjax.train import trainer
 
 def _setup(mesh_shape=(2, 2, 2), optimizer="adamw", grad_accum_steps=1, dtype="float32"):
   config = tiny_config(grad_accum_steps=grad_accum_steps, **{"optimizer.name": optimizer})
-  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
   rules = sharding.axis_rules(config.axis_rules)
   model = TokenClassifier(num_classes=4, width=16, dtype=dtype)
   example = {"image": jax.ShapeDtypeStruct((8, 4, 4, 1), jnp.float32),
@@ -75,7 +76,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
-  mesh, rules, state, _, step = _setup(dtype="bfloat16")
+  mesh, rules, state, _, step = _setup(mesh_shape=(1, 1, 1), dtype="bfloat16")
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     new, metrics = step(state, _batch(mesh))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))

@@ -123,6 +123,17 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def subprocess_env(num_devices: int, cache_dir) -> dict:
+  """Environment for a trainer subprocess: its device count, the repo importable, and a
+  compilation cache shared by the launches of one test (a relaunch compiles nothing)."""
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), PYTHONPATH=root,
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def read_metrics(workdir: str):
   """The records of WORKDIR/metrics.jsonl."""
   import json  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from test_train_fixtures import losses, tiny_config
+from test_train_fixtures import losses, subprocess_env, tiny_config
 
 from mmjax.train import trainer
 
@@ -19,8 +19,8 @@ CONSTANT_LR = {"schedule.name": "constant"}  # so 5-step and 7-step runs share a
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_on_one_device(*args: str) -> None:
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=ROOT)
+def _run_on_one_device(cache_dir, *args: str) -> None:
+  env = subprocess_env(1, cache_dir)
   subprocess.run([sys.executable, os.path.abspath(__file__), *args], check=True, env=env,
                  cwd=ROOT, timeout=300)
 
@@ -31,7 +31,7 @@ def test_2x2x2_mesh_matches_one_device_and_resumes_onto_one_device(tmp_path):
   shutil.copytree(sharded, moved)  # holds the 8-device run's step-5 checkpoint
 
   # On 1 device: 7 fresh steps, and the 8-device checkpoint continued to step 7.
-  _run_on_one_device(str(single), str(moved))
+  _run_on_one_device(tmp_path / "cache", str(single), str(moved))
 
   eight, one, resumed_on_one = losses(sharded), losses(single), losses(moved)
   np.testing.assert_allclose([eight[s] for s in range(1, 6)], [one[s] for s in range(1, 6)],

@@ -1,11 +1,14 @@
-"""SIGTERM (what TPU and cluster schedulers send) saves the current step and exits 0."""
+"""SIGTERM (what TPU and cluster schedulers send) saves the current step and exits 0.
+
+Runs the user-facing command, `python -m mmjax.main`, in a subprocess.
+"""
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from test_train_fixtures import read_metrics
+from test_train_fixtures import read_metrics, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ("from tests.test_train_fixtures import tiny_config\n"
@@ -22,7 +25,7 @@ def test_sigterm_saves_current_step_and_rerun_continues(tmp_path):
   config_file = tmp_path / "c.py"
   config_file.write_text(CONFIG)
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=ROOT)
+  env = subprocess_env(1, tmp_path / "cache")
   proc = subprocess.Popen(_command(config_file, workdir), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
@@ -38,7 +41,12 @@ def test_sigterm_saves_current_step_and_rerun_continues(tmp_path):
   last_logged = max(r["step"] for r in read_metrics(str(workdir)) if "loss" in r)
   assert saved == [last_logged]  # the step it was at, not a periodic one
 
-  subprocess.run(_command(config_file, workdir, f"--config.total_steps={last_logged + 2}"),
-                 cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+  rerun = subprocess.run(
+      _command(config_file, workdir, f"--config.total_steps={last_logged + 2}"),
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Resumed from step {last_logged}" in rerun.stdout
+  assert "mmjax run summary" in rerun.stdout
   steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
   assert steps == list(range(1, last_logged + 3))
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))

@@ -315,9 +315,8 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
   is_chief = jax.process_index() == 0
   bar = writers.ProgressBar(total, start_step, active=is_chief and config.progress_bar)
   results: Dict[str, Any] = {"step": start_step}
-  unchecked: List[Tuple[int, jax.Array]] = []  # (step, finite flag) not yet read on the host
+  unchecked = []  # (step, finite flag, per-parameter flags) not yet read on the host
   last_log_time, last_log_step = time.perf_counter(), start_step
-  metrics = None
 
   def check_finite():
     if config.on_nonfinite == "error":
