@@ -7,8 +7,8 @@ distinct, so every question below has exactly one answer.
   image     uint8 [S, S, 3]: shapes (6 colours x 4 shapes x 2 sizes) on a 3x3 grid of
             cells, with colour jitter, sub-cell position jitter and pixel noise.
   caption   all objects in reading order, e.g. "a scene with large red circle at top left
-            and small blue cross at center" (432 captions for one object, ~10^5 for two,
-            ~10^7 for three: retrieval cannot be solved by memorising captions).
+            and small blue cross at center" (432 scenes for one object, ~5x10^4 for two,
+            ~2x10^6 for three: retrieval cannot be solved by memorising captions).
   audio     int16 [sample_rate * audio_seconds]: a noisy tone whose pitch names the SHAPE
             of one object of the scene, the "heard" object (random phase, +-2% pitch).
   sensor    float32 [sensor_steps, 3]: a noisy stream whose channel 0 oscillates at 1, 2
