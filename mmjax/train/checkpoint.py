@@ -33,6 +33,8 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from mmjax.nn import embed
+
 
 class CheckpointShapeError(ValueError):
   """The checkpoint is readable but does not fit the model the config builds."""
@@ -222,20 +224,9 @@ def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
     raise ValueError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
                      "lengths are not square grids (with at most one class token).")
   old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
-  try:  # the model library's implementation, once present, is the reference
-    from mmjax.nn.embed import resample_posemb as library_resample  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    library_resample = _resample_grid
-  out = library_resample(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
-                         num_prefix_tokens=prefix)
+  out = embed.resample_posemb(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
+                              num_prefix_tokens=prefix)
   return np.asarray(out, posemb.dtype)
-
-
-def _resample_grid(posemb, old_grid, new_grid, num_prefix_tokens):
-  prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
-  grid = grid.reshape(tuple(old_grid) + (posemb.shape[-1],))
-  grid = jax.image.resize(grid, tuple(new_grid) + (posemb.shape[-1],), "bilinear")
-  return jnp.concatenate([prefix, grid.reshape((1, -1, posemb.shape[-1]))], axis=1)
 
 
 def _is_square(n: int) -> bool:
