@@ -1,0 +1,139 @@
+"""big_vision ViT and SigLIP `.npz` checkpoints -> mmjax "vit" / "two_tower" params.
+
+big_vision saves the flax parameter tree flattened with "/" (`params/...`; the original
+vision_transformer checkpoints have no prefix or `opt/target/`). Its modules are flax's,
+so tensors keep their layout and only names change:
+
+  embedding/{kernel, bias}, cls, pos_embedding [1, N, D] (patches only)
+  Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0/{query, key,
+      value, out}, LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}}   (or scanned: encoderblock)
+  Transformer/encoder_norm, MAPHead_0/..., pre_logits, head
+  SigLIP: img/<ViT>, txt/{Embed_0/embedding, pos_embedding, Encoder_0/..., head}, t, b
+
+Older checkpoints (google-research/vision_transformer) name the blocks LayerNorm_0,
+MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3 and keep the position embedding
+in `Transformer/posembed_input/pos_embedding` with a class-token row, which is folded
+into the class token as big_vision itself does.
+"""
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import ml_collections
+import numpy as np
+
+from mmjax.convert import common
+from mmjax.convert import hf
+from mmjax.convert import layout
+from mmjax.convert.common import Flat
+
+# flax modules on both sides: every tensor is copied (reshaped to the mmjax shape).
+COPY = common.Rule(common.copy, np.asarray)
+
+
+def block_table(attention: int, norm2: int, mlp: int) -> Dict[str, Tuple[str, common.Rule]]:
+  """{mmjax name under the block: (big_vision name, rule)} for the given module indices."""
+  a, m = f"MultiHeadDotProductAttention_{attention}/", f"MlpBlock_{mlp}/"
+  table = {"attention_norm/scale": ("LayerNorm_0/scale", COPY),
+           "attention_norm/bias": ("LayerNorm_0/bias", COPY),
+           "mlp_norm/scale": (f"LayerNorm_{norm2}/scale", COPY),
+           "mlp_norm/bias": (f"LayerNorm_{norm2}/bias", COPY),
+           "mlp/fc1/kernel": (m + "Dense_0/kernel", COPY), "mlp/fc1/bias": (m + "Dense_0/bias", COPY),
+           "mlp/fc2/kernel": (m + "Dense_1/kernel", COPY), "mlp/fc2/bias": (m + "Dense_1/bias", COPY)}
+  for proj in ("query", "key", "value", "out"):
+    for leaf in ("kernel", "bias"):
+      table[f"attention/{proj}/{leaf}"] = (f"{a}{proj}/{leaf}", COPY)
+  layout.check_block_table(table)
+  return table
+
+
+BLOCK = block_table(attention=0, norm2=1, mlp=0)         # big_vision
+OLD_BLOCK = block_table(attention=1, norm2=2, mlp=3)     # google-research/vision_transformer
+
+
+def normalize(weights: Mapping[str, np.ndarray]) -> Flat:
+  """Drops the checkpoint prefix and unrolls scanned encoders (`encoderblock` with a
+  leading layer axis) into `encoderblock_{i}`."""
+  weights = common.strip_prefix(weights, ("params/", "opt/target/"))
+  return common.unscan_params(weights)
+
+
+def _depth(weights: Mapping[str, Any], encoder: str) -> int:
+  return len({k[len(encoder):].split("/")[0] for k in weights
+              if k.startswith(encoder + "encoderblock_")})
+
+
+def fill_vit(m: common.Mapper, src: str = "", dst: str = "") -> None:
+  """big_vision ViT under `src` -> mmjax ViT under `dst`."""
+  m.move(src + "embedding/kernel", dst + layout.PATCH_KERNEL)
+  m.move(src + "embedding/bias", dst + layout.PATCH_BIAS)
+  if m.has(src + "pos_embedding"):
+    m.move(src + "cls", dst + layout.CLS)
+    hf.put_posemb(m, dst + layout.POSEMB, m.take(src + "pos_embedding"), src + "pos_embedding")
+  elif m.has(src + "cls"):  # the original ViT: a class-token row in the position table
+    hf.put_cls_and_posemb(m, dst, src + "cls", src + "Transformer/posembed_input/pos_embedding")
+  else:
+    hf.put_posemb(m, dst + layout.POSEMB,
+                  m.take(src + "Transformer/posembed_input/pos_embedding"), "pos_embedding")
+  encoder = src + "Transformer/"
+  old = m.has(encoder + "encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
+  for i in range(_depth(m.source, encoder)):
+    common.move_block(m, f"{encoder}encoderblock_{i}/", layout.block(dst + layout.ENCODER, i),
+                      OLD_BLOCK if old else BLOCK)
+  for leaf in ("scale", "bias"):
+    m.move(f"{encoder}encoder_norm/{leaf}", f"{dst}{layout.ENCODER_NORM}/{leaf}")
+  fill_map_head(m, src + "MAPHead_0/", dst + layout.MAP_HEAD)
+  for leaf in ("kernel", "bias"):
+    m.move(f"{src}pre_logits/{leaf}", f"{dst}{layout.PRE_LOGITS}/{leaf}")
+    m.move(f"{src}head/{leaf}", f"{dst}{layout.HEAD}/{leaf}")
+
+
+def fill_map_head(m: common.Mapper, src: str, dst: str) -> None:
+  for dst_name, src_name in layout.MAP_HEAD_PARAMS.items():
+    m.move(src + src_name, f"{dst}/{dst_name}")
+
+
+def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int,
+                     src: str = "") -> ml_collections.ConfigDict:
+  """The mmjax "vit" config of big_vision ViT weights (the head count is not in them,
+  unless the attention kernels are [D, heads, head_dim] as flax saves them)."""
+  kernel = weights[src + "embedding/kernel"]
+  q = weights.get(src + "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")
+  heads = q.shape[1] if q is not None and q.ndim == 3 else num_heads
+  if not heads:
+    raise ValueError("Pass the number of attention heads (the checkpoint does not record it).")
+  block = "MlpBlock_3" if src + "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in weights \
+      else "MlpBlock_0"
+  if src + "MAPHead_0/probe" in weights:
+    pool = "map"
+  elif src + "cls" in weights:
+    pool = "tok"
+  else:
+    pool = "gap"
+  head = weights.get(src + "head/kernel")
+  pre_logits = weights.get(src + "pre_logits/kernel")
+  return ml_collections.ConfigDict(dict(
+      name="vit", num_classes=int(head.shape[-1]) if head is not None else 0,
+      patch_size=int(kernel.shape[0]), width=int(kernel.shape[-1]),
+      depth=_depth(weights, src + "Transformer/"), num_heads=int(heads),
+      mlp_dim=int(weights[f"{src}Transformer/encoderblock_0/{block}/Dense_0/kernel"].shape[-1]),
+      pool_type=pool,
+      representation_size=int(pre_logits.shape[-1]) if pre_logits is not None else None))
+
+
+def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
+         num_heads: Optional[int] = None, image_size: Optional[int] = None,
+         skip: Sequence[str] = (), strict: bool = True
+         ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict, common.Report]:
+  """Imports a big_vision ViT `.npz` into an mmjax "vit" (the model config is derived
+  from the weights when not given). Returns (params, model_config, report)."""
+  weights = normalize(common.read_checkpoint(path))
+  if "img/embedding/kernel" in weights:
+    raise NotImplementedError("SigLIP two-tower checkpoints: see load_siglip.")
+  if model_config is None:
+    model_config = vit_model_config(weights, num_heads)
+  if not image_size:
+    posemb = weights.get("pos_embedding", weights.get("Transformer/posembed_input/pos_embedding"))
+    patches = posemb.shape[1] - ("pos_embedding" not in weights and "cls" in weights)
+    image_size = int(round(np.sqrt(patches))) * weights["embedding/kernel"].shape[0]
+  target = common.model_param_shapes(model_config, image_size=int(image_size))
+  params, report = common.convert(weights, target, fill_vit, skip=skip, strict=strict)
+  return params, model_config, report
