@@ -12,8 +12,8 @@ so tensors keep their layout and only names change:
 
 Older checkpoints (google-research/vision_transformer) name the blocks LayerNorm_0,
 MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3 and keep the position embedding
-in `Transformer/posembed_input/pos_embedding` with a class-token row, which is folded
-into the class token as big_vision itself does.
+in `Transformer/posembed_input/pos_embedding` with a class-token row; mmjax's table has
+that row too (zero when converting big_vision, whose class token has no position).
 """
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 
 from mmjax.convert import common
-from mmjax.convert import hf
 from mmjax.convert import layout
 from mmjax.convert.common import Flat
 
@@ -65,14 +64,12 @@ def fill_vit(m: common.Mapper, src: str = "", dst: str = "") -> None:
   """big_vision ViT under `src` -> mmjax ViT under `dst`."""
   m.move(src + "embedding/kernel", dst + layout.PATCH_KERNEL)
   m.move(src + "embedding/bias", dst + layout.PATCH_BIAS)
-  if m.has(src + "pos_embedding"):
-    m.move(src + "cls", dst + layout.CLS)
-    hf.put_posemb(m, dst + layout.POSEMB, m.take(src + "pos_embedding"), src + "pos_embedding")
-  elif m.has(src + "cls"):  # the original ViT: a class-token row in the position table
-    hf.put_cls_and_posemb(m, dst, src + "cls", src + "Transformer/posembed_input/pos_embedding")
-  else:
-    hf.put_posemb(m, dst + layout.POSEMB,
-                  m.take(src + "Transformer/posembed_input/pos_embedding"), "pos_embedding")
+  m.move(src + "cls", dst + layout.CLS)
+  if m.has(src + "pos_embedding"):  # big_vision: the class token has no position
+    common.move_posemb(m, src + "pos_embedding", dst, source_prefix_tokens=0)
+  else:  # the original ViT: a class-token row leads the table
+    common.move_posemb(m, src + "Transformer/posembed_input/pos_embedding", dst,
+                       source_prefix_tokens=int(m.has(src + "cls")))
   encoder = src + "Transformer/"
   old = m.has(encoder + "encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
   for i in range(_depth(m.source, encoder)):
@@ -87,8 +84,17 @@ def fill_vit(m: common.Mapper, src: str = "", dst: str = "") -> None:
 
 
 def fill_map_head(m: common.Mapper, src: str, dst: str) -> None:
-  for dst_name, src_name in layout.MAP_HEAD_PARAMS.items():
-    m.move(src + src_name, f"{dst}/{dst_name}")
+  """big_vision MAPHead_0 -> mmjax MAPHead (same modules, other names)."""
+  for proj in ("query", "key", "value", "out"):
+    for leaf in ("kernel", "bias"):
+      m.move(f"{src}MultiHeadDotProductAttention_0/{proj}/{leaf}",
+             f"{dst}/attention/{proj}/{leaf}")
+  m.move(src + "probe", dst + "/probe")
+  for leaf in ("scale", "bias"):
+    m.move(f"{src}LayerNorm_0/{leaf}", f"{dst}/norm/{leaf}")
+  for i, fc in enumerate(("fc1", "fc2")):
+    for leaf in ("kernel", "bias"):
+      m.move(f"{src}MlpBlock_0/Dense_{i}/{leaf}", f"{dst}/mlp/{fc}/{leaf}")
 
 
 def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int,
@@ -96,16 +102,18 @@ def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int,
   """The mmjax "vit" config of big_vision ViT weights (the head count is not in them,
   unless the attention kernels are [D, heads, head_dim] as flax saves them)."""
   kernel = weights[src + "embedding/kernel"]
-  q = weights.get(src + "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")
-  heads = q.shape[1] if q is not None and q.ndim == 3 else num_heads
+  q = [v for k, v in weights.items()
+       if k.startswith(src + "Transformer/encoderblock_0/") and k.endswith("query/kernel")]
+  heads = q[0].shape[1] if q and q[0].ndim == 3 else num_heads
   if not heads:
     raise ValueError("Pass the number of attention heads (the checkpoint does not record it).")
   block = "MlpBlock_3" if src + "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in weights \
       else "MlpBlock_0"
+  # big_vision's pool "tok" is mmjax's "cls"; "gap" there averages all (patch) tokens.
   if src + "MAPHead_0/probe" in weights:
     pool = "map"
   elif src + "cls" in weights:
-    pool = "tok"
+    pool = "cls"
   else:
     pool = "gap"
   head = weights.get(src + "head/kernel")
@@ -115,7 +123,7 @@ def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int,
       patch_size=int(kernel.shape[0]), width=int(kernel.shape[-1]),
       depth=_depth(weights, src + "Transformer/"), num_heads=int(heads),
       mlp_dim=int(weights[f"{src}Transformer/encoderblock_0/{block}/Dense_0/kernel"].shape[-1]),
-      pool_type=pool,
+      pool_type=pool, class_token=src + "cls" in weights, variant=None,
       representation_size=int(pre_logits.shape[-1]) if pre_logits is not None else None))
 
 

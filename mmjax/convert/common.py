@@ -205,13 +205,18 @@ class Mapper:
   Args:
     source: source tensors by source name.
     target: the mmjax parameter shapes by "/"-joined name (arrays or ShapeDtypeStructs).
+    skip: regexes of mmjax parameters to leave out; the source tensors meant for them are
+      reported unused but do not make `finish` fail.
   """
 
-  def __init__(self, source: Mapping[str, np.ndarray], target: Mapping[str, Any]):
+  def __init__(self, source: Mapping[str, np.ndarray], target: Mapping[str, Any],
+               skip: Sequence[str] = ()):
+    self.skip = tuple(skip)
     self.source = dict(source)
-    self.target = {k: tuple(v.shape) for k, v in target.items()}
+    self.target = {k: tuple(v.shape) for k, v in target.items() if not _matches(k, self.skip)}
     self.out: Flat = {}
     self._used = set()
+    self._skipped = set()
     self.report = Report()
 
   def has(self, src: str) -> bool:
@@ -229,6 +234,8 @@ class Mapper:
   def put(self, dst: str, value: np.ndarray, transform: Transform = copy, src: str = "") -> None:
     """Stores `transform(value, target_shape)` under the mmjax name `dst`."""
     where = f"{dst} <- {src or 'computed'}"
+    if _matches(dst, self.skip):
+      return
     if dst not in self.target:
       self.report.mismatched.append(
           f"{where}: the model has no parameter {dst!r} (given shape {tuple(np.shape(value))})")
@@ -250,6 +257,9 @@ class Mapper:
     """put(dst, take(src)); a source tensor that is absent leaves `dst` missing."""
     if src not in self.source:
       return  # reported as missing by `finish`, under the mmjax name
+    if _matches(dst, self.skip):
+      self._skipped.add(src)
+      return
     self.put(dst, self.take(src), transform, src)
 
   def finish(self, *, allow_missing: Sequence[str] = (), allow_unused: Sequence[str] = (),
@@ -265,7 +275,8 @@ class Mapper:
           + "\n  ".join(rep.mismatched))
     if strict:
       bad_missing = [k for k in rep.missing if not _matches(k, allow_missing)]
-      bad_unused = [k for k in rep.unused if not _matches(k, allow_unused)]
+      bad_unused = [k for k in rep.unused
+                    if k not in self._skipped and not _matches(k, allow_unused)]
       if bad_missing or bad_unused:
         raise ConversionError(
             "Checkpoint and model do not correspond one to one.\n"
@@ -364,6 +375,52 @@ def unscan_params(flat: Mapping[str, np.ndarray]) -> Flat:
   return out
 
 
+# ----------------------------------------------------------------------------- ViT posemb
+
+
+def move_posemb(m: Mapper, src: str, prefix: str, source_prefix_tokens: int) -> None:
+  """Moves a ViT position table to `{prefix}pos_embedding`.
+
+  The source table has `source_prefix_tokens` class-token rows before the patch grid
+  (HF / timm / the original ViT: 1, big_vision: 0); the mmjax table has one row per class
+  token of the model (`{prefix}cls` exists) and then the grid. A class token without a
+  row gets a zero row (exact: it had no position). The grid is resampled bilinearly
+  when the model runs at another image size.
+  """
+  if not m.has(src):
+    return
+  from mmjax.convert import layout  # pylint: disable=g-import-not-at-top
+  dst = prefix + layout.POSEMB
+  table = m.take(src)
+  table = table.reshape(1, -1, table.shape[-1])
+  head, grid = table[:, :source_prefix_tokens], table[:, source_prefix_tokens:]
+  prefix_tokens = int(prefix + layout.CLS in m.target)
+  if prefix_tokens and not source_prefix_tokens:
+    head = np.zeros_like(grid[:, :1])
+  elif source_prefix_tokens and not prefix_tokens:
+    raise ConversionError(
+        f"{src} has a class-token row but the model has no class token ('{prefix}cls'): "
+        "use pool_type='cls' or class_token=True.")
+  want = m.target.get(dst)
+  if want is not None and want[1] - prefix_tokens != grid.shape[1] and want[-1] == grid.shape[-1]:
+    old_patches = grid.shape[1]
+    grid = resample_grid(grid, want[1] - prefix_tokens)
+    m.report.notes.append(f"{dst}: position grid resampled from {old_patches} to "
+                          f"{grid.shape[1]} patches")
+  m.put(dst, np.concatenate([head, grid], axis=1), src=src)
+
+
+def resample_grid(posemb: np.ndarray, new_length: int) -> np.ndarray:
+  """[1, old_side**2, D] -> [1, new_side**2, D] by bilinear interpolation of the grid."""
+  from mmjax.nn.embed import resample_posemb  # pylint: disable=g-import-not-at-top
+  old_side, new_side = (int(round(np.sqrt(n))) for n in (posemb.shape[1], new_length))
+  if old_side ** 2 != posemb.shape[1] or new_side ** 2 != new_length:
+    raise ConversionError(
+        f"A position grid of {posemb.shape[1]} patches cannot be resampled to {new_length}: "
+        "only square patch grids are supported.")
+  return np.asarray(resample_posemb(posemb, (old_side,) * 2, (new_side,) * 2, 0))
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -377,12 +434,8 @@ def convert(source: Mapping[str, np.ndarray], target: Mapping[str, Any],
   `init_from`); `allow_unused`: regexes of source tensors that may be left unread.
   Returns (nested params, report).
   """
-  per_layer = unscan_shapes(target)
-  if skip:
-    per_layer = {k: v for k, v in per_layer.items() if not _matches(k, skip)}
-  m = Mapper(source, per_layer)
+  m = Mapper(source, unscan_shapes(target), skip)
   fill(m)
-  # Source tensors that would only have filled skipped parameters are expected leftovers.
   flat, report = m.finish(allow_unused=allow_unused, strict=strict)
   if skip:
     report.notes.append(f"skipped mmjax parameters matching {list(skip)}")
@@ -393,26 +446,41 @@ def model_param_shapes(model_config, image_size: Optional[int] = None,
                        text_length: Optional[int] = None) -> Dict[str, Any]:
   """Flat {name: ShapeDtypeStruct} of the registered model `model_config` builds (no FLOPs).
 
-  The dummy batch carries every key a vision / two-tower model reads: 'image' at
-  `image_size`, 'text' at `text_length` (default: the model's `max_text_len`), 'label'.
+  A "vit" is initialised on an image of `image_size`; other models through their loss on
+  a batch with 'image', 'text' (`text_length`, default the model's `max_text_len`), 'label'.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import mmjax.models  # pylint: disable=g-import-not-at-top,unused-import  (registers models)
   from mmjax.models.base import build_model  # pylint: disable=g-import-not-at-top
 
-  model = build_model(model_config)
-  batch = {"label": jnp.zeros((1,), jnp.int32)}
-  if image_size:
-    batch["image"] = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  length = text_length or model_config.get("max_text_len")
-  if length:
-    batch["text"] = jnp.ones((1, length), jnp.int32)
-  variables = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, batch,
-                         train=False, method="loss"))
+  model = build_model(_registered(model_config))
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+  image = jnp.zeros((1, image_size, image_size, 3), jnp.float32) if image_size else None
+  if model_config.get("name") == "vit":  # its loss needs a head; __call__ does not
+    variables = jax.eval_shape(lambda: model.init(rngs, image))
+  else:
+    batch = {"label": jnp.zeros((1,), jnp.int32)}
+    if image is not None:
+      batch["image"] = image
+    length = text_length or model_config.get("max_text_len")
+    if length:
+      batch["text"] = jnp.ones((1, length), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(rngs, batch, train=False, method="loss"))
   return flatten(nn.meta.unbox(variables)["params"])
+
+
+def _registered(model_config):
+  """Imports mmjax.models.<name> so that the model registers itself (vit, two_tower)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from mmjax.registry import MODELS  # pylint: disable=g-import-not-at-top
+  name = model_config.get("name")
+  if name and name not in MODELS:
+    try:
+      importlib.import_module(f"mmjax.models.{name}")
+    except ImportError:
+      pass  # build_model then names the registered models
+  return model_config
 
 
 def save_checkpoint(params: Mapping[str, Any], dst: str, *, model_config=None,

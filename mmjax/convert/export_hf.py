@@ -59,32 +59,37 @@ def _check_pool(model_config, field: str, allowed) -> None:
 
 
 def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias: bool
-                       ) -> Dict[str, np.ndarray]:
-  """Patch kernel, class token and [1 + N, D] position table (class row zero, since mmjax
-  gives the class token no position); without a patch bias, it is folded into the patch
-  rows of the position table (added to every patch token either way)."""
+                       ) -> Dict[str, Any]:
+  """Patch kernel as a torch Conv2d weight, class token and [1 + N, D] position table.
+
+  Without a patch bias in the target (CLIP), the mmjax bias is folded into the patch rows
+  of the position table: both are added to every patch token, so this is exact.
+  """
   kernel = params[prefix + layout.PATCH_KERNEL]                 # [p, p, C, D]
-  posemb = params[prefix + layout.POSEMB].reshape(-1, kernel.shape[-1])
-  bias = params.get(prefix + layout.PATCH_BIAS, np.zeros(kernel.shape[-1], np.float32))
+  width = kernel.shape[-1]
+  if prefix + layout.CLS not in params:
+    raise ValueError("Hugging Face ViT / CLIP need a class token; this model has none "
+                     "(pool_type / class_token).")
+  table = params[prefix + layout.POSEMB].reshape(-1, width)     # class row, then the grid
+  bias = params.get(prefix + layout.PATCH_BIAS, np.zeros(width, np.float32))
   if not patch_bias:
-    posemb = posemb + bias
-  cls = params[prefix + layout.CLS].reshape(-1)
-  table = np.concatenate([np.zeros_like(cls)[None], posemb], axis=0)
-  out = {"conv": np.transpose(kernel, (3, 2, 0, 1)), "cls": cls, "pos": table}
+    table = np.concatenate([table[:1], table[1:] + bias], axis=0)
+  num_patches = table.shape[0] - 1
+  side = int(round(np.sqrt(num_patches)))
+  if side * side != num_patches:
+    raise ValueError(f"Hugging Face needs a square patch grid; this model has {num_patches} "
+                     "patches.")
+  out = {"conv": np.transpose(kernel, (3, 2, 0, 1)), "cls": params[prefix + layout.CLS].reshape(-1),
+         "pos": table, "image_size": side * kernel.shape[0]}
   if patch_bias:
     out["bias"] = bias
-  side = int(round(np.sqrt(posemb.shape[0])))
-  if side * side != posemb.shape[0]:
-    raise ValueError(f"Hugging Face needs a square patch grid; this model has {posemb.shape[0]} "
-                     "patches.")
-  out["image_size"] = side * kernel.shape[0]
   return out
 
 
 def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
                    ) -> tuple[Flat, Dict[str, Any]]:
   """(HF ViTForImageClassification / ViTModel state dict, config.json dict)."""
-  _check_pool(model_config, "pool_type", ("tok", "cls", "token"))
+  _check_pool(model_config, "pool_type", ("cls",))
   if any(k.startswith(layout.PRE_LOGITS + "/") for k in params):
     raise ValueError("HF ViTForImageClassification has no pre-logits layer; this model has "
                      f"'{layout.PRE_LOGITS}' (representation_size), which would be lost.")
@@ -119,7 +124,7 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
 def clip_state_dict(params: Mapping[str, np.ndarray], model_config=None
                     ) -> tuple[Flat, Dict[str, Any]]:
   """(HF CLIPModel state dict, config.json dict) of an mmjax two_tower."""
-  _check_pool(model_config, "image_pool", ("tok", "cls", "token"))
+  _check_pool(model_config, "image_pool", ("cls",))
   _check_pool(model_config, "text_pool", ("argmax",))
   if (model_config or {}).get("loss_type", "softmax") != "softmax" or layout.LOGIT_BIAS in params:
     raise ValueError("CLIP has no logit bias: only softmax (CLIP) two-towers export to HF CLIP.")

@@ -6,9 +6,6 @@ be either the on-disk names of the Hub (`encoder.layer.{i}.attention.attention.q
 or transformers v5's in-memory names (`layers.{i}.attention.q_proj`).
 
 Exact differences handled here, so that outputs match to float32 rounding:
-  * HF adds a position embedding to the class token; mmjax (like big_vision) does not:
-    the class token's position row is added into the token itself (exact, since both are
-    added to the same input before the first block).
   * CLIP's patch embedding has no bias: mmjax's is set to zero.
   * The position grid is resampled when the mmjax model is built for another image size.
 Differences that cannot be mapped (the activation function, LayerNorm epsilon, CLIP's
@@ -168,7 +165,7 @@ def vit_model_config(config: Mapping[str, Any], weights: Mapping[str, Any]) -> m
       num_classes=int(weights["classifier.weight"].shape[0]) if has_head else 0,
       patch_size=int(config["patch_size"]), width=int(width),
       depth=int(config["num_hidden_layers"]), num_heads=int(config["num_attention_heads"]),
-      mlp_dim=int(config["intermediate_size"]), pool_type="tok",
+      mlp_dim=int(config["intermediate_size"]), pool_type="cls", variant=None,
       representation_size=int(config.get("pooler_output_size") or width)
       if "pooler.dense.weight" in weights else None))
 
@@ -182,7 +179,7 @@ def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       patch_size=int(vision["patch_size"]), image_width=int(vision["hidden_size"]),
       image_depth=int(vision["num_hidden_layers"]),
       image_heads=int(vision["num_attention_heads"]),
-      image_mlp_dim=int(vision["intermediate_size"]), image_pool="tok",
+      image_mlp_dim=int(vision["intermediate_size"]), image_pool="cls",
       text_width=int(text["hidden_size"]), text_depth=int(text["num_hidden_layers"]),
       text_heads=int(text["num_attention_heads"]), text_mlp_dim=int(text["intermediate_size"]),
       max_text_len=int(text["max_position_embeddings"]),
@@ -199,7 +196,8 @@ def fill_vit(m: common.Mapper, prefix: str = "") -> None:
   m.move("embeddings.patch_embeddings.projection.weight", prefix + layout.PATCH_KERNEL,
          common.conv)
   m.move("embeddings.patch_embeddings.projection.bias", prefix + layout.PATCH_BIAS)
-  put_cls_and_posemb(m, prefix, "embeddings.cls_token", "embeddings.position_embeddings")
+  m.move("embeddings.cls_token", prefix + layout.CLS)
+  common.move_posemb(m, "embeddings.position_embeddings", prefix, source_prefix_tokens=1)
   for i in range(_num_layers(w, r"encoder\.layer\.(\d+)\.")):
     common.move_block(m, f"encoder.layer.{i}.", layout.block(prefix + layout.ENCODER, i),
                       VIT_BLOCK)
@@ -211,39 +209,6 @@ def fill_vit(m: common.Mapper, prefix: str = "") -> None:
   m.move("classifier.bias", prefix + layout.HEAD + "/bias")
 
 
-def put_cls_and_posemb(m: common.Mapper, prefix: str, cls_name: str, pos_name: str) -> None:
-  """HF/timm add a position row to the class token; mmjax's position embedding covers the
-  patches only. Folds that row into the class token and resamples the patch grid."""
-  if not (m.has(cls_name) and m.has(pos_name)):
-    return
-  cls = m.take(cls_name).reshape(1, 1, -1)
-  pos = m.take(pos_name)
-  pos = pos.reshape(1, -1, pos.shape[-1])
-  m.put(prefix + layout.CLS, cls + pos[:, :1], src=f"{cls_name} + {pos_name}[0]")
-  put_posemb(m, prefix + layout.POSEMB, pos[:, 1:], pos_name)
-
-
-def put_posemb(m: common.Mapper, dst: str, grid: np.ndarray, src: str) -> None:
-  """Stores a [1, N, D] patch position embedding, resampled to the model's grid."""
-  want = m.target.get(dst)
-  if want is not None and tuple(grid.shape) != want and grid.shape[-1] == want[-1]:
-    old = grid.shape[1]
-    grid = resample_grid(grid, want[1])
-    m.report.notes.append(f"{dst}: position grid resampled from {old} to {want[1]} patches")
-  m.put(dst, grid, src=src)
-
-
-def resample_grid(posemb: np.ndarray, new_length: int) -> np.ndarray:
-  """[1, old_side**2, D] -> [1, new_side**2, D] by bilinear interpolation of the grid."""
-  from mmjax.nn.embed import resample_posemb  # pylint: disable=g-import-not-at-top
-  old_side, new_side = (int(round(np.sqrt(n))) for n in (posemb.shape[1], new_length))
-  if old_side ** 2 != posemb.shape[1] or new_side ** 2 != new_length:
-    raise common.ConversionError(
-        f"Position embedding of {posemb.shape[1]} patches cannot be resampled to "
-        f"{new_length}: only square patch grids are supported.")
-  return np.asarray(resample_posemb(posemb, (old_side,) * 2, (new_side,) * 2, 0))
-
-
 # ----------------------------------------------------------------------------- CLIP
 
 
@@ -252,23 +217,36 @@ def fill_clip(m: common.Mapper) -> None:
   w = m.source
   img = layout.IMG + "/"
   v = "vision_model."
+  if img + layout.PATCH_KERNEL in m.target:  # else the image tower is skipped
+    _fill_clip_vision(m, w, img, v)
+  _fill_clip_text(m, w)
+  m.move("logit_scale", layout.LOGIT_SCALE)
+
+
+def _fill_clip_vision(m: common.Mapper, w, img: str, v: str) -> None:
   m.move(v + "embeddings.patch_embedding.weight", img + layout.PATCH_KERNEL, common.conv)
   if img + layout.PATCH_BIAS in m.target:  # CLIP's patch embedding has no bias
     width = m.target[img + layout.PATCH_BIAS][0]
     m.put(img + layout.PATCH_BIAS, np.zeros((width,), np.float32), src="zeros (CLIP has none)")
-  put_cls_and_posemb(m, img, v + "embeddings.class_embedding",
-                     v + "embeddings.position_embedding.weight")
-  if m.has(v + "pre_layrnorm.weight"):
+  m.move(v + "embeddings.class_embedding", img + layout.CLS)
+  common.move_posemb(m, v + "embeddings.position_embedding.weight", img, source_prefix_tokens=1)
+  if img + layout.PRE_NORM + "/scale" not in m.target:
     raise common.ConversionError(
         "CLIP's vision tower normalises the embeddings before its first block "
-        "(vision_model.pre_layrnorm); the mmjax ViT has no pre-encoder LayerNorm, so this "
-        "checkpoint cannot be loaded exactly.")
+        "(vision_model.pre_layrnorm); the mmjax ViT has no pre-encoder LayerNorm "
+        f"('{layout.PRE_NORM}'), so this checkpoint cannot be loaded exactly. Load the text "
+        "tower alone with skip=['img/.*', 'img_proj/.*'] (--skip).")
+  m.move(v + "pre_layrnorm.weight", img + layout.PRE_NORM + "/scale")
+  m.move(v + "pre_layrnorm.bias", img + layout.PRE_NORM + "/bias")
   for i in range(_num_layers(w, r"vision_model\.encoder\.layers\.(\d+)\.")):
     common.move_block(m, f"{v}encoder.layers.{i}.", layout.block(img + layout.ENCODER, i),
                       CLIP_BLOCK)
   m.move(v + "post_layernorm.weight", img + layout.ENCODER_NORM + "/scale")
   m.move(v + "post_layernorm.bias", img + layout.ENCODER_NORM + "/bias")
+  m.move("visual_projection.weight", layout.IMG_PROJ, common.dense)
 
+
+def _fill_clip_text(m: common.Mapper, w) -> None:
   t = "text_model."
   m.move(t + "embeddings.token_embedding.weight", layout.TXT_EMBEDDING)
   m.move(t + "embeddings.position_embedding.weight", layout.TXT_POSEMB)
@@ -277,9 +255,7 @@ def fill_clip(m: common.Mapper) -> None:
                       CLIP_BLOCK)
   m.move(t + "final_layer_norm.weight", layout.TXT_ENCODER_NORM + "/scale")
   m.move(t + "final_layer_norm.bias", layout.TXT_ENCODER_NORM + "/bias")
-  m.move("visual_projection.weight", layout.IMG_PROJ, common.dense)
   m.move("text_projection.weight", layout.TXT_PROJ, common.dense)
-  m.move("logit_scale", layout.LOGIT_SCALE)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -6,11 +6,11 @@ describes its own block once as a table {mmjax name under the block: (source nam
 
 ViT (`mmjax.models.vit.ViT`, registered as "vit"), names at the top of its tree:
   embedding/{kernel [p, p, 3, D], bias}   patch embedding
-  cls [1, 1, D]                           class token (pool "tok")
-  pos_embedding [1, N, D]                 learned, patches only: the class token has none
-  Transformer/encoderblock_{i}/...        the encoder (or Transformer/encoderblock scanned)
-  Transformer/encoder_norm                final LayerNorm
-  MAPHead_0/...                           attention pooling (pool "map")
+  cls [1, 1, D]                           class token (class_token / pool_type "cls")
+  pos_embedding [1, prefix + N, D]        learned; its first row belongs to the class token
+  encoder/encoderblock_{i}/...            the encoder (or encoder/encoderblock, scanned)
+  encoder/encoder_norm                    final LayerNorm
+  MAPHead/{probe, attention, norm, mlp}   attention pooling (pool_type "map")
   pre_logits/{kernel, bias}               optional Dense + tanh (representation_size)
   head/{kernel, bias}                     classifier
 
@@ -36,10 +36,11 @@ PATCH_KERNEL = "embedding/kernel"
 PATCH_BIAS = "embedding/bias"
 CLS = "cls"
 POSEMB = "pos_embedding"
-ENCODER = "Transformer"
+PRE_NORM = "pre_norm"        # not in the mmjax ViT yet: CLIP's LayerNorm before the encoder
+ENCODER = "encoder"
 BLOCK_PREFIX = "encoderblock"
-ENCODER_NORM = "Transformer/encoder_norm"
-MAP_HEAD = "MAPHead_0"
+ENCODER_NORM = "encoder/encoder_norm"
+MAP_HEAD = "MAPHead"
 PRE_LOGITS = "pre_logits"
 HEAD = "head"
 

@@ -9,8 +9,7 @@ names (timm/models/vision_transformer.py):
   blocks.{i}.attn.proj, blocks.{i}.norm2, blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2
   norm, head                                   (class-token pooling: global_pool="token")
 
-As for Hugging Face, the class token's position row is folded into the token and the
-patch grid is resampled to the model's image size. Features mmjax's ViT does not have
+The patch grid of the position embedding is resampled to the model's image size. Features mmjax's ViT does not have
 (layer scale `ls1/ls2`, register tokens, `norm_pre`, q/k norms, `fc_norm` average
 pooling) are refused by name rather than dropped.
 """
@@ -21,7 +20,6 @@ import ml_collections
 import numpy as np
 
 from mmjax.convert import common
-from mmjax.convert import hf
 from mmjax.convert import layout
 from mmjax.convert.common import LINEAR_IN, LINEAR_OUT, VECTOR, Flat
 
@@ -82,7 +80,7 @@ def model_config(weights: Mapping[str, np.ndarray], num_heads: int) -> ml_collec
   return ml_collections.ConfigDict(dict(
       name="vit", num_classes=int(weights["head.weight"].shape[0]) if "head.weight" in weights
       else 0, patch_size=int(patch), width=int(width), depth=depth, num_heads=int(num_heads),
-      mlp_dim=int(weights["blocks.0.mlp.fc1.weight"].shape[0]), pool_type="tok",
+      mlp_dim=int(weights["blocks.0.mlp.fc1.weight"].shape[0]), pool_type="cls", variant=None,
       representation_size=None))
 
 
@@ -90,7 +88,8 @@ def fill(m: common.Mapper) -> None:
   """timm ViT (after `normalize`) -> mmjax ViT."""
   m.move("patch_embed.proj.weight", layout.PATCH_KERNEL, common.conv)
   m.move("patch_embed.proj.bias", layout.PATCH_BIAS)
-  hf.put_cls_and_posemb(m, "", "cls_token", "pos_embed")
+  m.move("cls_token", layout.CLS)
+  common.move_posemb(m, "pos_embed", "", source_prefix_tokens=int(m.has("cls_token")))
   depth = len({k.split(".")[1] for k in m.source if k.startswith("blocks.")})
   for i in range(depth):
     common.move_block(m, f"blocks.{i}.", layout.block(layout.ENCODER, i), BLOCK)
