@@ -89,3 +89,20 @@ def test_read_checkpoint_hf_directory_lists_what_it_found(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({}))
   with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*config\.json"):
     common.read_checkpoint(str(tmp_path))
+
+
+def test_saved_checkpoint_is_what_the_trainer_init_from_reads(tmp_path):
+  checkpoint = pytest.importorskip("mmjax.train.checkpoint", reason="trainer not merged yet")
+  params = {"encoder": {"encoderblock_0": {"mlp": {"fc1": {"kernel": np.arange(6.).reshape(2, 3)}}}},
+            "cls": np.ones((1, 1, 3))}
+  dst = str(tmp_path / "converted")
+  state = common.save_checkpoint(params, dst, model_config={"name": "vit", "width": 3})
+  assert state == os.path.join(dst, "state")
+  loaded = checkpoint.load_params(dst)
+  assert sorted(loaded) == ["cls", "encoder/encoderblock_0/mlp/fc1/kernel"]
+  np.testing.assert_array_equal(loaded["encoder/encoderblock_0/mlp/fc1/kernel"],
+                                np.arange(6.).reshape(2, 3))
+  with open(os.path.join(dst, "model_config.json")) as f:
+    assert json.load(f) == {"name": "vit", "width": 3}
+  with pytest.raises(FileExistsError, match="already exists"):
+    common.save_checkpoint(params, dst)

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mmjax.convert import __main__ as cli  # noqa: E402
-from mmjax.convert import big_vision, common, export_hf, hf, timm  # noqa: E402
+from mmjax.convert import big_vision, common, export_hf, hf, layout, timm  # noqa: E402
 from mmjax.models.base import build_model  # noqa: E402
 
 TOL = 1e-4
@@ -128,6 +128,16 @@ def test_hf_vit_wrong_model_config_is_refused_with_names_and_shapes(hf_vit):
   # A new head is left out on request (the trainer's init_from initialises it).
   params, _, report = hf.load(path, config, skip=[r"head/.*"], strict=False)
   assert "head" not in params and "classifier.weight" in report.unused
+
+
+def test_hf_vit_loads_into_scanned_encoder(hf_vit):
+  model, path = hf_vit
+  _, config, _ = hf.load(path)
+  config.scan_layers = True
+  params, config, _ = hf.load(path, config)
+  assert params["encoder"]["encoderblock"]["mlp"]["fc1"]["kernel"].shape == (DEPTH, WIDTH, MLP)
+  logits = build_model(config).apply({"params": params}, jnp.asarray(_images()))
+  np.testing.assert_allclose(logits, _hf_vit_outputs(model, _images())[0], atol=TOL, rtol=0)
 
 
 def test_hf_vit_posemb_resampled_for_larger_images(hf_vit):
@@ -294,24 +304,49 @@ def _texts():
                    [98, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20, 30, 40, 50, 99]], np.int32)
 
 
-def _assert_clip_parity(config, params, hf_model):
+def _clip_outputs(hf_model):
   images, texts = _images(), _texts()
   with torch.no_grad():
-    out = hf_model(input_ids=torch.from_numpy(texts).long(),
-                   pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
-  model = build_model(config)
-  variables = {"params": params}
-  zimg = np.asarray(model.apply(variables, jnp.asarray(images), method="embed_image"))
-  ztxt = np.asarray(model.apply(variables, jnp.asarray(texts), method="embed_text"))
+    return hf_model(input_ids=torch.from_numpy(texts).long(),
+                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def _has_pre_norm(config) -> bool:
+  """Whether the mmjax image tower can hold CLIP's pre-encoder LayerNorm."""
+  shapes = common.model_param_shapes(config, image_size=IMAGE)
+  return f"img/{layout.PRE_NORM}/scale" in shapes
+
+
+def _assert_clip_parity(config, params, hf_model):
+  out = _clip_outputs(hf_model)
+  model, variables = build_model(config), {"params": params}
+  zimg = np.asarray(model.apply(variables, jnp.asarray(_images()), method="embed_image"))
+  ztxt = np.asarray(model.apply(variables, jnp.asarray(_texts()), method="embed_text"))
   np.testing.assert_allclose(zimg, out.image_embeds.numpy(), atol=TOL, rtol=0)
   np.testing.assert_allclose(ztxt, out.text_embeds.numpy(), atol=TOL, rtol=0)
-  scale = np.exp(np.asarray(common.flatten(params)["contrastive/logit_scale"]))
+  scale = np.exp(np.asarray(common.flatten(params)[layout.LOGIT_SCALE]))
   np.testing.assert_allclose(scale * zimg @ ztxt.T, out.logits_per_image.numpy(),
                              atol=TOL * scale, rtol=0)
 
 
+def test_hf_clip_text_tower_embeddings_match(hf_clip):
+  model, path = hf_clip
+  params, config, report = hf.load(path, skip=[r"img/.*", r"img_proj/.*"])
+  assert not report.missing
+  assert all(k.startswith(("vision_model.", "visual_projection.")) for k in report.unused)
+  ztxt = build_model(config).apply({"params": params}, jnp.asarray(_texts()),
+                                   method="embed_text")
+  np.testing.assert_allclose(ztxt, _clip_outputs(model).text_embeds.numpy(), atol=TOL, rtol=0)
+
+
 def test_hf_clip_embeddings_and_logits_match(hf_clip):
   model, path = hf_clip
+  config = hf.clip_model_config(json.load(open(os.path.join(path, "config.json"))))
+  if not _has_pre_norm(config):
+    # The mmjax image tower cannot compute CLIP's vision tower: refused, by name.
+    with pytest.raises(common.ConversionError, match="pre_layrnorm"):
+      hf.load(path)
+    return
   params, config, report = hf.load(path)
   assert not report.unused and not report.missing
   _assert_clip_parity(config, params, model)
@@ -319,6 +354,14 @@ def test_hf_clip_embeddings_and_logits_match(hf_clip):
 
 def test_hf_clip_export_round_trip_is_exact_and_hf_agrees(hf_clip, tmp_path):
   model, path = hf_clip
+  config = hf.clip_model_config(json.load(open(os.path.join(path, "config.json"))))
+  if not _has_pre_norm(config):
+    # HF CLIP would normalise the image embeddings where mmjax does not: refused.
+    shapes = common.model_param_shapes(config, image_size=IMAGE)
+    params = common.unflatten({k: np.zeros(v.shape, np.float32) for k, v in shapes.items()})
+    with pytest.raises(ValueError, match="pre_layrnorm"):
+      export_hf.export(params, config, str(tmp_path / "out"))
+    return
   params, config, _ = hf.load(path)
   export_hf.export(params, config, str(tmp_path / "out"))
   again, _, _ = hf.load(str(tmp_path / "out"))

@@ -253,6 +253,10 @@ class Mapper:
     self.out[dst] = np.asarray(value, np.float32)
     self.report.loaded.append(dst)
 
+  def skip_source(self, src: str) -> None:
+    """Leaves a source tensor unused on purpose (it only feeds skipped parameters)."""
+    self._skipped.add(src)
+
   def move(self, src: str, dst: str, transform: Transform = copy) -> None:
     """put(dst, take(src)); a source tensor that is absent leaves `dst` missing."""
     if src not in self.source:

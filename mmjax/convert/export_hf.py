@@ -129,12 +129,14 @@ def clip_state_dict(params: Mapping[str, np.ndarray], model_config=None
   if (model_config or {}).get("loss_type", "softmax") != "softmax" or layout.LOGIT_BIAS in params:
     raise ValueError("CLIP has no logit bias: only softmax (CLIP) two-towers export to HF CLIP.")
   img = layout.IMG + "/"
+  if img + layout.PATCH_KERNEL not in params:
+    raise ValueError(f"HF CLIP needs both towers; these params have no image tower ('{img}').")
+  sd = _clip_pre_norm(params, img)
   emb = _vision_embeddings(params, img, patch_bias=False)
   v, t = "vision_model.", "text_model."
-  sd = {v + "embeddings.patch_embedding.weight": emb["conv"],
-        v + "embeddings.class_embedding": emb["cls"],
-        v + "embeddings.position_embedding.weight": emb["pos"]}
-  sd.update(_clip_pre_norm(params, img))
+  sd.update({v + "embeddings.patch_embedding.weight": emb["conv"],
+             v + "embeddings.class_embedding": emb["cls"],
+             v + "embeddings.position_embedding.weight": emb["pos"]})
   vision = _encoder_config(params, img + layout.ENCODER)
   for i in range(vision["num_hidden_layers"]):
     sd.update(common.save_block(params, f"{v}encoder.layers.{i}.",

@@ -217,8 +217,12 @@ def fill_clip(m: common.Mapper) -> None:
   w = m.source
   img = layout.IMG + "/"
   v = "vision_model."
-  if img + layout.PATCH_KERNEL in m.target:  # else the image tower is skipped
+  if img + layout.PATCH_KERNEL in m.target:
     _fill_clip_vision(m, w, img, v)
+  else:  # the image tower is skipped
+    for name in w:
+      if name.startswith((v, "visual_projection.")):
+        m.skip_source(name)
   _fill_clip_text(m, w)
   m.move("logit_scale", layout.LOGIT_SCALE)
 
