@@ -19,7 +19,6 @@ torch = pytest.importorskip("torch", reason="parity tests need torch (pip instal
 transformers = pytest.importorskip(
     "transformers", reason="parity tests need transformers (pip install -e '.[convert]')")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mmjax.convert import __main__ as cli  # noqa: E402
@@ -370,3 +369,101 @@ def test_hf_clip_export_round_trip_is_exact_and_hf_agrees(hf_clip, tmp_path):
     np.testing.assert_array_equal(flat_again[name], value, err_msg=name)
   reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / "out")).eval()
   _assert_clip_parity(config, params, reloaded)
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+
+@pytest.fixture(scope="module")
+def hf_siglip():
+  """HF SiglipModel: the reference for big_vision SigLIP (HF converted it from big_vision)."""
+  torch.manual_seed(2)
+  text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+              intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
+              projection_size=WIDTH)
+  vision = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH)
+  model = transformers.SiglipModel(
+      transformers.SiglipConfig(text_config=text, vision_config=vision)).eval()
+  _randomize(model)
+  return model
+
+
+def siglip_big_vision_params(hf_model):
+  """big_vision SigLIP names (big_vision/models/proj/image_text/two_towers.py) for an HF
+  SiglipModel, following HF's own big_vision -> HF conversion mapping."""
+  sd = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+  hd = WIDTH // HEADS
+
+  def block(hf_prefix):
+    b = {"LayerNorm_0/scale": sd[hf_prefix + "layer_norm1.weight"],
+         "LayerNorm_0/bias": sd[hf_prefix + "layer_norm1.bias"],
+         "LayerNorm_1/scale": sd[hf_prefix + "layer_norm2.weight"],
+         "LayerNorm_1/bias": sd[hf_prefix + "layer_norm2.bias"],
+         "MlpBlock_0/Dense_0/kernel": sd[hf_prefix + "mlp.fc1.weight"].T,
+         "MlpBlock_0/Dense_0/bias": sd[hf_prefix + "mlp.fc1.bias"],
+         "MlpBlock_0/Dense_1/kernel": sd[hf_prefix + "mlp.fc2.weight"].T,
+         "MlpBlock_0/Dense_1/bias": sd[hf_prefix + "mlp.fc2.bias"],
+         "MultiHeadDotProductAttention_0/out/kernel":
+             sd[hf_prefix + "self_attn.out_proj.weight"].T.reshape(HEADS, hd, WIDTH),
+         "MultiHeadDotProductAttention_0/out/bias": sd[hf_prefix + "self_attn.out_proj.bias"]}
+    for n, p in (("query", "q"), ("key", "k"), ("value", "v")):
+      b[f"MultiHeadDotProductAttention_0/{n}/kernel"] = \
+          sd[hf_prefix + f"self_attn.{p}_proj.weight"].T.reshape(WIDTH, HEADS, hd)
+      b[f"MultiHeadDotProductAttention_0/{n}/bias"] = \
+          sd[hf_prefix + f"self_attn.{p}_proj.bias"].reshape(HEADS, hd)
+    return b
+
+  v, t, h = "vision_model.", "text_model.", "vision_model.head."
+  out = {"img/embedding/kernel": sd[v + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+         "img/embedding/bias": sd[v + "embeddings.patch_embedding.bias"],
+         "img/pos_embedding": sd[v + "embeddings.position_embedding.weight"][None],
+         "img/Transformer/encoder_norm/scale": sd[v + "post_layernorm.weight"],
+         "img/Transformer/encoder_norm/bias": sd[v + "post_layernorm.bias"],
+         "img/MAPHead_0/probe": sd[h + "probe"],
+         "img/MAPHead_0/LayerNorm_0/scale": sd[h + "layernorm.weight"],
+         "img/MAPHead_0/LayerNorm_0/bias": sd[h + "layernorm.bias"],
+         "img/MAPHead_0/MlpBlock_0/Dense_0/kernel": sd[h + "mlp.fc1.weight"].T,
+         "img/MAPHead_0/MlpBlock_0/Dense_0/bias": sd[h + "mlp.fc1.bias"],
+         "img/MAPHead_0/MlpBlock_0/Dense_1/kernel": sd[h + "mlp.fc2.weight"].T,
+         "img/MAPHead_0/MlpBlock_0/Dense_1/bias": sd[h + "mlp.fc2.bias"],
+         "img/MAPHead_0/MultiHeadDotProductAttention_0/out/kernel":
+             sd[h + "attention.out_proj.weight"].T.reshape(HEADS, hd, WIDTH),
+         "img/MAPHead_0/MultiHeadDotProductAttention_0/out/bias": sd[h + "attention.out_proj.bias"],
+         "txt/Embed_0/embedding": sd[t + "embeddings.token_embedding.weight"],
+         "txt/pos_embedding": sd[t + "embeddings.position_embedding.weight"][None],
+         "txt/Encoder_0/encoder_norm/scale": sd[t + "final_layer_norm.weight"],
+         "txt/Encoder_0/encoder_norm/bias": sd[t + "final_layer_norm.bias"],
+         "txt/head/kernel": sd[t + "head.weight"].T, "txt/head/bias": sd[t + "head.bias"],
+         "t": sd["logit_scale"], "b": sd["logit_bias"]}
+  for n, w, b in zip(("query", "key", "value"), np.split(sd[h + "attention.in_proj_weight"], 3),
+                     np.split(sd[h + "attention.in_proj_bias"], 3)):
+    out[f"img/MAPHead_0/MultiHeadDotProductAttention_0/{n}/kernel"] = w.T.reshape(WIDTH, HEADS, hd)
+    out[f"img/MAPHead_0/MultiHeadDotProductAttention_0/{n}/bias"] = b.reshape(HEADS, hd)
+  for i in range(DEPTH):
+    out.update({f"img/Transformer/encoderblock_{i}/{k}": x
+                for k, x in block(f"{v}encoder.layers.{i}.").items()})
+    out.update({f"txt/Encoder_0/encoderblock_{i}/{k}": x
+                for k, x in block(f"{t}encoder.layers.{i}.").items()})
+  return {"params/" + k: x for k, x in out.items()}
+
+
+def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
+  path = str(tmp_path / "siglip.npz")
+  np.savez(path, **siglip_big_vision_params(hf_siglip))
+  params, config, report = big_vision.load(path)
+  assert not report.unused and not report.missing
+  # SigLIP attends to every token and pools the last one: texts without padding (id 0).
+  images, texts = _images(), np.random.default_rng(3).integers(1, 100, (2, 16)).astype(np.int32)
+  with torch.no_grad():
+    out = hf_siglip(input_ids=torch.from_numpy(texts).long(),
+                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  model, variables = build_model(config), {"params": params}
+  zimg = np.asarray(model.apply(variables, jnp.asarray(images), method="embed_image"))
+  ztxt = np.asarray(model.apply(variables, jnp.asarray(texts), method="embed_text"))
+  np.testing.assert_allclose(zimg, out.image_embeds.numpy(), atol=TOL, rtol=0)
+  np.testing.assert_allclose(ztxt, out.text_embeds.numpy(), atol=TOL, rtol=0)
+  flat = common.flatten(params)
+  scale, bias = np.exp(flat[layout.LOGIT_SCALE]), flat[layout.LOGIT_BIAS]
+  np.testing.assert_allclose(scale * zimg @ ztxt.T + bias, out.logits_per_image.numpy(),
+                             atol=TOL * scale, rtol=0)

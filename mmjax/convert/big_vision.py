@@ -8,7 +8,11 @@ so tensors keep their layout and only names change:
   Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0/{query, key,
       value, out}, LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}}   (or scanned: encoderblock)
   Transformer/encoder_norm, MAPHead_0/..., pre_logits, head
-  SigLIP: img/<ViT>, txt/{Embed_0/embedding, pos_embedding, Encoder_0/..., head}, t, b
+  SigLIP: img/<ViT, MAP pooling>, txt/{Embed_0/embedding, pos_embedding, Encoder_0/...,
+          head}, t (log scale), b (bias)
+
+big_vision computes what mmjax does (tanh-approximate GELU, LayerNorm epsilon 1e-6), so
+outputs agree to float32 rounding.
 
 Older checkpoints (google-research/vision_transformer) name the blocks LayerNorm_0,
 MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3 and keep the position embedding
@@ -127,15 +131,82 @@ def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int,
       representation_size=int(pre_logits.shape[-1]) if pre_logits is not None else None))
 
 
+def fill_siglip(m: common.Mapper) -> None:
+  """big_vision SigLIP (img/, txt/, t, b) -> mmjax two_tower.
+
+  SigLIP's image embedding is the MAP head output itself: mmjax's `img_proj` becomes the
+  identity. Its text head has a bias where mmjax's `txt_proj` has none: the bias is moved
+  before the projection, into the final LayerNorm's bias (c with c @ W = b; that LayerNorm
+  feeds only the pooled token into the projection), which is exact when W has full rank.
+  """
+  fill_vit(m, "img/", layout.IMG + "/")
+  if layout.IMG_PROJ in m.target:
+    width, embed_dim = m.target[layout.IMG_PROJ]
+    if width != embed_dim:
+      raise common.ConversionError(
+          f"SigLIP's image embedding is the {width}-wide pooled output; the model's embed_dim "
+          f"is {embed_dim}.")
+    m.put(layout.IMG_PROJ, np.eye(width, dtype=np.float32), src="identity (SigLIP has none)")
+  m.move("txt/Embed_0/embedding", layout.TXT_EMBEDDING)
+  m.move("txt/pos_embedding", layout.TXT_POSEMB)
+  for i in range(_depth(m.source, "txt/Encoder_0/")):
+    common.move_block(m, f"txt/Encoder_0/encoderblock_{i}/", layout.block(layout.TXT_ENCODER, i),
+                      BLOCK)
+  m.move("txt/Encoder_0/encoder_norm/scale", layout.TXT_ENCODER_NORM + "/scale")
+  if m.has("txt/head/kernel"):
+    kernel, bias = m.take("txt/head/kernel"), m.take("txt/head/bias")
+    shift, *_ = np.linalg.lstsq(kernel.T.astype(np.float64), bias.astype(np.float64), rcond=None)
+    error = np.abs(shift @ kernel - bias).max()
+    if error > 1e-5 * max(1.0, np.abs(bias).max()):
+      raise common.ConversionError(
+          f"txt/head/bias cannot be moved before txt/head/kernel {kernel.shape} (rank too low; "
+          f"residual {error:.2e}): the mmjax text projection has no bias.")
+    m.put(layout.TXT_PROJ, kernel, src="txt/head/kernel")
+    m.put(layout.TXT_ENCODER_NORM + "/bias",
+          m.take("txt/Encoder_0/encoder_norm/bias") + shift.astype(np.float32),
+          src="txt/Encoder_0/encoder_norm/bias + txt/head/bias @ pinv(kernel)")
+    m.report.notes.append(f"txt/head/bias folded into {layout.TXT_ENCODER_NORM}/bias "
+                          f"(max residual {error:.1e})")
+  else:
+    m.move("txt/Encoder_0/encoder_norm/bias", layout.TXT_ENCODER_NORM + "/bias")
+  m.move("t", layout.LOGIT_SCALE)
+  m.move("b", layout.LOGIT_BIAS)
+
+
+def siglip_model_config(weights: Mapping[str, np.ndarray]) -> ml_collections.ConfigDict:
+  """The mmjax "two_tower" config of big_vision SigLIP weights."""
+  img = vit_model_config(weights, 0, src="img/")
+  q = weights["txt/Encoder_0/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
+  embedding = weights["txt/Embed_0/embedding"]
+  return ml_collections.ConfigDict(dict(
+      name="two_tower", loss_type="sigmoid", vocab_size=int(embedding.shape[0]),
+      embed_dim=int(weights["txt/head/kernel"].shape[1]), patch_size=img.patch_size,
+      image_width=img.width, image_depth=img.depth, image_heads=img.num_heads,
+      image_mlp_dim=img.mlp_dim, image_pool=img.pool_type, text_width=int(embedding.shape[1]),
+      text_depth=_depth(weights, "txt/Encoder_0/"), text_heads=int(q.shape[1]),
+      text_mlp_dim=int(weights["txt/Encoder_0/encoderblock_0/MlpBlock_0/Dense_0/kernel"].shape[1]),
+      max_text_len=int(weights["txt/pos_embedding"].shape[1]),
+      # SigLIP's text tower is bidirectional and pools the last token.
+      text_pool="last", text_causal=False))
+
+
 def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
          num_heads: Optional[int] = None, image_size: Optional[int] = None,
          skip: Sequence[str] = (), strict: bool = True
          ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict, common.Report]:
-  """Imports a big_vision ViT `.npz` into an mmjax "vit" (the model config is derived
-  from the weights when not given). Returns (params, model_config, report)."""
+  """Imports a big_vision ViT `.npz` into an mmjax "vit", or a SigLIP one into a
+  "two_tower" (the model config is derived from the weights when not given).
+  Returns (params, model_config, report)."""
   weights = normalize(common.read_checkpoint(path))
   if "img/embedding/kernel" in weights:
-    raise NotImplementedError("SigLIP two-tower checkpoints: see load_siglip.")
+    if model_config is None:
+      model_config = siglip_model_config(weights)
+    if not image_size:
+      image_size = int(round(np.sqrt(weights["img/pos_embedding"].shape[1]))) * int(
+          weights["img/embedding/kernel"].shape[0])
+    target = common.model_param_shapes(model_config, image_size=int(image_size))
+    params, report = common.convert(weights, target, fill_siglip, skip=skip, strict=strict)
+    return params, model_config, report
   if model_config is None:
     model_config = vit_model_config(weights, num_heads)
   if not image_size:
