@@ -12,7 +12,7 @@ decay 0.2), peak lr 5e-4, 2k warmup steps, cosine decay, batch 32,768, 32 epochs
 Data: CLIP's 400M-pair WIT set is not public; the config reads `coco_captions` (prepare
 it once: `tfds build coco_captions --data_dir=$MMJAX_DATA_DIR --file_format=array_record`)
 or any TFDS image-text set through `--config.data.name=tfds
---config.data.builder.tfds_name=NAME`. Text is tokenised with mmjax's byte-level
+--config.data.tfds.tfds_name=NAME`. Text is tokenised with mmjax's byte-level
 tokenizer unless `--config.data.tokenizer=/path/to/spm.model` names a SentencePiece
 model; `vocab_size` stays CLIP's 49,408 so the parameter count matches the paper.
 """

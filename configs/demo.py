@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   config.data = pipeline.default_config(
       "shapes", max_text_len=TEXT_LEN, max_question_len=QUESTION_LEN,
-      builder=dict(num_train=20000, num_validation=1000, num_test=1000))
+      shapes=dict(num_train=20000, num_validation=1000, num_test=1000))
 
   config.model = ml_collections.ConfigDict(dict(
       name="multimodal",

@@ -15,7 +15,7 @@ set `--config.init_from.checkpoint=PATH` (see mmjax/convert for importers).
 
 Data: VGGSound is not in the TFDS catalogue; prepare it as a TFDS array_record dataset
 with `video` (uint8 [8, H, W, 3]), `audio` (int16 [128000]) and `label` features and
-select it with `--config.data.builder.tfds_name=NAME` (see mmjax/data/builders/public.py).
+select it with `--config.data.tfds.tfds_name=NAME` (see mmjax/data/builders/public.py).
 """
 import ml_collections
 
@@ -39,7 +39,7 @@ def get_config(arg=None):
 
   config.data = pipeline.default_config(
       "tfds", image_size=224,
-      builder=dict(tfds_name="vggsound", eval_split="test",
+      tfds=dict(tfds_name="vggsound", eval_split="test",
                    fields={"video": "video", "audio": "audio", "label": "label"}),
       preprocess="decode('video')|resize(224, key='video')|"
                  "normalize(0.5, 0.5, key='video')|decode('audio')|"

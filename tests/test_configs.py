@@ -23,11 +23,11 @@ from mmjax.train.trainer import train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tiny offline data, prepared once per session (see the `data_dir` fixture).
-TINY_SHAPES = {"data.builder": dict(num_train=64, num_validation=16, num_test=16,
-                                    vocab_size=64)}
+TINY_SHAPES = {"data.shapes": dict(num_train=64, num_validation=16, num_test=16,
+                                   vocab_size=64)}
 TINY_RUN = {"total_steps": 1, "batch_size": 8, "eval_batch_size": 8, "log_every": 1,
             "eval_every": 0, "checkpoint_every": 0, "progress_bar": False,
-            "schedule.warmup_steps": 1, "mesh.data": 1}
+            "schedule.warmup_steps": 1}
 TINY_MULTIMODAL = {"model.width": 16, "model.num_layers": 2, "model.num_heads": 2,
                    "model.mlp_dim": 32, "model.embed_dim": 16}
 TINY_TWO_TOWER = {
@@ -44,8 +44,10 @@ TINY = {
     "vit_b16_imagenet.py": {
         "model.variant": None, "model.width": 16, "model.depth": 1, "model.num_heads": 2,
         "model.mlp_dim": 32, "model.patch_size": 2, "model.num_classes": 10,
-        "model.representation_size": 16, "data.name": "digits", "data.builder": {},
+        "model.representation_size": 16, "data.name": "digits",
         "data.image_size": None, "data.preprocess": None, "data.eval_preprocess": None},
+    "vit_digits.py": {"model.width": 16, "model.depth": 1, "model.num_heads": 2,
+                      "model.mlp_dim": 32},
     "clip_b16.py": TINY_TWO_TOWER,
     "siglip_b16.py": TINY_TWO_TOWER,
     # VGGSound is not here: random clips (2 frames of 16x16, 0.5 s of audio) instead.
@@ -97,9 +99,22 @@ def random_av_pipeline(monkeypatch):
 
 
 def _tiny(config, overrides, data_dir):
-  config = sweep_lib.apply_overrides(config, {**TINY_RUN, **overrides})
+  """`config` with TINY_RUN and `overrides`. Model fields the config leaves to their
+  defaults (e.g. `width` under a named ViT variant) and the data section of a swapped-in
+  dataset are added; build_model and the data pipeline check their names."""
+  overrides = {**TINY_RUN, **overrides}
+  config = sweep_lib.apply_overrides(config, {k: v for k, v in overrides.items()
+                                              if not _new_field(config, k)})
+  for key in filter(lambda k: _new_field(config, k), overrides):
+    section, field = key.split(".", 1)
+    config[section][field] = overrides[key]
   config.data.data_dir = data_dir
   return config
+
+
+def _new_field(config, key):
+  section, _, field = key.partition(".")
+  return section in ("model", "data") and "." not in field and field not in config[section]
 
 
 def _check_one_step(result):
