@@ -135,7 +135,7 @@ def model_cost(config: ml_collections.ConfigDict) -> Dict[str, float]:
   batch = {k: jax.ShapeDtypeStruct((1,) + tuple(shape), dtype)
            for k, (shape, dtype) in shapes.items()}
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), batch, train=False, method="loss"))
+      lambda b: model.init(jax.random.key(0), b, train=False, method="loss"), batch)
   return {"params": flops.count_params(variables["params"]),
           "gflops": flops.model_flops(model, variables, batch, method="evaluate") / 1e9}
 
