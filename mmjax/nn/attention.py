@@ -37,7 +37,7 @@ Array = jax.Array
 Dtype = Any
 
 # Large finite negative logit for masked keys: unlike -inf it never produces NaN, even
-# in a row where every key is masked (such rows are zeroed after the softmax).
+# in a row where every key is masked (such rows are zeroed on the output).
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
@@ -199,8 +199,8 @@ def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False
 
 
 def default_backend(*, platform: Optional[str] = None, dtype: Dtype = jnp.float32,
-                    has_mask: bool = False, has_bias: bool = False,
-                    dropout: bool = False, q_length: int = 0, kv_length: int = 0) -> str:
+                    has_mask: bool = False, has_bias: bool = False, dropout: bool = False,
+                    q_length: int = 0, kv_length: int = 0, head_dim: int = 64) -> str:
   """The fastest backend that honours the request on `platform` (default: JAX's).
 
   CPU: "reference". Measured on the 2-core dev machine (B=2, 8 heads x 64, f32, jit of
@@ -208,18 +208,20 @@ def default_backend(*, platform: Optional[str] = None, dtype: Dtype = jnp.float3
     251 vs 365 ms, causal 222 vs 389 ms. jax.nn adds masking / casting passes that
     XLA:CPU does not fuse away. With 2 key/value heads (GQA) the two were within noise
     of each other (T=1024: full 540 vs 459 ms, causal 445 vs 612 ms on a loaded machine).
-  GPU: "cudnn" for bf16/fp16 without dropout, else "xla" (or "reference" for dropout).
-  TPU: "splash" for full/causal attention on 128-multiples, else "xla" / "reference".
+  GPU: "cudnn" (fused flash attention) for bf16/fp16 with head_dim a multiple of 8 up to
+    128, its supported range; else "xla".
+  TPU: "splash" for full or causal attention on 128-multiple lengths, else "xla".
+  Dropout on the weights: "reference" everywhere (the only backend that has it).
   """
   platform = platform or jax.default_backend()
   if dropout:
     return "reference"
   if platform == "gpu":
-    return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
   if platform == "tpu":
-    if (not has_mask and not has_bias and q_length % _SPLASH_BLOCK == 0 and kv_length % _SPLASH_BLOCK == 0):
-      return "splash"
-    return "xla"
+    lengths_fit = q_length % _SPLASH_BLOCK == 0 and kv_length % _SPLASH_BLOCK == 0
+    return "splash" if lengths_fit and not has_mask and not has_bias else "xla"
   return "reference"
 
 
@@ -265,7 +267,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   if implementation is None:
     implementation = default_backend(
         dtype=query.dtype, has_mask=mask is not None, has_bias=bias is not None,
-        dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length)
+        dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length,
+        head_dim=head_dim)
   backend = ATTENTION_BACKENDS.get(implementation)
   return backend(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                  scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
