@@ -22,11 +22,11 @@ def _setup(mesh_shape=(2, 2, 2), optimizer="adamw", grad_accum_steps=1, dtype="f
   model = TokenClassifier(num_classes=4, width=16, dtype=dtype)
   example = {"image": jax.ShapeDtypeStruct((8, 4, 4, 1), jnp.float32),
              "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+  boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
+  tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
+  init, _, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
+  state = init()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
-    init, abstract, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
-    state = init()
     step = jax.jit(trainer.make_train_step(model, tx, schedule, grad_accum_steps),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -259,26 +259,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       async_save=config.async_checkpointing)
   preemption = PreemptionWatcher()
   try:
+    # State creation and restore need no mesh context (shardings are explicit); see
+    # state.create_train_state for why init must even run outside it.
+    boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
+    tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
+    init, abstract, shardings = state_lib.create_train_state(
+        model, tx, example, config.seed, mesh, rules)
+    state, start_step = checkpointer.restore_latest(
+        state_lib.abstract_with_shardings(abstract, shardings), train_iter)
+    if state is not None:
+      if is_chief:
+        print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
+      pending = None
+    else:
+      start_step, pending = 0, first_batch
+      state = init()
+      if config.init_from.checkpoint:
+        state, report = apply_init_from(state, config.init_from, shardings.params)
+        _log_init_from(report, config.init_from.checkpoint)
+        writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
+
+    # Training and evaluation trace under the mesh and the logical axis rules, so the
+    # models' activation constraints shard them.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
-      tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
-      init, abstract, shardings = state_lib.create_train_state(
-          model, tx, example, config.seed, mesh, rules)
-
-      state, start_step = checkpointer.restore_latest(
-          state_lib.abstract_with_shardings(abstract, shardings), train_iter)
-      if state is not None:
-        if is_chief:
-          print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
-        pending = None
-      else:
-        start_step, pending = 0, first_batch
-        state = init()
-        if config.init_from.checkpoint:
-          state, report = apply_init_from(state, config.init_from, shardings.params)
-          _log_init_from(report, config.init_from.checkpoint)
-          writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
-
       batch_shardings = {k: sharding_lib.batch_sharding(mesh) for k in example}
       train_step = jax.jit(
           make_train_step(model, tx, schedule, config.grad_accum_steps),
