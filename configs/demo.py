@@ -3,11 +3,14 @@ multimodal demo once the multimodal models land).
 
   python -m mmjax.main --config configs/demo.py --workdir /tmp/demo
 """
-from configs import vit_digits
+import os
+
+from mmjax.train.config import load_config_file
 
 
 def get_config(arg=None):
-  config = vit_digits.get_config(arg)
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "vit_digits.py"))
+  del arg
   config.total_steps = 600
   config.eval_every = 200
   config.checkpoint_every = 200
