@@ -197,7 +197,8 @@ def _example_batch(local_batch: Mapping[str, np.ndarray], rows: int) -> Dict[str
 def apply_init_from(state: TrainState, init_config, param_shardings: Any) -> Tuple[TrainState, Dict]:
   """Loads `init_config.checkpoint`'s params into `state.params` (subset, renamed, resampled)."""
   source = checkpoint_lib.load_params(init_config.checkpoint)
-  target = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+  # The fresh params stay where they are (new leaves keep them); only loaded ones move.
+  target = traverse_util.flatten_dict(state.params, sep="/")
   merged, report = checkpoint_lib.merge_params(
       target, source, include=tuple(init_config.include), exclude=tuple(init_config.exclude),
       rename=tuple(tuple(r) for r in init_config.rename))
