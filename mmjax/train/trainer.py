@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from mmjax.models.base import build_model
 from mmjax.train import checkpoint as checkpoint_lib
@@ -361,7 +361,10 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
         results.update({f"train/{k}": v for k, v in host.items()})
 
       if (config.eval_every and step % config.eval_every == 0) or step == total:
+        eval_start = time.perf_counter()
         eval_metrics = evaluate_lib.evaluate(model, eval_step, state.params, make_eval_iter(), mesh)
+        eval_metrics["seconds"] = time.perf_counter() - eval_start
+        last_log_time += eval_metrics["seconds"]  # throughput counts training time only
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         results.update({f"eval/{k}": v for k, v in eval_metrics.items()})
 
