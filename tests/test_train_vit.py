@@ -16,7 +16,6 @@ pytest.importorskip("mmjax.models.vit")
 
 def test_vit_trains_on_a_2x2x2_mesh(tmp_path):
   config = tiny_config(total_steps=3, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  config.imports = (*config.imports, "mmjax.models.vit")
   config.model = ml_collections.ConfigDict(dict(
       name="vit", variant=None, num_classes=4, patch_size=2, width=16, depth=1, num_heads=2,
       mlp_dim=32, pool_type="gap"))

@@ -15,6 +15,7 @@ is the usual approximation (negatives come from the micro-batch only).
 """
 import importlib
 import os
+import pkgutil
 import signal
 import threading
 import time
@@ -232,10 +233,19 @@ def format_summary(results: Mapping[str, Any]) -> str:
 # The loop.
 
 
+def import_models(extra_modules=()) -> None:
+  """Imports every module of mmjax.models (registering the built-in models), then the
+  config's own `imports` (a fork's models, fusions, datasets)."""
+  import mmjax.models  # pylint: disable=g-import-not-at-top
+  for module in pkgutil.iter_modules(mmjax.models.__path__, "mmjax.models."):
+    importlib.import_module(module.name)
+  for module in extra_modules:
+    importlib.import_module(module)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
-  for module in config.imports:
-    importlib.import_module(module)
+  import_models(config.imports)
   config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
