@@ -360,9 +360,12 @@ class CaptioningModel(MultimodalModel):
     return super().objective_weights()
 
 
-def generate_captions(model: MultimodalModel, variables, batch: Batch, *, beam_size: int = 1,
-                      max_len: Optional[int] = None, length_penalty: float = 0.0) -> Array:
-  """Captions [B, max_len] (data token ids, 0 after the end) by greedy / beam decoding.
+def generate_captions(model: MultimodalModel, variables, batch: Batch, *,
+                      beam_size: Optional[int] = None, max_len: Optional[int] = None,
+                      length_penalty: float = 0.0) -> Array:
+  """Captions [B, max_len] (data token ids, 0 after the end): greedy decoding when
+  `beam_size` is None, else beam search. Jit it with `static_argnames=("beam_size",
+  "max_len")` (and the model bound by functools.partial) to compile once.
 
   Encodes `model.caption_from` once, sizes the decoder's key/value cache for
   B * beam_size rows (zeros: `jax.eval_shape`, no decoder pass) and runs decoding.py.
@@ -377,8 +380,8 @@ def generate_captions(model: MultimodalModel, variables, batch: Batch, *, beam_s
   params = {"params": variables["params"]}
   memory, mask = model.apply(params, batch, method="caption_memory")
   batch_size = memory.shape[0]
-  memory, mask = (jnp.repeat(x, beam_size, axis=0) for x in (memory, mask))
-  rows = batch_size * beam_size
+  rows = batch_size * (beam_size or 1)
+  memory, mask = (jnp.repeat(x, rows // batch_size, axis=0) for x in (memory, mask))
 
   def run(tokens, cache=None):
     v = dict(params, cache=cache) if cache is not None else params
@@ -388,19 +391,21 @@ def generate_captions(model: MultimodalModel, variables, batch: Batch, *, beam_s
   shapes = jax.eval_shape(lambda: run(jnp.zeros((rows, max_len), jnp.int32)))[1]["cache"]
   cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+  bos, eos = model.vocab_size + 1, model.vocab_size + 2
+  never = jnp.array([0, model.vocab_size, bos])  # padding, MASK and BOS are never emitted
+
   def step_fn(token, cache):
     logits, updated = run(token[:, None], cache)
-    return logits[:, 0], updated["cache"]
+    return logits[:, 0].at[:, never].set(-jnp.inf), updated["cache"]
 
-  bos, eos = model.vocab_size + 1, model.vocab_size + 2
-  if beam_size == 1:
+  if beam_size is None:
     tokens = decoding.greedy_decode(step_fn, cache, batch_size=batch_size, max_len=max_len,
                                     bos_id=bos, eos_id=eos)
   else:
     tokens, _ = decoding.beam_search(step_fn, cache, batch_size=batch_size,
                                      beam_size=beam_size, max_len=max_len, bos_id=bos,
                                      eos_id=eos, length_penalty=length_penalty)
-  return jnp.where(tokens >= model.vocab_size, 0, tokens)  # drop EOS (and any special id)
+  return jnp.where(tokens == eos, 0, tokens)
 
 
 def example_model_and_batch(fusion: str = "hybrid", batch_size: int = 4, **overrides):
