@@ -133,22 +133,28 @@ class FusionEncoder(nn.Module):
                         droppath_rate=self.droppath_rate, dtype=self.dtype,
                         implementation=self.implementation, name=name)
 
-  def stream_name(self, modality: str, suffix: str) -> str:
-    return suffix if self.shared_weights else f"{modality}_{suffix}"
+  def stream_module(self, modules: Dict[str, nn.Module], modality: str, suffix: str,
+                    factory) -> nn.Module:
+    """The per-modality module `{modality}_{suffix}`, or with shared_weights the one
+    module `{suffix}` that every modality uses (built once, memoised in `modules`)."""
+    name = suffix if self.shared_weights else f"{modality}_{suffix}"
+    if name not in modules:
+      modules[name] = factory(name)
+    return modules[name]
 
-  def separate_layers(self, tokens, masks, layers, deterministic) -> Dict[str, Array]:
+  def separate_layers(self, modules, tokens, masks, layers, deterministic) -> Dict[str, Array]:
     """Runs each modality alone through `layers` (its own weights, or shared ones)."""
     out = {}
     for m, x in tokens.items():
       for i in layers:
-        x = self.block(self.stream_name(m, f"block{i}"))(
+        x = self.stream_module(modules, m, f"block{i}", self.block)(
             x, mask=_key_mask(masks[m]), deterministic=deterministic)
       out[m] = x
     return out
 
-  def final_norms(self, tokens) -> Dict[str, Array]:
-    return {m: nn.LayerNorm(dtype=self.dtype, name=self.stream_name(m, "norm"))(x)
-            for m, x in tokens.items()}
+  def final_norms(self, modules, tokens) -> Dict[str, Array]:
+    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
+    return {m: self.stream_module(modules, m, "norm", norm)(x) for m, x in tokens.items()}
 
 
 @FUSIONS.register("hybrid")
@@ -160,9 +166,10 @@ class HybridFusion(FusionEncoder):
                deterministic: bool = True) -> Dict[str, Array]:
     check_streams(tokens, masks)
     fusion_layer = self.resolved_fusion_layer()
-    x = self.separate_layers(tokens, masks, range(fusion_layer), deterministic)
+    modules = {}
+    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
     if fusion_layer == self.num_layers:
-      return self.final_norms(x)
+      return self.final_norms(modules, x)
     joint, mask, names, sizes = _concat(x, masks)
     for i in range(fusion_layer, self.num_layers):
       joint = self.block(f"joint_block{i}")(joint, mask=_key_mask(mask),
@@ -200,7 +207,8 @@ class BottleneckFusion(FusionEncoder):
     fusion_layer = self.resolved_fusion_layer()
     if self.num_bottlenecks < 0:
       raise ValueError(f"num_bottlenecks must be >= 0; got {self.num_bottlenecks}.")
-    x = self.separate_layers(tokens, masks, range(fusion_layer), deterministic)
+    modules = {}
+    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
     first = next(iter(x.values()))
     batch, width = first.shape[0], first.shape[-1]
     k = self.num_bottlenecks
@@ -213,12 +221,12 @@ class BottleneckFusion(FusionEncoder):
         n = x[m].shape[1]
         y = jnp.concatenate([x[m], shared.astype(x[m].dtype)], axis=1)
         mask = jnp.concatenate([masks[m], jnp.ones((batch, k), bool)], axis=1)
-        y = self.block(self.stream_name(m, f"block{i}"))(
+        y = self.stream_module(modules, m, f"block{i}", self.block)(
             y, mask=_key_mask(mask), deterministic=deterministic)
         x[m], bottleneck = y[:, :n], y[:, n:]
         updates.append(bottleneck)
       shared = sum(updates) / len(updates)
-    return self.final_norms(x)
+    return self.final_norms(modules, x)
 
 
 class CrossBlock(nn.Module):
@@ -264,7 +272,12 @@ class CrossFusion(FusionEncoder):
                deterministic: bool = True) -> Dict[str, Array]:
     check_streams(tokens, masks)
     fusion_layer = self.resolved_fusion_layer()
-    x = self.separate_layers(tokens, masks, range(fusion_layer), deterministic)
+    modules = {}
+    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    cross_block = lambda name: CrossBlock(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate, droppath_rate=self.droppath_rate,
+        dtype=self.dtype, implementation=self.implementation, name=name)
     for i in range(fusion_layer, self.num_layers):
       previous = dict(x)
       for m in x:
@@ -273,14 +286,9 @@ class CrossFusion(FusionEncoder):
         if others:
           context, context_mask, _, _ = _concat({o: previous[o] for o in others},
                                                 {o: masks[o] for o in others})
-        x[m] = CrossBlock(
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            droppath_rate=self.droppath_rate, dtype=self.dtype,
-            implementation=self.implementation,
-            name=self.stream_name(m, f"cross_block{i}"))(
-                x[m], masks[m], context, context_mask, deterministic=deterministic)
-    return self.final_norms(x)
+        x[m] = self.stream_module(modules, m, f"cross_block{i}", cross_block)(
+            x[m], masks[m], context, context_mask, deterministic=deterministic)
+    return self.final_norms(modules, x)
 
 
 class FusionInTransformerAttention(nn.Module):

@@ -57,8 +57,12 @@ class _Embeddings(nn.Module):
     width = x.shape[-1]
     shape = (1,) + (tuple(grid) if grid else x.shape[1:2]) + (width,)
     axes = (None,) * (len(shape) - 1) + ("embed",)
-    posemb = self.param("pos_embedding", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), axes), shape)
+    if self.has_variable("params", "pos_embedding") and not self.is_initializing():
+      # Read as stored: its grid may differ from this input's (resampled below).
+      posemb = nn.meta.unbox(self.get_variable("params", "pos_embedding"))
+    else:
+      posemb = self.param("pos_embedding", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), axes), shape)
     if grid and posemb.shape[1:3] != tuple(grid):
       posemb = embed.resample_posemb(posemb.reshape(1, -1, width), posemb.shape[1:3], grid)
     elif not grid and posemb.shape[1] != x.shape[1]:
