@@ -10,8 +10,8 @@ retrieval and zero-shot scoring.
   zero_shot_logits        image embeddings vs class embeddings averaged over text prompts
 
 Parameter names: Combine has `gate` (Dense, gating only); ClassifierHead has `pre_logits`
-(Dense, only with hidden_dim) and `head` (Dense, zero-initialised so training starts from
-uniform predictions, as in big_vision); ContrastiveHead has `logit_scale` (log of the
+(Dense, only with hidden_dim) and `head` (Dense, zero-initialised by default so training
+starts from uniform predictions, as big_vision's head_zeroinit); ContrastiveHead has `logit_scale` (log of the
 inverse temperature) and, for the sigmoid loss, `logit_bias`.
 """
 import math
@@ -82,13 +82,15 @@ class ClassifierHead(nn.Module):
   """[B, D] -> logits [B, num_classes] (float32), with an optional GELU hidden layer."""
   num_classes: int
   hidden_dim: int = 0
+  zero_init: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.hidden_dim:
       x = nn.gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="pre_logits")(x))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    kernel_init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init,
                       name="head")(x)
     return logits.astype(jnp.float32)
 

@@ -95,6 +95,7 @@ class MultimodalModel(Model):
   num_answers: int = 0
   num_classes: int = 0
   head_hidden_dim: int = 0           # 0: a linear head; >0: one GELU hidden layer
+  head_zeroinit: bool = True         # classifier heads start at uniform predictions
   embed_dim: int = 64                # contrastive embedding size
   contrastive_loss: str = "softmax"
   mlm_rate: float = 0.15
@@ -155,15 +156,17 @@ class MultimodalModel(Model):
         fit_weights=self.fit_weights, dtype=dtype, implementation=self.implementation)
     self.combiner = heads.Combine(self.combine, dtype=dtype)
     dense = lambda n: nn.Dense(n, use_bias=False, dtype=dtype)
+    classifier = lambda n: heads.ClassifierHead(n, self.head_hidden_dim, self.head_zeroinit,
+                                                dtype)
     if "itc" in weights or "itm" in weights:
       self.image_proj, self.text_proj = dense(self.embed_dim), dense(self.embed_dim)
       self.contrastive = heads.ContrastiveHead(self.contrastive_loss)
     if "vqa" in weights:
-      self.vqa_head = heads.ClassifierHead(self.num_answers, self.head_hidden_dim, dtype)
+      self.vqa_head = classifier(self.num_answers)
     if "classify" in weights:
-      self.cls_head = heads.ClassifierHead(self.num_classes, self.head_hidden_dim, dtype)
+      self.cls_head = classifier(self.num_classes)
     if "itm" in weights:
-      self.itm_head = heads.ClassifierHead(2, self.head_hidden_dim, dtype)
+      self.itm_head = classifier(2)
     if "caption" in weights:
       self.caption_decoder = TextDecoder(
           text_vocab, self.width, depth=self.decoder_layers, num_heads=self.num_heads,

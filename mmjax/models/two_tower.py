@@ -21,8 +21,7 @@ Parameter tree (checkpoint format; Hugging Face CLIP maps onto it):
   img_proj/kernel, txt_proj/kernel   (no bias, as CLIP's visual / text projections)
   contrastive/logit_scale (log inverse temperature), contrastive/logit_bias (sigmoid only)
 """
-import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -53,7 +52,7 @@ class TwoTower(Model):
   image_depth: int = 2
   image_heads: int = 4
   image_mlp_dim: Optional[int] = None
-  image_pool: str = "tok"
+  image_pool: str = "cls"             # CLIP: the class token; SigLIP: "map"
   # Text tower.
   text_width: int = 64
   text_depth: int = 2
@@ -68,7 +67,11 @@ class TwoTower(Model):
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
-    self.img = ViT(**vit_fields(self))
+    self.img = ViT(variant=None, width=self.image_width, depth=self.image_depth,
+                   mlp_dim=self.image_mlp_dim or 4 * self.image_width,
+                   num_heads=self.image_heads, patch_size=self.patch_size, num_classes=0,
+                   pool_type=self.image_pool, dropout_rate=self.dropout_rate, dtype=dtype,
+                   implementation=self.implementation)
     self.txt = TextTransformer(
         self.vocab_size, width=self.text_width, depth=self.text_depth,
         num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_len=self.max_text_len,
@@ -85,7 +88,7 @@ class TwoTower(Model):
     """Images [B, H, W, 3] -> L2-normalised embeddings [B, embed_dim] (float32)."""
     if image.ndim != 4:
       raise ValueError(f"'image' must be [batch, height, width, 3]; got shape {image.shape}.")
-    return heads.l2_normalize(self.img_proj(vit_pooled(self.img, image, train)))
+    return heads.l2_normalize(self.img_proj(self.img(image, train=train)))
 
   def embed_text(self, text: Array, *, train: bool = False) -> Array:
     """Token ids [B, L] -> L2-normalised embeddings [B, embed_dim] (float32)."""
