@@ -2,6 +2,7 @@
 
 `forward_flops(fn, *args)` traces `fn` to a jaxpr (no compilation, no execution) and sums
   matmuls / convolutions   2 * (output elements) * (contracted elements per output)
+  FFTs                     8 * N log2 N per length-N transform (the spectrogram)
   elementwise arithmetic   1 per output element (add, mul, max, select, ...)
   reductions               1 per input element
 while transcendentals (exp, log, tanh, ...) are counted separately, as XLA does. Loops
@@ -12,11 +13,12 @@ dominates at every realistic size; tests/test_flops.py checks the total against 
 cost analysis (within 10%).
 
 `python -m mmjax.models.flops` prints, for every registered fusion strategy, the
-parameter count and forward GFLOPs of the multimodal model at one small shared config.
+parameter count and forward GFLOPs per example of the multimodal model at one small
+shared config (multimodal.example_model_and_batch).
 """
 import dataclasses
 import math
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import jax
 from jax.extend import core as jex_core
@@ -34,7 +36,7 @@ _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax"
 
 @dataclasses.dataclass
 class FlopCount:
-  """Forward cost split by kind; `flops` = matmul + elementwise + reduction."""
+  """Forward cost split by kind; `flops` = matmul (incl. conv, FFT) + elementwise + reduction."""
   matmul: float = 0.0
   elementwise: float = 0.0
   reduction: float = 0.0
@@ -83,6 +85,11 @@ def _count(jaxpr) -> FlopCount:
       rhs = eqn.invars[1].aval.shape
       out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
       total.matmul += 2.0 * _size(out) * math.prod(rhs) / rhs[out_feature_dim]
+    elif name == "fft":  # XLA's count: 8 N log2 N per length-N complex transform
+      length = math.prod(eqn.params["fft_lengths"])
+      in_shape = eqn.invars[0].aval.shape
+      transforms = math.prod(in_shape[:-len(eqn.params["fft_lengths"])])
+      total.matmul += 8.0 * transforms * length * math.log2(max(length, 2))
     elif name in _ELEMENTWISE:
       total.elementwise += _size(out)
     elif name in _TRANSCENDENTAL:
@@ -118,26 +125,35 @@ def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
-def fusion_table(overrides: Dict[str, Any] = None):
-  """(fusion, params, forward GFLOPs per example) rows at the shared demo config."""
-  # Imported here: the model module imports this one's siblings, not the other way round.
+def fusion_table(**overrides):
+  """Rows (fusion, params, VQA GFLOPs/example, ITC + VQA GFLOPs/example) for every
+  registered fusion at the shared demo-sized config of `multimodal.example_model_and_batch`
+  (keyword overrides change it, e.g. width=128)."""
+  # Imported here: multimodal imports this package's modules, not the other way round.
   from mmjax.models import multimodal
   rows = []
   for fusion in multimodal.fusion_names():
-    model, batch = multimodal.example_model_and_batch(fusion=fusion, **(overrides or {}))
+    model, batch = multimodal.example_model_and_batch(fusion=fusion, **overrides)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False,
                                                   method="loss"))
-    batch_size = next(iter(batch.values())).shape[0]
-    flops = model_flops(model, variables, batch, method="fused_logits")
-    rows.append((fusion, count_params(variables["params"]), flops / batch_size / 1e9))
+    per_example = lambda method: model_flops(model, variables, batch, method) / len(
+        batch["image"]) / 1e9
+    rows.append((fusion, count_params(variables["params"]), per_example("fused_logits"),
+                 per_example("evaluate")))
   return rows
 
 
 def main():
-  rows = fusion_table()
-  print(f"{'fusion':<24}{'params':>12}{'GFLOPs/example':>18}")
-  for fusion, params, gflops in rows:
-    print(f"{fusion:<24}{params:>12,}{gflops:>18.4f}")
+  from mmjax.models import multimodal
+  model, batch = multimodal.example_model_and_batch()
+  print(f"multimodal, modalities {model.modalities}, width {model.width}, "
+        f"{model.num_layers} layers, {model.num_heads} heads, mlp {model.mlp_dim}, "
+        f"fusion_layer {model.fusion_layer}, {model.num_bottlenecks} bottlenecks; inputs "
+        + ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in batch.items()
+                    if k in model.used_modalities()))
+  print(f"{'fusion':<24}{'params':>10}{'VQA GFLOPs':>14}{'ITC+VQA GFLOPs':>18}  (per example)")
+  for fusion, params, vqa, both in fusion_table():
+    print(f"{fusion:<24}{params:>10,}{vqa:>14.4f}{both:>18.4f}")
 
 
 if __name__ == "__main__":
