@@ -352,7 +352,8 @@ class FusionInTransformerAttention(nn.Module):
     # Absent modalities get weight 0 (an example without any such keys: all weights 0).
     weights = jax.nn.softmax(jnp.where(present, logits, jnp.finfo(jnp.float32).min), axis=-1)
     weights = jnp.where(present, weights, 0.0)
-    self.sow("intermediates", "fusion_weights", weights)
+    if not self.is_initializing():  # init would return it as a variable collection
+      self.sow("intermediates", "fusion_weights", weights)
     mixed = jnp.einsum("bthm,mbthd->bthd", weights.astype(query.dtype), jnp.stack(results))
     out = nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, name="out",
