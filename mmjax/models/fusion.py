@@ -29,11 +29,14 @@ fuses them for VQA. Pooling and combining the outputs is the head's job (heads.p
 `shared_weights=True` makes the per-modality layers one set of weights shared by all
 modalities (MBT's shared encoder); early and fusion_in_transformer share by construction.
 
-Parameter names: per-modality layers `{modality}_block{i}` (shared: `block{i}`), joint
-layers `joint_block{i}`, final norms `{modality}_norm` / `norm` / `joint_norm`,
-bottleneck tokens `bottleneck` [1, K, D]. A fork adds a strategy by subclassing
+Parameter names: per-modality layers `{modality}_block{i}` (shared: `block{i}`),
+co-attention layers `{modality}_cross_block{i}` (shared: `cross_block{i}`), joint layers
+`joint_block{i}`, final norms `{modality}_norm` (shared: `norm`) or `joint_norm`,
+bottleneck tokens `bottleneck` [1, K, D]; blocks use nn.transformer's names
+(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}). A fork adds a strategy by subclassing
 `FusionEncoder` in its own file and decorating it with `@FUSIONS.register("name")`.
 """
+import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -291,6 +294,21 @@ class CrossFusion(FusionEncoder):
     return self.final_norms(modules, x)
 
 
+def _einsum(equation: str, shape, axes, fan_in_dims: int, bias_axes, dtype, name: str):
+  """A projection with a multi-dimensional kernel, initialised exactly like the equivalent
+  DenseGeneral (xavier over the flattened [fan_in, fan_out] shape). Unlike DenseGeneral,
+  it creates the kernel at its final shape, so the logical-axis constraint of the boxed
+  initialiser always sees matching ranks (DenseGeneral reshapes a 2-D kernel after it)."""
+  xavier = nn.initializers.xavier_uniform()
+
+  def kernel_init(rng, kernel_shape, param_dtype=jnp.float32):
+    flat = (math.prod(kernel_shape[:fan_in_dims]), math.prod(kernel_shape[fan_in_dims:]))
+    return xavier(rng, flat, param_dtype).reshape(kernel_shape)
+  return nn.Einsum(shape, equation, dtype=dtype, name=name,
+                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes))
+
+
 class FusionInTransformerAttention(nn.Module):
   """Multi-head attention that attends to each modality separately and mixes the results.
 
@@ -319,13 +337,9 @@ class FusionInTransformerAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"Width {width} must be divisible by num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
-    init = nn.initializers.xavier_uniform()
-
-    def projection(name):
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim), dtype=self.dtype, name=name,
-          kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))(x)
+    heads = (self.num_heads, head_dim)
+    projection = lambda name: _einsum("btd,dhk->bthk", (width,) + heads, ("embed", "heads", "kv"),
+                                      1, ("heads", "kv"), self.dtype, name)(x)
     query, key, value = projection("query"), projection("key"), projection("value")
 
     dropout_rate = 0.0 if deterministic else self.dropout_rate
@@ -355,10 +369,8 @@ class FusionInTransformerAttention(nn.Module):
     if not self.is_initializing():  # init would return it as a variable collection
       self.sow("intermediates", "fusion_weights", weights)
     mixed = jnp.einsum("bthm,mbthd->bthd", weights.astype(query.dtype), jnp.stack(results))
-    out = nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(mixed)
+    out = _einsum("bthk,hkd->btd", heads + (width,), ("heads", "kv", "embed"), 2, ("embed",),
+                  self.dtype, "out")(mixed)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
