@@ -6,7 +6,8 @@ DST/model_config.json and DST/conversion_report.txt):
   python -m mmjax.convert --from hf --src ./clip-vit-base-patch32 --dst /ckpt/clip_b32
   python -m mmjax.convert --from big_vision --src vit_b16.npz --dst /ckpt/vit_b16 \
       --image-size 384                       # position grid resampled from 224
-  python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6
+  python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6 \
+      --allow-approximate                    # timm: exact GELU, mmjax: tanh approximation
 
   --model-config: the mmjax model to load into (configs/NAME.py, whose get_config().model
   is used, or a JSON file such as a previous DST/model_config.json); default: derived
@@ -91,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mmjax.convert import timm  # pylint: disable=g-import-not-at-top
     params, model_config, report = timm.load(
         args.src, model_config, num_heads=args.num_heads, image_size=args.image_size,
-        skip=args.skip, strict=strict)
+        skip=args.skip, allow_approximate=args.allow_approximate, strict=strict)
   else:
     from mmjax.convert import big_vision  # pylint: disable=g-import-not-at-top
     params, model_config, report = big_vision.load(

@@ -90,10 +90,12 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
                    ) -> tuple[Flat, Dict[str, Any]]:
   """(HF ViTForImageClassification / ViTModel state dict, config.json dict)."""
   _check_pool(model_config, "pool_type", ("cls",))
-  if any(k.startswith(layout.PRE_LOGITS + "/") for k in params):
-    raise ValueError("HF ViTForImageClassification has no pre-logits layer; this model has "
-                     f"'{layout.PRE_LOGITS}' (representation_size), which would be lost.")
   has_head = layout.HEAD + "/kernel" in params
+  has_pooler = layout.PRE_LOGITS + "/kernel" in params
+  if has_head and has_pooler:
+    raise ValueError("HF ViTForImageClassification classifies the class token directly; this "
+                     f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
+                     "its head, which HF would skip.")
   p = "vit." if has_head else ""
   emb = _vision_embeddings(params, "", patch_bias=True)
   sd = {p + "embeddings.patch_embeddings.projection.weight": emb["conv"],
@@ -116,8 +118,13 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
     labels = {str(i): f"LABEL_{i}" for i in range(kernel.shape[1])}
     config.update(architectures=["ViTForImageClassification"], id2label=labels,
                   label2id={v: int(k) for k, v in labels.items()})
-  else:
+  else:  # ViTModel; its pooler (Dense + tanh on the class token) is mmjax's pre-logits.
     config.update(architectures=["ViTModel"])
+    if has_pooler:
+      kernel = params[layout.PRE_LOGITS + "/kernel"]
+      sd["pooler.dense.weight"] = kernel.T
+      sd["pooler.dense.bias"] = params[layout.PRE_LOGITS + "/bias"]
+      config.update(pooler_output_size=int(kernel.shape[1]), pooler_act="tanh")
   return sd, config
 
 
