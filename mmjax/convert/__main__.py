@@ -1,9 +1,11 @@
-"""Command line: convert pretrained weights into an mmjax checkpoint, or export one to HF.
+r"""Command line: convert pretrained weights into an mmjax checkpoint, or export one to HF.
 
 Import (writes DST/state, the Orbax checkpoint `config.init_from.checkpoint=DST` loads,
 DST/model_config.json and DST/conversion_report.txt):
 
-  python -m mmjax.convert --from hf --src ./clip-vit-base-patch32 --dst /ckpt/clip_b32
+  python -m mmjax.convert --from hf --src ./vit-base-patch16-224 --dst /ckpt/vit_b16_hf \
+      --allow-approximate                    # Hub ViTs: exact GELU, LayerNorm eps 1e-12
+  python -m mmjax.convert --from big_vision --src siglip_b16_224.npz --dst /ckpt/siglip_b16
   python -m mmjax.convert --from big_vision --src vit_b16.npz --dst /ckpt/vit_b16 \
       --image-size 384                       # position grid resampled from 224
   python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6 \
