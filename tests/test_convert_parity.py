@@ -26,6 +26,7 @@ pytest.importorskip("mmjax.models.vit", reason="the mmjax ViT (branch nn) is not
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import big_vision, common, export_hf, hf, layout, timm  # noqa: E402
 from mmjax.models.base import build_model  # noqa: E402
+from mmjax.train.checkpoint import load_params  # noqa: E402
 
 TOL = 1e-4
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES = 32, 2, 4, 64, 8, 32, 5
@@ -294,7 +295,7 @@ def test_cli_writes_checkpoint_the_trainer_reads(hf_vit, tmp_path):
   dst = str(tmp_path / "converted")
   assert cli.main(["--from", "big_vision", "--src", src, "--dst", dst]) == 0
   config = cli.read_model_config(os.path.join(dst, "model_config.json"))
-  params = common.unflatten(export_hf.load_mmjax_checkpoint(dst))
+  params = common.unflatten(load_params(dst))  # as the trainer's init_from reads it
   _assert_vit_parity(config, params, model, _images())
   with pytest.raises(FileExistsError):
     cli.main(["--from", "big_vision", "--src", src, "--dst", dst])

@@ -16,7 +16,8 @@ DST/model_config.json and DST/conversion_report.txt):
   from the checkpoint. --skip REGEX (repeatable) leaves mmjax parameters out, e.g. a head
   of another size, which init_from then initialises.
 
-Export (an mmjax checkpoint -> a Hugging Face model directory):
+Export (an mmjax checkpoint: a converted DST, a run directory or one of its steps -> a
+Hugging Face model directory):
 
   python -m mmjax.convert --to hf --src /ckpt/vit_b16 --dst ./vit-b16-hf --image-size 224
 """
@@ -79,7 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if not os.path.exists(path):
         raise SystemExit(f"--model-config is needed: {path} does not exist.")
       model_config = read_model_config(path)
-    params = export_hf.load_mmjax_checkpoint(args.src)
+    from mmjax.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
+    params = load_params(args.src)  # what init_from reads: a converted DST or a run
     export_hf.export(params, model_config, args.dst, image_size=args.image_size)
     print(f"wrote Hugging Face model to {args.dst}")
     return 0

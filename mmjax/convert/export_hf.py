@@ -22,20 +22,6 @@ from mmjax.convert import layout
 from mmjax.convert.common import Flat
 
 
-def load_mmjax_checkpoint(path: str) -> Dict[str, np.ndarray]:
-  """Flat params of an mmjax checkpoint: a converted DST, a run directory or a step."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  for candidate in (os.path.join(path, "state"), path):
-    if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, "_METADATA")):
-      restored = ocp.StandardCheckpointer().restore(candidate)
-      if "params" not in restored:
-        raise ValueError(f"{candidate} has no 'params'; found {sorted(restored)}.")
-      return {k: np.asarray(v) for k, v in common.flatten(restored["params"]).items()}
-  raise FileNotFoundError(f"No mmjax checkpoint at {path}: expected {path}/state (written by "
-                          "python -m mmjax.convert) or an Orbax state directory.")
-
-
 def _encoder_depth(params: Mapping[str, Any], encoder: str) -> int:
   prefix = f"{encoder}/{layout.BLOCK_PREFIX}_"
   return len({k[len(prefix):].split("/")[0] for k in params if k.startswith(prefix)})
