@@ -197,7 +197,7 @@ def export(params: Mapping[str, Any], model_config, dst: str,
     raise ValueError(f"--image-size {image_size} differs from the model's {size}; resample "
                      "the position embedding by importing at the new size first.")
   os.makedirs(dst, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
+  save_file({k: np.array(v, np.float32, order="C") for k, v in sd.items()},  # keeps 0-d
             os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(dst, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

@@ -184,7 +184,15 @@ def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       text_heads=int(text["num_attention_heads"]), text_mlp_dim=int(text["intermediate_size"]),
       max_text_len=int(text["max_position_embeddings"]),
       # CLIP pools the end-of-text token, the largest id of its vocabulary.
-      text_pool="argmax", text_causal=True))
+      text_pool="argmax", text_causal=True, **_clip_pre_norm_field()))
+
+
+def _clip_pre_norm_field() -> Dict[str, bool]:
+  """{"image_pre_norm": True} once the two-tower model has that option (CLIP's vision
+  tower applies a LayerNorm before its encoder); {} before, and `fill_clip` refuses."""
+  from mmjax.models import two_tower  # pylint: disable=g-import-not-at-top
+  return {"image_pre_norm": True} if "image_pre_norm" in two_tower.TwoTower.__dataclass_fields__ \
+      else {}
 
 
 # ----------------------------------------------------------------------------- ViT
