@@ -10,7 +10,7 @@ detected from the cluster environment.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
@@ -21,6 +21,9 @@ _COORDINATOR = flags.DEFINE_string(
     "(default: detected from the cluster environment).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+_MULTIPROCESS = flags.DEFINE_bool(
+    "multiprocess", False, "Force jax.distributed.initialize() with the cluster's own "
+    "auto-detection (TPU pod slices, SLURM, Open MPI) even where mmjax does not detect it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,8 +50,7 @@ def main(argv):
   del argv
   from mmjax.train import trainer  # pylint: disable=g-import-not-at-top
   trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value)
-  logging.set_verbosity(logging.INFO)
+                                       _PROCESS_ID.value, force=_MULTIPROCESS.value)
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -37,7 +37,8 @@ def test_train_batches_follow_the_batch_contract(digits):
   batch = next(pipeline.create_train_iterator(digits, global_batch_size=8, seed=0))
   expected = {"image": ((8, 8, 8, 3), np.float32), "text": ((8, 24), np.int32),
               "question": ((8, 16), np.int32), "answer": ((8,), np.int32),
-              "label": ((8,), np.int32), "index": ((8,), np.int32)}
+              "label": ((8,), np.int32), "question_type": ((8,), np.int32),
+              "index": ((8,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert np.all((batch["text"] > 0).sum(1) > 0)  # captions are not empty
   assert np.all(batch["text"][:, -1] == 0)  # and padded with 0
@@ -157,3 +158,17 @@ def test_restored_iterator_in_a_new_process_continues_exactly(digits, tmp_path):
   restored = np.load(out)
   got = [{k: restored[f"{i}/{k}"] for k in expected[0]} for i in range(3)]
   assert_batches_equal(got, expected)
+
+
+def test_worker_processes_give_the_same_batches_and_restore_exactly(digits):
+  config = digits.copy_and_resolve_references()
+  config.preprocess = "decode|random_crop(8, pad=2)|keep('image', 'label')"
+  expected = take(pipeline.create_train_iterator(config, global_batch_size=8, seed=2), 6)
+  config.num_workers = 1
+  it = pipeline.create_train_iterator(config, global_batch_size=8, seed=2)
+  first = take(it, 3)
+  state = it.get_state()
+  assert_batches_equal(first + take(it, 3), expected)
+  restored = pipeline.create_train_iterator(config, global_batch_size=8, seed=2)
+  restored.set_state(state)
+  assert_batches_equal(take(restored, 3), expected[3:])

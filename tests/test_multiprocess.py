@@ -9,7 +9,7 @@ import sys
 
 import portpicker
 
-from test_train_fixtures import read_metrics
+from test_train_fixtures import read_metrics, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,9 +22,9 @@ def get_config(arg=None):
 """
 
 
-def _launch(config_path: str, workdir: str, total_steps: int) -> None:
+def _launch(config_path: str, workdir: str, total_steps: int, cache_dir) -> None:
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", PYTHONPATH=ROOT)
+  env = subprocess_env(2, cache_dir)
   procs = [subprocess.Popen(
       [sys.executable, "-m", "mmjax.main", f"--config={config_path}", f"--workdir={workdir}",
        f"--config.total_steps={total_steps}", f"--coordinator_address=localhost:{port}",
@@ -41,12 +41,12 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   config_path.write_text(CONFIG)
   workdir = str(tmp_path / "run")
 
-  _launch(str(config_path), workdir, total_steps=4)
+  _launch(str(config_path), workdir, total_steps=4, cache_dir=tmp_path / "cache")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   data_files = os.listdir(os.path.join(workdir, "checkpoints", "4", "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
 
-  _launch(str(config_path), workdir, total_steps=6)
+  _launch(str(config_path), workdir, total_steps=6, cache_dir=tmp_path / "cache")
   steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
   assert steps == [1, 2, 3, 4, 5, 6]  # one writer; the second launch resumed at step 5
   eval_records = [r for r in read_metrics(workdir) if "eval/num_examples" in r]

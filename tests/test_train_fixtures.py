@@ -74,6 +74,10 @@ def create_train_iterator(data, *, global_batch_size: int, seed: int):
              .repeat()
              .map(lambda i: _example(int(i), data.size, data.num_classes, 0))
              .batch(per_process, drop_remainder=True))
+  poisoned = tuple(data.get("nan_at_steps", ()))
+  if poisoned:  # NaN images in the batches of these (1-based) steps: a divergence drill
+    dataset = dataset.map_with_index(
+        lambda i, b: dict(b, image=b["image"] * np.nan) if i + 1 in poisoned else b)
   return iter(dataset.to_iter_dataset())
 
 
@@ -117,6 +121,17 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       node = node[p]
     node[leaf] = value
   return config
+
+
+def subprocess_env(num_devices: int, cache_dir) -> dict:
+  """Environment for a trainer subprocess: its device count, the repo importable, and a
+  compilation cache shared by the launches of one test (a relaunch compiles nothing)."""
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), PYTHONPATH=root,
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def read_metrics(workdir: str):

@@ -9,6 +9,7 @@ A dataset is a class registered by name in `mmjax.registry.DATASETS` and built w
   fields()                     {raw key: Field}: what a good record looks like, used to
                                reject bad records with a message naming record and field
   default_preprocess(train)    the preprocessing string used when the config gives none
+  default_eval_split, default_tokenizer   used when the config gives none
   info()                       facts for the model config and the run summary
   splits()                     {split name: number of examples}
   spm_path                     the prepare-time SentencePiece model file (or None)
@@ -18,10 +19,13 @@ A research fork registers its own dataset from its own file:
     @DATASETS.register("my_data")
     class MyData(TfdsDataset): ...
 
-`config.data.builder` holds the dataset's own options (sizes, seeds, ...); every dataset
-declares them with defaults in `builder_defaults()`, and unknown keys are an error.
+`config.data.<name>` (e.g. `config.data.shapes`) holds the dataset's own options (sizes,
+seeds, ...); every dataset declares them with defaults in `builder_defaults()`, and
+unknown keys are an error. Sections named after other datasets are ignored, so switching
+datasets is one field: `--config.data.name=cifar10`.
 """
 import dataclasses
+import fcntl
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -89,17 +93,18 @@ class Dataset:
   """Base class of registered datasets (see the module docstring for the contract)."""
 
   default_eval_split: str = "test"
+  default_tokenizer: str = "sentencepiece"
 
   def __init__(self, data_config):
     self.config = data_config
     self.data_dir = resolve_data_dir(data_config.get("data_dir"))
     options = dict(self.builder_defaults())
-    given = data_config.get("builder") or {}
+    given = data_config.get(data_config.name) or {}
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
     unknown = sorted(set(given) - set(options))
     if unknown:
-      raise ValueError(f"Unknown config.data.builder options {unknown} for dataset "
-                       f"{data_config.name!r}; valid options: {sorted(options)}.")
+      raise ValueError(f"Unknown config.data.{data_config.name} options {unknown}; valid "
+                       f"options: {sorted(options)}.")
     options.update(given)
     self.options = options
 
@@ -161,9 +166,16 @@ class TfdsDataset(Dataset):
 
   def prepare(self) -> None:
     if not self.builder.data_path.exists():
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      tfds.disable_progress_bar()
-      self.builder.download_and_prepare()
+      # Several processes of one job may share a data_dir: one builds, the others wait.
+      os.makedirs(self.data_dir, exist_ok=True)
+      with open(os.path.join(self.data_dir, f".{self.builder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if self.builder.data_path.exists():  # built meanwhile by another process:
+          self.builder = self.make_builder()  # reload its info (splits, files)
+        else:
+          import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+          tfds.disable_progress_bar()
+          self.builder.download_and_prepare()
     if self.spm_path and not os.path.exists(self.spm_path):
       from mmjax.data import tokenizer  # pylint: disable=g-import-not-at-top
       source = self.builder.as_data_source(split="train")

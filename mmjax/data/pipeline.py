@@ -19,7 +19,9 @@ How the training order is made (all of it a pure function of `seed` and the step
      (seed, example index, epoch)) -> batched -> optional worker processes.
 
 So a restored iterator yields exactly the batch that would have come next, and each
-augmented example is the same whichever process or worker made it.
+augmented example is the same whichever process or worker made it. With worker processes
+(num_workers > 0) each worker batches its own slice of that stream, so the batch order is
+a (deterministic) function of num_workers too: resume with the same num_workers.
 
 `config.data` fields (see `default_config`):
 
@@ -27,12 +29,15 @@ augmented example is the same whichever process or worker made it.
                     "tfds", "cifar10", "mnist", "coco_captions", "imagenet2012", ...)
   data_dir          where datasets are prepared/read; None -> $MMJAX_DATA_DIR, else
                     ~/.cache/mmjax/datasets
-  builder           the dataset's own options (sizes, generation seed, vocab size, ...);
-                    unknown keys are an error listing the valid ones
+  <name>            a section named after the dataset (e.g. `shapes`): its own options
+                    (sizes, generation seed, vocab size, ...); unknown keys are an error
+                    listing the valid ones. Sections of other datasets are ignored, so
+                    `--config.data.name=cifar10` switches datasets by itself.
   train_split       split to train on
   eval_split        split to evaluate on; None -> the dataset's default
   tokenizer         "sentencepiece" (trained at prepare time on the dataset's text),
-                    "bytes", or a path to any SentencePiece .model file
+                    "bytes", or a path to any SentencePiece .model file; None -> the
+                    dataset's default ("sentencepiece" for shapes / digits, else "bytes")
   image_size        images are resized to this by the default preprocessing; None = native
   max_text_len      caption tokens (`text`), padded / truncated
   max_question_len  question tokens (`question`), padded / truncated
@@ -40,7 +45,8 @@ augmented example is the same whichever process or worker made it.
                     dataset's default
   eval_preprocess   the same at evaluation (random ops become deterministic); None -> the
                     dataset's default
-  num_workers       grain worker processes (0 = in the main process, with threads)
+  num_workers       grain worker processes for training (0 = in the main process, with
+                    threads); evaluation always reads with threads
   read_threads      threads reading and preprocessing examples in each process
   prefetch          examples buffered by the read threads / batches per worker
   drop_bad_records  False: a bad record raises an error naming record and field;
@@ -51,6 +57,7 @@ import collections
 import math
 from typing import Any, Dict, Iterable, Optional
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -83,10 +90,10 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict({
       "name": name,
       "data_dir": placeholder(str),
-      "builder": dict(cls.builder_defaults()),
+      name: dict(cls.builder_defaults()),
       "train_split": "train",
       "eval_split": placeholder(str),
-      "tokenizer": getattr(cls, "default_tokenizer", "sentencepiece"),
+      "tokenizer": placeholder(str),
       "image_size": placeholder(int),
       "max_text_len": 24,
       "max_question_len": 16,
@@ -100,8 +107,8 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
   for key, value in overrides.items():
     if key not in config:
       raise ValueError(f"Unknown config.data field {key!r}; valid: {sorted(config)}.")
-    if key == "builder":
-      config.builder.update(value)
+    if key == name:
+      config[name].update(value)
     else:
       config[key] = value
   return config
@@ -111,14 +118,16 @@ def _complete(data_config) -> ml_collections.ConfigDict:
   """data_config with missing fields filled from default_config; unknown fields raise."""
   if "name" not in data_config:
     raise ValueError(f"config.data needs a `name`; expected one of {DATASETS.names()}.")
-  full = default_config(data_config.name)
-  unknown = sorted(set(data_config) - set(full))
+  name = data_config.name
+  full = default_config(name)
+  unknown = sorted(set(data_config) - set(full) - set(DATASETS.names()))
   if unknown:
-    raise ValueError(f"Unknown config.data fields {unknown}; valid fields: {sorted(full)}.")
+    raise ValueError(f"Unknown config.data fields {unknown}; valid fields: {sorted(full)} "
+                     "(or a section named after a dataset).")
   given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
-  builder = given.pop("builder", None) or {}
-  full.update(given)
-  full.builder = ml_collections.ConfigDict(dict(builder))  # validated by the dataset
+  full.update({k: v for k, v in given.items() if k not in DATASETS})
+  # The dataset's own section as given (the dataset validates it against its defaults).
+  full[name] = ml_collections.ConfigDict(dict(given.get(name) or {}))
   return full
 
 
@@ -132,14 +141,14 @@ class _ExampleMaker:
   """Reads, checks and preprocesses one record; picklable for grain worker processes."""
 
   def __init__(self, data_config, split: str, *, train: bool, seed: int = 0):
-    self.config = data_config = _complete(data_config)
-    ds = get_dataset(data_config)
+    data_config = _complete(data_config)
+    self.dataset = ds = get_dataset(data_config)
     ds.prepare()
     self.name, self.split, self.train, self.seed = data_config.name, split, train, seed
     self.source = ds.source(split)
     self.fields = ds.fields()
     self.drop_bad = data_config.drop_bad_records
-    tokenizer = tokenizer_lib.build_tokenizer(data_config.tokenizer, ds.spm_path)
+    tokenizer = _tokenizer(data_config, ds)
     spec = data_config.preprocess if train else data_config.eval_preprocess
     self.pp_spec = spec or ds.default_preprocess(train)
     self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(tokenizer=tokenizer))
@@ -165,6 +174,11 @@ class _ExampleMaker:
     example = {k: _to_contract(k, v, where) for k, v in example.items()}
     example["index"] = np.int32(index)
     return example
+
+
+def _tokenizer(data_config, ds: dataset_lib.Dataset) -> tokenizer_lib.Tokenizer:
+  return tokenizer_lib.build_tokenizer(data_config.tokenizer or ds.default_tokenizer,
+                                       ds.spm_path)
 
 
 def _to_contract(key: str, value: Any, where: str) -> np.ndarray:
@@ -204,12 +218,17 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   if shard_len < local_batch:
     raise ValueError(f"Process {pi} has {shard_len} examples of {maker.name}/{maker.split}, "
                      f"fewer than one batch of {local_batch}.")
-  ds = (shard.shuffle(seed=seed % 2**32).repeat()
+  # Each process shuffles its shard with its own stream, so processes do not walk
+  # neighbouring records in lockstep.
+  shuffle_seed = int(np.random.SeedSequence([seed % 2**32, pi]).generate_state(1)[0])
+  ds = (shard.shuffle(seed=shuffle_seed).repeat()
         .map_with_index(lambda step, index: maker(index, epoch=step // shard_len)))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                             prefetch_buffer_size=data_config.prefetch))
   ds = ds.batch(local_batch, drop_remainder=True)  # dropped (None) examples are skipped
   if data_config.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # workers re-read absl flags; outside app.run there are none
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=data_config.num_workers,
         per_worker_buffer_size=max(1, data_config.prefetch // local_batch)))
@@ -227,8 +246,8 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: Optional
   """
   data_config = _complete(data_config)
   pi, pc, local_batch = _process_shard(process_index, process_count, global_batch_size)
-  ds_obj = get_dataset(data_config)
-  split = split or data_config.eval_split or ds_obj.default_eval_split
+  if split is None:
+    split = data_config.eval_split or get_dataset(data_config).default_eval_split
   maker = _ExampleMaker(data_config, split, train=False)
   num = len(maker.source)
   shard = range(pi, num, pc)
@@ -244,7 +263,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, split: Optional
   ds = grain.MapDataset.range(num_batches * local_batch).map(example)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                             prefetch_buffer_size=data_config.prefetch))
-  return ds.batch(local_batch, drop_remainder=False)
+  return ds.batch(local_batch)  # every batch is full: the shard is padded to a multiple
 
 
 def _padding_example(maker: _ExampleMaker) -> Dict[str, np.ndarray]:
@@ -261,15 +280,17 @@ def _padding_example(maker: _ExampleMaker) -> Dict[str, np.ndarray]:
 def dataset_info(data_config) -> Dict[str, Any]:
   """Facts about the configured data: sizes, vocabularies, answers, chance levels, shapes.
 
-  Prepares the dataset if needed. `shapes` maps each batch key to (shape without the
-  batch axis, dtype) of one preprocessed training example.
+  Prepares the dataset if needed. Always present: name, splits ({split: size}),
+  train_split, eval_split, vocab_size, tokenizer, max_text_len, max_question_len and
+  shapes ({batch key: (shape without the batch axis, dtype)} of one preprocessed training
+  example). From the dataset, where they apply: num_classes / classes, num_answers /
+  answers, chance ({task: accuracy or recall@1 of chance}), question_types, ...
   """
   data_config = _complete(data_config)
-  ds = get_dataset(data_config)
-  ds.prepare()
   maker = _ExampleMaker(data_config, data_config.train_split, train=True)
+  ds = maker.dataset
   example = maker(0)
-  tokenizer = tokenizer_lib.build_tokenizer(data_config.tokenizer, ds.spm_path)
+  tokenizer = _tokenizer(data_config, ds)
   info = {
       "name": data_config.name,
       "splits": ds.splits(),

@@ -77,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
       name="cosine",               # one of SCHEDULES (after the linear warmup)
       warmup_steps=100,
       end_lr_fraction=0.0,         # cosine / linear: final lr = lr * this
-      timescale=0,                 # rsqrt: lr * sqrt(timescale / step); 0 -> warmup_steps
+      timescale=0,                 # rsqrt: lr / sqrt(1 + (step - warmup) / timescale); 0 -> warmup
   ))
   c.init_from = ml_collections.ConfigDict(dict(
       checkpoint="",               # directory of an mmjax run, or one of its step dirs

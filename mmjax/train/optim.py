@@ -98,8 +98,7 @@ def make_optimizer(config, params: Any) -> Tuple[optax.GradientTransformation, C
     parts.append(optax.clip_by_global_norm(o.clip_grad_norm))
   parts.append(core)
   if multipliers:
-    scales = jax.tree.map(lambda n: _lr_multiplier(n, multipliers), names_tree)
-    parts.append(_scale_by_tree(scales))
+    parts.append(_scale_by_name(multipliers))
   tx = optax.chain(*parts)
   if frozen:
     labels = jax.tree.map(lambda n: "frozen" if _matches(n, frozen) else "trained", names_tree)
@@ -115,11 +114,20 @@ def _lr_multiplier(name: str, multipliers: Sequence[Tuple[str, float]]) -> float
   return 1.0
 
 
-def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
-  """Multiplies each update leaf by its own constant (a per-parameter lr multiplier)."""
+def _scale_by_name(multipliers: Sequence[Tuple[str, float]]) -> optax.GradientTransformation:
+  """Multiplies each update by the lr multiplier its parameter name selects.
+
+  Names come from the update tree's own paths, so this works on any sub-tree (e.g. the
+  trained part that multi_transform passes on when some parameters are frozen).
+  """
+  def scale(path, update):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    factor = _lr_multiplier(name, multipliers)
+    return update if factor == 1.0 else update * factor
+
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, s: u * s if s != 1.0 else u, updates, scales), state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 

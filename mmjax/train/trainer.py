@@ -46,6 +46,9 @@ class NonFiniteError(FloatingPointError):
   """Loss or gradients became NaN/Inf and `config.on_nonfinite == "error"`."""
 
 
+GRADS_FINITE = "grads_finite"  # metrics key of the per-parameter finite flags (not logged)
+
+
 # ---------------------------------------------------------------------------------------
 # The train step.
 
@@ -102,6 +105,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                               opt_state=jax.tree.map(keep, opt_state, state.opt_state))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                    finite=finite)
+    # Per-parameter flags, read on the host only to name the culprits of a divergence.
+    metrics[GRADS_FINITE] = {name: jnp.all(jnp.isfinite(g)) for name, g in
+                             traverse_util.flatten_dict(grads, sep="/").items()}
     return new_state, metrics
 
   return train_step
@@ -113,19 +119,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> None:
+                                 process_id: Optional[int] = None,
+                                 force: bool = False) -> None:
   """`jax.distributed.initialize` when this is one process of a multi-process run.
 
-  Explicit flags win; otherwise jax detects the cluster (TPU pod slices, SLURM, Open MPI,
-  JAX_COORDINATOR_ADDRESS). A single process on one machine skips it. Must run before
-  any other JAX call.
+  Explicit arguments win; `force` (main's --multiprocess) or a detected cluster
+  (SLURM with several tasks, Open MPI, a multi-worker TPU slice, JAX_COORDINATOR_ADDRESS)
+  lets jax find the coordinator itself. A single process on one machine skips it.
+  Must run before any other JAX call.
   """
   if coordinator_address or (num_processes or 1) > 1:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return
   env = os.environ
-  cluster = (env.get("JAX_COORDINATOR_ADDRESS")
+  cluster = (force
+             or env.get("JAX_COORDINATOR_ADDRESS")
              or int(env.get("SLURM_NTASKS", "1")) > 1
              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
@@ -259,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       state, start_step = checkpointer.restore_latest(
           state_lib.abstract_with_shardings(abstract, shardings), train_iter)
       if state is not None:
-        logging.info("Resumed from checkpoint step %d in %s.", start_step, checkpointer.directory)
+        if is_chief:
+          print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
         pending = None
       else:
         start_step, pending = 0, first_batch
@@ -305,17 +315,18 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
   is_chief = jax.process_index() == 0
   bar = writers.ProgressBar(total, start_step, active=is_chief and config.progress_bar)
   results: Dict[str, Any] = {"step": start_step}
-  unchecked: List[Tuple[int, jax.Array]] = []  # (step, finite flag) not yet read on the host
+  unchecked = []  # (step, finite flag, per-parameter flags) not yet read on the host
   last_log_time, last_log_step = time.perf_counter(), start_step
-  metrics = None
 
   def check_finite():
     if config.on_nonfinite == "error":
-      for step_, finite in unchecked:
+      for step_, finite, grads_finite in unchecked:
         if not bool(finite):
+          bad = sorted(n for n, ok in jax.device_get(grads_finite).items() if not ok)
           raise NonFiniteError(
-              f"Non-finite loss or gradient at step {step_} (the update was not applied; "
-              "set config.on_nonfinite='skip' to skip such steps, or lower the lr).")
+              f"Non-finite loss or gradient at step {step_}; parameters with non-finite "
+              f"gradients: {bad or 'none (the loss itself)'}. The update was not applied; "
+              "set config.on_nonfinite='skip' to skip such steps, or lower the lr.")
     unchecked.clear()
 
   step = start_step
@@ -324,7 +335,7 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
       local = pending if pending is not None else next(train_iter)
       pending = None
       state, metrics = train_step(state, sharding_lib.global_batch(local, mesh))
-      unchecked.append((step, metrics["finite"]))
+      unchecked.append((step, metrics["finite"], metrics[GRADS_FINITE]))
       bar.update(1)
       first_step = step == start_step + 1
       if first_step:  # includes compilation: time throughput from here on
@@ -333,7 +344,7 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
 
       if step % config.log_every == 0 or step == total:
         check_finite()
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != GRADS_FINITE}
         host["finite"] = host["finite"] > 0
         if not first_step:
           now = time.perf_counter()

@@ -1,0 +1,274 @@
+"""Pre-LayerNorm Transformer: MLP, encoder / decoder blocks and stacks.
+
+  EncoderBlock:  x += DropPath(Dropout(SelfAttention(LN(x))))
+                 x += DropPath(Dropout(Mlp(LN(x))))
+  DecoderBlock:  x += DropPath(Dropout(CausalSelfAttention(LN(x))))
+                 x += DropPath(Dropout(CrossAttention(LN(x), encoded)))
+                 x += DropPath(Dropout(Mlp(LN(x))))
+  Encoder / Decoder: `num_layers` blocks, then a final LayerNorm.
+
+Stacks either unroll the blocks (parameters `encoderblock_0`, `encoderblock_1`, ...) or,
+with `scan_layers=True`, run one block under `nn.scan` (parameters `encoderblock` with a
+leading `layers` axis), so compile time does not grow with depth. `remat_policy`
+rematerialises each block in the backward pass (names in `REMAT_POLICIES`). Both options
+compute exactly the same function as the plain stack.
+
+Stochastic depth (`droppath_rate`) drops a block's residual branch per example with the
+same rate in every layer, which keeps scanned layers identical.
+"""
+import functools
+import inspect
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.nn.attention import MultiHeadAttention
+
+Array = jax.Array
+Dtype = Any
+
+# Name -> jax.checkpoint policy (what the backward pass may keep instead of recomputing).
+REMAT_POLICIES = {
+    "none": None,                                          # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,      # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,       # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}.")
+  return REMAT_POLICIES[name]
+
+
+def _check_tokens(module: str, x: Array):
+  if x.ndim != 3:
+    raise ValueError(f"{module}: inputs must have rank 3 [batch, length, width]; given shape "
+                     f"{x.shape}.")
+
+
+class Mlp(nn.Module):
+  """Dense(mlp_dim) -> GELU -> Dropout -> Dense(out_dim or input width)."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  out_dim: Optional[int] = None
+  activation: Callable[[Array], Array] = nn.gelu
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    kernel_init = nn.initializers.xavier_uniform()
+    bias_init = nn.initializers.normal(stddev=1e-6)
+    width = self.out_dim or x.shape[-1]
+    x = dense(self.mlp_dim, name="fc1",
+              kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
+              bias_init=nn.with_logical_partitioning(bias_init, ("mlp",)))(x)
+    x = nn.with_logical_constraint(self.activation(x), ("batch", "length", "mlp"))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return dense(width, name="fc2",
+                 kernel_init=nn.with_logical_partitioning(kernel_init, ("mlp", "embed")),
+                 bias_init=nn.with_logical_partitioning(bias_init, ("embed",)))(x)
+
+
+class _Residual(nn.Module):
+  """Shared by the blocks: x + DropPath(Dropout(y)), then the activation constraint."""
+  dropout_rate: float
+  droppath_rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, y: Array, deterministic: bool) -> Array:
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    # Stochastic depth = dropout with one draw per example, shared over all other axes.
+    y = nn.Dropout(self.droppath_rate, broadcast_dims=tuple(range(1, y.ndim)))(
+        y, deterministic=deterministic)
+    return nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN self-attention + MLP block; [B, L, D] -> [B, L, D]."""
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    _check_tokens("EncoderBlock", x)
+    norm = functools.partial(nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    residual = functools.partial(_Residual, self.dropout_rate, self.droppath_rate)
+    y = norm(name="attention_norm")(x)
+    y = MultiHeadAttention(
+        self.num_heads, num_kv_heads=self.num_kv_heads,
+        dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+        param_dtype=self.param_dtype, implementation=self.implementation,
+        name="attention")(y, mask=mask, deterministic=deterministic)
+    x = residual()(x, y, deterministic)
+    y = norm(name="mlp_norm")(x)
+    y = Mlp(self.mlp_dim, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="mlp")(y, deterministic=deterministic)
+    return residual()(x, y, deterministic)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LN causal self-attention + cross-attention + MLP block; [B, L, D] -> [B, L, D].
+
+  `decode=True` keeps a key/value cache in the self-attention (see MultiHeadAttention).
+  """
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, cross_mask: Optional[Array] = None,
+               self_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
+    _check_tokens("DecoderBlock", x)
+    _check_tokens("DecoderBlock (encoded)", encoded)
+    norm = functools.partial(nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    residual = functools.partial(_Residual, self.dropout_rate, self.droppath_rate)
+    attention = functools.partial(
+        MultiHeadAttention, self.num_heads, num_kv_heads=self.num_kv_heads,
+        dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
+        param_dtype=self.param_dtype, implementation=self.implementation)
+    y = norm(name="attention_norm")(x)
+    y = attention(decode=self.decode, name="attention")(
+        y, mask=self_mask, is_causal=True, deterministic=deterministic)
+    x = residual()(x, y, deterministic)
+    y = norm(name="cross_attention_norm")(x)
+    y = attention(name="cross_attention")(
+        y, encoded, mask=cross_mask, deterministic=deterministic)
+    x = residual()(x, y, deterministic)
+    y = norm(name="mlp_norm")(x)
+    y = Mlp(self.mlp_dim, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="mlp")(y, deterministic=deterministic)
+    return residual()(x, y, deterministic)
+
+
+def _stack(block: nn.Module, num_layers: int, scan_layers: bool, x: Array, *args):
+  """Applies `block` (a bound module class factory) `num_layers` times, plain or scanned.
+
+  `block(name)` builds one layer; `args` are the per-call arguments after `x`, the same
+  for every layer (the last one, `deterministic`, is a Python bool).
+  """
+  if not scan_layers:
+    for i in range(num_layers):
+      x = block(f"{block.prefix}_{i}")(x, *args)
+    return x
+  scanned = nn.scan(
+      lambda module, carry, *xs: (module(carry, *xs), None),
+      variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scanned(block(block.prefix), x, *args)
+  return x
+
+
+class _BlockFactory:
+  """Builds named (optionally rematerialised) blocks for `_stack`."""
+
+  def __init__(self, cls, prefix: str, remat_policy: str, scan_layers: bool, **kwargs):
+    policy = _remat_policy(remat_policy)
+    if remat_policy != "none":
+      # `deterministic`, the last argument of __call__, is a Python bool: static for
+      # tracing (argument numbers count `self` as 0).
+      num_args = len(inspect.signature(cls.__call__).parameters)
+      cls = nn.remat(cls, policy=policy, prevent_cse=not scan_layers,
+                     static_argnums=(num_args - 1,))
+    self.cls, self.prefix, self.kwargs = cls, prefix, kwargs
+
+  def __call__(self, name: str) -> nn.Module:
+    return self.cls(name=name, **self.kwargs)
+
+
+class Encoder(nn.Module):
+  """`num_layers` EncoderBlocks and a final LayerNorm (`encoder_norm`); [B, L, D] -> [B, L, D].
+
+  `mask`: bool, broadcastable to [B, heads, L, L], True = may attend (e.g. key padding
+  `tokens_valid[:, None, None, :]`).
+  """
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, mask: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    _check_tokens("Encoder", x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    block = _BlockFactory(
+        EncoderBlock, "encoderblock", self.remat_policy, self.scan_layers,
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        droppath_rate=self.droppath_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+        implementation=self.implementation)
+    x = _stack(block, self.num_layers, self.scan_layers, x, mask, deterministic)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="encoder_norm")(x)
+
+
+class Decoder(nn.Module):
+  """`num_layers` DecoderBlocks and a final LayerNorm (`decoder_norm`); [B, L, D] -> [B, L, D].
+
+  Self-attention is always causal; `self_mask` (e.g. padding) is combined with it.
+  `cross_mask`: bool, broadcastable to [B, heads, L, L_encoded]. With `decode=True` the
+  self-attention keeps a key/value cache ("cache" collection, mutable): initialise with
+  the full-length target to size it, then feed one (or more) new tokens per call.
+  """
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  droppath_rate: float = 0.0
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, *, cross_mask: Optional[Array] = None,
+               self_mask: Optional[Array] = None, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    _check_tokens("Decoder", x)
+    _check_tokens("Decoder (encoded)", encoded)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    block = _BlockFactory(
+        DecoderBlock, "decoderblock", self.remat_policy, self.scan_layers,
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        droppath_rate=self.droppath_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+        implementation=self.implementation, decode=decode)
+    x = _stack(block, self.num_layers, self.scan_layers, x, encoded, cross_mask, self_mask,
+               deterministic)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="decoder_norm")(x)

@@ -1,0 +1,285 @@
+"""Tests for mmjax.nn.attention: backends agree, masks hold, cache decoding is exact."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.nn import attention
+from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
+from mmjax.registry import ATTENTION_BACKENDS
+
+B, TQ, TK, H, D = 2, 5, 7, 4, 8
+
+
+def _qkv(num_kv_heads=H, tq=TQ, tk=TK, dtype=jnp.float32, seed=0):
+  # numpy inputs: no per-shape compile of jax.random ops outside the jitted functions.
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for shape in
+               ((B, tq, H, D), (B, tk, num_kv_heads, D), (B, tk, num_kv_heads, D)))
+
+
+def attend(q, k, v, **kwargs):
+  """dot_product_attention under jit (one compile is much faster than op-by-op on CPU)."""
+  arrays = {n: kwargs.pop(n) for n in ("mask", "bias", "dropout_rng") if n in kwargs}
+  return jax.jit(lambda q, k, v, arrays: dot_product_attention(q, k, v, **arrays, **kwargs))(
+      q, k, v, arrays)
+
+
+def _key_padding(lengths=(TK, 3), tk=TK):
+  """[B, 1, 1, Tk] True on the first `length` keys of each example."""
+  return (np.arange(tk)[None, :] < np.array(lengths)[:, None])[:, None, None, :]
+
+
+def _bias(tq=TQ, tk=TK):
+  return np.random.default_rng(7).standard_normal((1, H, tq, tk), np.float32)
+
+
+CASES = {
+    "plain": dict(),
+    "padding": dict(mask=_key_padding()),
+    "causal": dict(is_causal=True),
+    "bias": dict(bias=_bias()),
+    "causal_padding_bias": dict(is_causal=True, mask=_key_padding(), bias=_bias()),
+    "scale": dict(scale=0.3, mask=_key_padding()),
+}
+
+
+@pytest.mark.parametrize("num_kv_heads", [H, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_backends_match_reference_and_jax_nn(case, num_kv_heads):
+  q, k, v = _qkv(num_kv_heads)
+  kwargs = dict(CASES[case])
+  arrays = {n: kwargs.pop(n) for n in ("mask", "bias") if n in kwargs}
+
+  @jax.jit   # one compile for all three (much faster than op-by-op on CPU)
+  def outputs(q, k, v, arrays):
+    expected = jax.nn.dot_product_attention(
+        q, k, v, arrays.get("bias"), arrays.get("mask"), implementation="xla", **kwargs)
+    return expected, [dot_product_attention(q, k, v, implementation=impl, **arrays, **kwargs)
+                      for impl in ("reference", "xla")]
+
+  expected, outs = outputs(q, k, v, arrays)
+  for out in outs:
+    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_softmax_definition():
+  q, k, v = _qkv()
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
+  expected = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+  out = attend(q, k, v, implementation="reference")
+  chex.assert_trees_all_close(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_masked_keys_get_zero_weight(implementation):
+  q, k, v = _qkv()
+  mask = _key_padding()   # example 1 sees keys 0..2 only
+  f = jax.jit(lambda v: dot_product_attention(q, k, v, mask=mask, bias=_bias(), is_causal=True,
+                                              implementation=implementation))
+  # Changing the values of masked keys changes nothing, and they receive no gradient.
+  v_changed = np.array(v)
+  v_changed[1, 3:] = 1e6
+  np.testing.assert_array_equal(f(v), f(v_changed))
+  grad_v = jax.jit(jax.grad(lambda v: f(v).sum()))(v)
+  np.testing.assert_array_equal(grad_v[1, 3:], 0.0)
+  assert np.all(np.abs(grad_v[1, :3]) > 0)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_fully_masked_rows_are_zeros_not_nan(implementation):
+  q, k, v = _qkv()
+  mask = np.ones((B, 1, TQ, TK), bool)
+  mask[0, :, 2, :] = False
+  mask[1] = False
+  f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, bias=_bias(),
+                                                    implementation=implementation))
+  out = f(q, k, v)
+  np.testing.assert_array_equal(out[0, 2], 0.0)
+  np.testing.assert_array_equal(out[1], 0.0)
+  assert np.all(np.abs(out[0, :2]) > 0)
+  grads = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
+  chex.assert_tree_all_finite(grads)
+  np.testing.assert_array_equal(grads[0][1], 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_bfloat16_close_to_float32(implementation):
+  q, k, v = _qkv(num_kv_heads=2)
+  kwargs = dict(mask=_key_padding(), is_causal=True, bias=_bias(), implementation=implementation)
+  out32 = attend(q, k, v, **kwargs)
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out16 = attend(*bf16, **kwargs)
+  assert out16.dtype == jnp.bfloat16
+  chex.assert_trees_all_close(out16.astype(jnp.float32), out32, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_gradients_finite(implementation):
+  q, k, v = _qkv(num_kv_heads=2)
+  loss = lambda q, k, v: jnp.sum(dot_product_attention(
+      q, k, v, mask=_key_padding(), bias=_bias(), is_causal=True,
+      implementation=implementation) ** 2)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  chex.assert_tree_all_finite(grads)
+  assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
+
+
+def test_dropout_drops_weights_and_is_unbiased():
+  q, k, v = _qkv()
+  v = jnp.ones_like(v)   # every row of weights sums to 1 -> outputs are 1 without dropout
+  out = attend(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(1),
+               implementation="reference")
+  assert not np.allclose(out, 1.0)
+  big_q, big_k, big_v = _qkv(tq=48, tk=48)
+  out = attend(big_q, big_k, jnp.ones_like(big_v), dropout_rate=0.3,
+               dropout_rng=jax.random.key(2))
+  np.testing.assert_allclose(float(out.mean()), 1.0, atol=0.05)
+  with pytest.raises(ValueError, match="dropout_rng"):
+    dot_product_attention(q, k, v, dropout_rate=0.1)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "splash"])
+def test_backends_refuse_what_they_cannot_honour(implementation):
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="dropout"):
+    dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+                          implementation=implementation)
+  if implementation == "splash":
+    with pytest.raises(ValueError, match="mask"):
+      dot_product_attention(q, k, v, mask=_key_padding(), implementation="splash")
+    with pytest.raises(ValueError, match="bias"):
+      dot_product_attention(q, k, v, bias=_bias(), implementation="splash")
+    with pytest.raises(ValueError, match="divisible by 128"):
+      dot_product_attention(q, k, v, implementation="splash")
+
+
+def test_cudnn_needs_a_gpu():
+  if jax.default_backend() == "gpu":
+    pytest.skip("runs on GPU")
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="needs a GPU"):
+    dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def test_splash_matches_reference_in_interpret_mode():
+  q, k, v = (x[:1] for x in _qkv(num_kv_heads=2, tq=128, tk=128))
+  f = lambda impl, is_causal: jax.jit(lambda q, k, v: dot_product_attention(
+      q, k, v, is_causal=is_causal, implementation=impl))
+  chex.assert_trees_all_close(f("splash", False)(q, k, v), f("reference", False)(q, k, v),
+                              atol=1e-5)
+  grad = lambda impl: jax.jit(jax.grad(lambda *a: f(impl, True)(*a).sum(), argnums=(0, 1, 2)))(
+      q, k, v)
+  chex.assert_trees_all_close(grad("splash"), grad("reference"), atol=1e-5)
+
+
+def test_default_backend_per_platform():
+  assert attention.default_backend(platform="cpu") == "reference"
+  assert attention.default_backend(platform="cpu", dropout=True) == "reference"
+  assert attention.default_backend(platform="gpu", dtype=jnp.bfloat16) == "cudnn"
+  assert attention.default_backend(platform="gpu", dtype=jnp.float32) == "xla"
+  assert attention.default_backend(platform="tpu", q_length=256, kv_length=128) == "splash"
+  assert attention.default_backend(platform="tpu", has_mask=True) == "xla"
+  assert attention.default_backend(platform="tpu", q_length=100, kv_length=100) == "xla"
+  assert {"reference", "xla", "cudnn", "splash"} <= set(ATTENTION_BACKENDS.names())
+
+
+@pytest.mark.parametrize("shapes, kwargs, message", [
+    (((B, TQ, D), (B, TK, H, D), (B, TK, H, D)), {}, r"query must have rank 4.*\(2, 5, 8\)"),
+    (((B, TQ, H, D), (B, TK, H, D + 1), (B, TK, H, D + 1)), {}, "head_dim must match.*8.*9"),
+    (((B, TQ, H, D), (B, TK, H, D), (B, TK + 1, H, D)), {}, "key and value shapes"),
+    (((B, TQ, H, D), (B, TK, 3, D), (B, TK, 3, D)), {}, "multiple of key/value heads.*4.*3"),
+    (((B, TQ, H, D), (B, TK, H, D), (B, TK, H, D)), {"mask": jnp.ones((B, 1, 1, TK + 1), bool)},
+     r"mask must broadcast to .*\(2, 4, 5, 7\).*\(2, 1, 1, 8\)"),
+    (((B, TQ, H, D), (B, TK, H, D), (B, TK, H, D)), {"mask": jnp.ones((TQ, TK))}, "must be bool"),
+    (((B, TQ, H, D), (B, TK, H, D), (B, TK, H, D)), {"implementation": "nope"},
+     "Unknown attention implementation 'nope'"),
+])
+def test_bad_inputs_raise(shapes, kwargs, message):
+  q, k, v = (jnp.zeros(s) for s in shapes)
+  with pytest.raises(ValueError, match=message):
+    dot_product_attention(q, k, v, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# MultiHeadAttention
+# ------------------------------------------------------------------------------------------
+
+def test_mha_shapes_params_and_logical_axes():
+  x, y = jnp.ones((B, TQ, 16)), jnp.ones((B, TK, 12))
+  mha = MultiHeadAttention(num_heads=4, num_kv_heads=2, qkv_features=32, out_features=24)
+  variables = jax.jit(mha.init)(jax.random.key(0), x, y)
+  assert jax.jit(mha.apply)(variables, x, y).shape == (B, TQ, 24)
+  shapes = jax.tree.map(jnp.shape, nn.meta.unbox(variables["params"]))
+  assert shapes == {
+      "query": {"kernel": (16, 4, 8), "bias": (4, 8)},
+      "key": {"kernel": (12, 2, 8), "bias": (2, 8)},
+      "value": {"kernel": (12, 2, 8), "bias": (2, 8)},
+      "out": {"kernel": (4, 8, 24), "bias": (24,)}}
+  specs = nn.get_partition_spec(variables)["params"]
+  assert tuple(specs["query"]["kernel"]) == ("embed", "heads", "kv")
+  assert tuple(specs["out"]["kernel"]) == ("heads", "kv", "embed")
+
+
+def test_mha_matches_manual_computation():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((B, TQ, 16), np.float32))
+  mha = MultiHeadAttention(num_heads=4, use_bias=False)
+  params = nn.meta.unbox(jax.jit(mha.init)(jax.random.key(0), x))["params"]
+  mask = _key_padding((TQ, 2), TQ)
+  q, k, v = (jnp.einsum("ble,ehd->blhd", x, params[n]["kernel"]) for n in ("query", "key", "value"))
+  expected = jnp.einsum("blhd,hde->ble", jax.nn.dot_product_attention(q, k, v, mask=mask),
+                        params["out"]["kernel"])
+  out = jax.jit(lambda p: mha.apply({"params": p}, x, mask=mask))(params)
+  chex.assert_trees_all_close(out, expected, atol=1e-5)
+
+
+def test_mha_dropout_needs_rng_and_changes_output():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((B, TQ, 16), np.float32))
+  mha = MultiHeadAttention(num_heads=2, dropout_rate=0.5)
+  variables = jax.jit(mha.init)(jax.random.key(0), x)
+  eval_out = jax.jit(mha.apply)(variables, x)
+  train_out = jax.jit(lambda v: mha.apply(v, x, deterministic=False,
+                                          rngs={"dropout": jax.random.key(3)}))(variables)
+  assert not np.allclose(eval_out, train_out)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_kv_cache_decoding_equals_full_causal_forward(num_kv_heads):
+  length = 6
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((B, length, 16), np.float32))
+  full = MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads)
+  params = jax.jit(full.init)(jax.random.key(0), x)["params"]
+  expected = jax.jit(lambda p: full.apply({"params": p}, x, is_causal=True))(params)
+
+  decoder = MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads, decode=True)
+  init_cache = jax.jit(lambda: decoder.init(jax.random.key(0), x)["cache"])
+  cache = init_cache()                                     # sized by the full-length input
+  step = jax.jit(lambda cache, token: decoder.apply(
+      {"params": params, "cache": cache}, token, mutable=["cache"]))
+  outs = []
+  for t in range(length):                                  # one token at a time
+    out, variables = step(cache, x[:, t:t + 1])
+    cache = variables["cache"]
+    outs.append(out)
+  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), expected, atol=1e-5)
+  assert int(cache["cache_index"]) == length
+
+  # Prefill 4 tokens at once, then decode the rest: same result.
+  prefill, variables = step(init_cache(), x[:, :4])
+  rest, _ = step(variables["cache"], x[:, 4:])
+  chex.assert_trees_all_close(jnp.concatenate([prefill, rest], axis=1), expected, atol=1e-5)
+
+
+def test_mha_bad_inputs_raise():
+  mha = MultiHeadAttention(num_heads=3)
+  with pytest.raises(ValueError, match="divisible by num_heads; given 16 features, 3 heads"):
+    mha.init(jax.random.key(0), jnp.ones((B, TQ, 16)))
+  with pytest.raises(ValueError, match=r"rank 3 .*\(2, 16\)"):
+    MultiHeadAttention(num_heads=2).init(jax.random.key(0), jnp.ones((B, 16)))
+  with pytest.raises(ValueError, match="num_heads=4, num_kv_heads=3"):
+    MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), jnp.ones((B, TQ, 16)))
+  with pytest.raises(ValueError, match="caches self-attention only"):
+    MultiHeadAttention(num_heads=2, decode=True).init(
+        jax.random.key(0), jnp.ones((B, TQ, 16)), jnp.ones((B, TK, 16)))

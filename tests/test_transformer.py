@@ -1,0 +1,138 @@
+"""Tests for mmjax.nn.transformer: scan / remat equal the plain stack, decoding is exact."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.nn.transformer import Decoder, Encoder, EncoderBlock, Mlp
+
+B, L, LE, D = 2, 6, 5, 16
+SIZES = dict(num_layers=2, num_heads=2, mlp_dim=32)
+
+
+def _tokens(length=L, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((B, length, D), np.float32))
+
+
+def _stack_layers(params, prefix, num_layers):
+  """Plain-stack params (prefix_0, prefix_1, ...) -> scanned params (prefix, layer axis 0)."""
+  params = dict(params)
+  layers = [params.pop(f"{prefix}_{i}") for i in range(num_layers)]
+  params[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def _init(module, *args, **kwargs):
+  return nn.meta.unbox(jax.jit(lambda: module.init(jax.random.key(0), *args, **kwargs))())
+
+
+def test_mlp_shape_and_param_axes():
+  mlp = Mlp(mlp_dim=32)
+  variables = jax.jit(lambda: mlp.init(jax.random.key(0), _tokens()))()
+  assert mlp.apply(variables, _tokens()).shape == (B, L, D)
+  specs = nn.get_partition_spec(variables)["params"]
+  assert tuple(specs["fc1"]["kernel"]) == ("embed", "mlp")
+  assert tuple(specs["fc2"]["kernel"]) == ("mlp", "embed")
+
+
+def test_encoder_param_names_and_final_norm():
+  x = _tokens()
+  encoder = Encoder(**SIZES)
+  params = _init(encoder, x)["params"]
+  assert sorted(params) == ["encoder_norm", "encoderblock_0", "encoderblock_1"]
+  assert sorted(params["encoderblock_0"]) == ["attention", "attention_norm", "mlp", "mlp_norm"]
+  out = jax.jit(lambda p: encoder.apply({"params": p}, x))(params)
+  assert out.shape == (B, L, D)
+  # The final LayerNorm (scale 1, bias 0 at init) leaves every token zero-mean, unit-var.
+  np.testing.assert_allclose(out.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(out.var(-1), 1.0, atol=1e-3)
+
+
+def test_encoder_scan_and_remat_equal_plain_stack():
+  x = _tokens()
+  mask = (np.arange(L) < np.array([[L], [3]]))[:, None, None, :]
+  plain = Encoder(**SIZES)
+  params = _init(plain, x)["params"]
+  stacked = _stack_layers(params, "encoderblock", SIZES["num_layers"])
+
+  def loss_and_grad(module, params):
+    loss = lambda p: jnp.sum(module.apply({"params": p}, x, mask=mask) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss, grads = loss_and_grad(plain, params)
+  for scan_layers, remat_policy in [(True, "none"), (True, "full"), (False, "dots")]:
+    variant = Encoder(**SIZES, scan_layers=scan_layers, remat_policy=remat_policy)
+    expected = (loss, _stack_layers(grads, "encoderblock", SIZES["num_layers"])
+                if scan_layers else grads)
+    variant_params = stacked if scan_layers else params
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(variant.init(jax.random.key(0), x)))
+    assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, variant_params)
+    chex.assert_trees_all_close(loss_and_grad(variant, variant_params), expected,
+                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decoder_cache_decoding_equals_full_forward(scan_layers):
+  x, encoded = _tokens(), _tokens(LE, seed=1)
+  cross_mask = (np.arange(LE) < np.array([[LE], [2]]))[:, None, None, :]
+  decoder = Decoder(**SIZES, scan_layers=scan_layers)
+  params = _init(decoder, x, encoded)["params"]
+  expected = jax.jit(lambda p: decoder.apply({"params": p}, x, encoded,
+                                             cross_mask=cross_mask))(params)
+  assert expected.shape == (B, L, D)
+  cache = jax.jit(lambda: decoder.init(jax.random.key(0), x, encoded, decode=True)["cache"])()
+
+  @jax.jit
+  def step(cache, token):
+    return decoder.apply({"params": params, "cache": cache}, token, encoded,
+                         cross_mask=cross_mask, decode=True, mutable=["cache"])
+
+  outs = []
+  for t in range(L):
+    out, variables = step(cache, x[:, t:t + 1])
+    cache = variables["cache"]
+    outs.append(out)
+  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), expected, atol=1e-5)
+
+
+def test_decoder_is_causal_and_scan_remat_equal_plain():
+  x, encoded = _tokens(), _tokens(LE, seed=1)
+  plain = Decoder(**SIZES)
+  params = _init(plain, x, encoded)["params"]
+  apply = lambda module, p, x: jax.jit(lambda p, x: module.apply({"params": p}, x, encoded))(p, x)
+  out = apply(plain, params, x)
+  # Changing the last target token leaves every earlier position unchanged.
+  changed = apply(plain, params, x.at[:, -1].set(5.0))
+  np.testing.assert_array_equal(changed[:, :-1], out[:, :-1])
+  assert not np.allclose(changed[:, -1], out[:, -1])
+  variant = Decoder(**SIZES, scan_layers=True, remat_policy="full")
+  stacked = _stack_layers(params, "decoderblock", SIZES["num_layers"])
+  chex.assert_trees_all_close(apply(variant, stacked, x), out, atol=1e-5)
+
+
+def test_dropout_and_droppath_only_in_training():
+  x = _tokens(seed=2)
+  block = EncoderBlock(num_heads=2, mlp_dim=32, droppath_rate=0.5)
+  variables = _init(block, x)
+  apply = jax.jit(lambda x, rng: block.apply(variables, x, deterministic=False,
+                                             rngs={"dropout": rng}))
+  np.testing.assert_array_equal(jax.jit(block.apply)(variables, x),
+                                jax.jit(block.apply)(variables, x))
+  # With a big batch and rate 0.5 both residual branches of some examples are dropped
+  # (output == input exactly) and those of others are kept: per-example stochastic depth.
+  big_x = jnp.tile(x, (16, 1, 1))
+  out = apply(big_x, jax.random.key(0))
+  unchanged = np.all(np.asarray(out) == np.asarray(big_x), axis=(1, 2))
+  assert 0 < unchanged.sum() < len(unchanged)
+  assert not np.array_equal(apply(big_x, jax.random.key(0)), apply(big_x, jax.random.key(1)))
+
+
+def test_bad_config_and_inputs_raise():
+  with pytest.raises(ValueError, match="Unknown remat_policy 'bogus'; expected one of"):
+    Encoder(**SIZES, remat_policy="bogus").init(jax.random.key(0), _tokens())
+  with pytest.raises(ValueError, match=r"rank 3 \[batch, length, width\]; given shape \(2, 16\)"):
+    Encoder(**SIZES).init(jax.random.key(0), jnp.ones((B, D)))
+  with pytest.raises(ValueError, match=r"Decoder \(encoded\).*given shape \(2, 5\)"):
+    Decoder(**SIZES).init(jax.random.key(0), _tokens(), jnp.ones((B, LE)))
