@@ -98,7 +98,7 @@ def test_merge_params_renames_excludes_and_resamples():
 def test_init_from_loads_a_subset_into_a_bigger_model(tmp_path):
   source, target = str(tmp_path / "source"), str(tmp_path / "target")
   trainer.train_and_evaluate(tiny_config(total_steps=3), source)
-  config = tiny_config(total_steps=1, **{"schedule.name": "constant",
+  config = tiny_config(total_steps=1, **{"schedule.name": "constant", "schedule.warmup_steps": 0,
       "data.size": 8, "model.num_classes": 3, "data.num_classes": 3,
       "init_from.checkpoint": source, "init_from.exclude": (r"head/.*",),
       "optimizer.frozen": (r"hidden/.*", r"pos_embedding")})
