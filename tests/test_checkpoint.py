@@ -14,7 +14,8 @@ from mmjax.train import trainer
 
 
 def _state(value: float):
-  return {"params": {"dense": {"kernel": jnp.full((4, 3), value)}}, "step": jnp.int32(0 if np.isnan(value) else value)}
+  return {"params": {"dense": {"kernel": jnp.full((4, 3), value)}},
+          "step": jnp.int32(0 if np.isnan(value) else value)}
 
 
 def _iterator():
