@@ -23,9 +23,12 @@ Cases (`--cases`, comma-separated):
 How it measures (the machine may be shared and noisy, so every figure that matters is a
 ratio inside one process):
   * each case's candidates and a large float32 matmul are run round-robin, step by step,
-    after `--warmup` untimed steps; each gets the median of `--steps` timings;
-  * MFU = analytic matmul FLOPs per step / median step time / the matmul's FLOP/s measured
-    in the same rounds (on an accelerator, pass `--peak-tflops` instead);
+    after `--warmup` untimed steps; step time and examples/s use the median of `--steps`
+    timings, and the speed ratios compare medians from the same rounds;
+  * MFU = analytic matmul FLOPs per step / best step time / the matmul's best FLOP/s in
+    the same rounds: least-disturbed against least-disturbed, because under contention a
+    multi-threaded matmul is slowed more than a model step and medians would overstate
+    MFU (on an accelerator, pass `--peak-tflops` instead);
   * FLOPs are counted from the traced program (`mmjax.models.flops`: 2 x M x N x K per
     matmul, backward included), so mmjax and baselines are counted by the same rule;
   * compile time is lowering + XLA compilation of the jitted step;
@@ -67,17 +70,15 @@ from mmjax.train import state as state_lib  # noqa: E402
 
 CASES = ("attention", "vit", "clip", "fusion", "compile", "fsdp")
 MASKS = ("none", "padding", "causal")
-# (width, depth, heads, mlp) of the ViT variants the benchmark uses for the stock baseline.
-VIT_SHAPES = {"Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072)}
 
 
 # ----------------------------------------------------------------------------------------
 # Measuring.
 # ----------------------------------------------------------------------------------------
 
-def interleaved_medians(fns: Dict[str, Callable[[], Any]], steps: int,
-                        warmup: int) -> Dict[str, float]:
-  """Median seconds per call of each fn, run round-robin so load spikes hit all alike."""
+def interleaved_times(fns: Dict[str, Callable[[], Any]], steps: int,
+                      warmup: int) -> Dict[str, List[float]]:
+  """Seconds of each call of each fn, run round-robin so load spikes hit all alike."""
   for _ in range(warmup):
     for fn in fns.values():
       jax.block_until_ready(fn())
@@ -87,7 +88,7 @@ def interleaved_medians(fns: Dict[str, Callable[[], Any]], steps: int,
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
 
 
 def matmul_peak(size: int) -> Dict[str, Any]:
@@ -141,12 +142,15 @@ class Context:
     """
     fns = {name: c["fn"] for name, c in candidates.items()}
     fns["_peak"] = self.peak["fn"]
-    medians = interleaved_medians(fns, self.args.steps, self.args.warmup)
+    times = interleaved_times(fns, self.args.steps, self.args.warmup)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
     peak_flops_per_s = (self.args.peak_tflops * 1e12 if self.args.peak_tflops
-                        else self.peak["flops"] / medians["_peak"])
+                        else self.peak["flops"] / best["_peak"])
     for name, c in candidates.items():
       step_s = medians[name]
-      record = {"group": group, "name": name, "step_s": step_s,
+      record = {"group": group, "name": name, "step_s": step_s, "best_step_s": best[name],
+                "times_s": times[name], "peak_times_s": times["_peak"],
                 "flops_per_step": c.get("flops"),
                 "compile_s": c.get("compile_s"), "temp_bytes": c.get("temp_bytes"),
                 "peak_bytes": c.get("peak_bytes"), "peak_flops_per_s": peak_flops_per_s}
@@ -154,7 +158,7 @@ class Context:
       if examples:
         record["examples_per_s"] = examples / step_s
       if c.get("flops"):
-        record["flops_per_s"] = c["flops"] / step_s
+        record["flops_per_s"] = c["flops"] / best[name]
         record["mfu"] = record["flops_per_s"] / peak_flops_per_s
       if name == subject:
         others = [n for n in candidates if n != subject]
@@ -181,7 +185,7 @@ def _print_record(r: Dict[str, Any]) -> None:
 
 def _train_config():
   config = config_lib.default_config()
-  config.total_steps = 1000
+  config.schedule.warmup_steps = 0  # so every timed step really updates the parameters
   return config
 
 
@@ -195,7 +199,9 @@ def train_step_candidate(model: nn.Module, batch: Dict[str, Any],
   mesh = mesh or sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   rules = sharding_lib.axis_rules(config.axis_rules)
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  # The rules shard the state explicitly; they are not installed for tracing because
+  # activation constraints are no-ops on the benchmark's single device.
+  with jax.set_mesh(mesh):
     boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
     init, abstract, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
@@ -242,6 +248,40 @@ def _attention_mask(kind: str, batch: int, length: int):
   raise ValueError(f"Unknown mask kind {kind!r}; expected one of {MASKS}.")
 
 
+def chunked_attention(query, key, value, *, mask=None, is_causal=False, chunk: int = 512):
+  """Proposed backend: the reference kernel over query chunks, one chunk live at a time.
+
+  `lax.map` runs `chunk` queries at once against all keys, and `jax.checkpoint` makes the
+  backward pass recompute each chunk's weights, so at most a [chunk, kv_length] block per
+  head is ever materialised instead of [q_length, kv_length]. Measured here as a candidate
+  for `mmjax.nn.attention` (a "chunked" backend for long sequences on CPU).
+  """
+  batch, length, heads, head_dim = query.shape
+  if length % chunk:
+    raise ValueError(f"chunked_attention: q_length {length} is not a multiple of chunk {chunk}.")
+  n = length // chunk
+  q = query.reshape(batch, n, chunk, heads, head_dim).swapaxes(0, 1)      # [n, B, C, H, D]
+  if mask is not None and mask.shape[2] == length:                        # per-query rows
+    mask = mask.reshape(mask.shape[:2] + (n, chunk, mask.shape[3])).transpose(2, 0, 1, 3, 4)
+    per_chunk_mask = True
+  else:
+    per_chunk_mask = False
+
+  def one_chunk(inputs):
+    q_chunk, index, m = inputs
+    m = m if per_chunk_mask else mask
+    if is_causal:
+      rows = index * chunk + jnp.arange(chunk)
+      causal = (jnp.arange(key.shape[1])[None, :] <= rows[:, None])[None, None]
+      m = causal if m is None else m & causal
+    return attention_lib.reference_attention(q_chunk, key, value, mask=m,
+                                             scale=head_dim ** -0.5)
+
+  rows = mask if per_chunk_mask else jnp.zeros((n,), jnp.bool_)
+  out = jax.lax.map(jax.checkpoint(one_chunk), (q, jnp.arange(n), rows))
+  return out.swapaxes(0, 1).reshape(batch, length, heads, head_dim)
+
+
 def _fwd_bwd(attend: Callable, ct):
   """Jitted (q, k, v) -> grads of <attend(q, k, v), ct>: one training use of attention."""
   loss = lambda q, k, v: jnp.vdot(attend(q, k, v), ct)
@@ -268,14 +308,22 @@ def case_attention(ctx: Context) -> None:
               q, k, v, mask=mask, is_causal=causal),
           "flax.linen": lambda q, k, v: nn.dot_product_attention(q, k, v, mask=full_mask),
       }
+      if length >= a.chunk_from_length:
+        # Best measured here: 256 at L=1024, 512 at L=4096.
+        chunk = max(min(256, length // 2), length // 8)
+        fns[f"proposed chunked/{chunk}"] = functools.partial(
+            chunked_attention, mask=mask, is_causal=causal, chunk=chunk)
       candidates = {}
       for name, attend in fns.items():
         stats = compile_with_stats(_fwd_bwd(attend, ct), q, k, v)
         compiled = stats.pop("compiled")
         candidates[name] = dict(stats, fn=functools.partial(compiled, q, k, v),
                                 flops=3.0 * flops,  # backward = 2x the forward matmuls
-                                extra={"length": length, "batch": batch, "mask": kind,
-                                       "lxl_bytes_per_head": 4 * length * length})
+                                extra={"length": length, "batch": batch, "mask": kind})
+        # How many float32 [L, L] blocks per (example, head) the step's scratch could hold.
+        candidates[name]["extra"]["lxl_blocks_per_head"] = (
+            stats["temp_bytes"] / (4.0 * batch * heads * length * length)
+            if stats["temp_bytes"] is not None else None)
       ctx.time_group(f"attention L={length} {kind}", candidates, subject="mmjax",
                      examples=batch)
     _attention_modules(ctx, batch, length, heads, head_dim)
@@ -300,21 +348,20 @@ def _attention_modules(ctx: Context, batch: int, length: int, heads: int, head_d
 
 
 def _vit_pair(variant: str, a: argparse.Namespace):
-  """(mmjax ViT classifier, stock-flax ViT classifier) of identical shape."""
+  """(mmjax ViT, stock-flax ViT classifier) of identical shape; both take the same batch."""
   from mmjax.models import vit as vit_lib
-  name, patch = variant.split("/")
-  width, depth, heads, mlp = VIT_SHAPES[name]
+  sizes = vit_lib.decode_variant(variant)
+  if a.vit_depth:
+    sizes["depth"] = a.vit_depth
   dtype = jnp.dtype(a.dtype)
-  ours = vit_lib.ViT(variant=variant, num_classes=a.num_classes, dtype=dtype,
-                     **_vit_options(a))
-  stock = baselines.StockViT(num_classes=a.num_classes, patch_size=int(patch), width=width,
-                             depth=depth, num_heads=heads, mlp_dim=mlp, dtype=dtype)
-  return baselines.ImageClassifier(ours), baselines.ImageClassifier(stock)
-
-
-def _vit_options(a: argparse.Namespace) -> Dict[str, Any]:
-  return {k: v for k, v in (("scan_layers", a.scan_layers), ("remat_policy", a.remat_policy))
-          if v is not None}
+  options = {k: v for k, v in (("scan_layers", a.scan_layers), ("remat_policy", a.remat_policy))
+             if v is not None}
+  ours = vit_lib.ViT(variant=variant, depth=sizes["depth"], num_classes=a.num_classes,
+                     dtype=dtype, **options)
+  stock = baselines.StockViT(num_classes=a.num_classes, patch_size=sizes["patch_size"],
+                             width=sizes["width"], depth=sizes["depth"],
+                             num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"], dtype=dtype)
+  return ours, baselines.ImageClassifier(stock)
 
 
 def case_vit(ctx: Context) -> None:
@@ -333,10 +380,9 @@ def case_vit(ctx: Context) -> None:
 def case_clip(ctx: Context) -> None:
   from mmjax.models import two_tower
   a = ctx.args
-  width, depth, heads, mlp = VIT_SHAPES["B"]
   model = two_tower.TwoTower(
-      vocab_size=a.clip_vocab, embed_dim=512, patch_size=16, image_width=width,
-      image_depth=a.clip_depth or depth, image_heads=heads, image_mlp_dim=mlp,
+      vocab_size=a.clip_vocab, embed_dim=512, patch_size=16, image_width=768,
+      image_depth=a.clip_depth or 12, image_heads=12, image_mlp_dim=3072,
       text_width=512, text_depth=a.clip_depth or 12, text_heads=8, text_mlp_dim=2048,
       max_text_len=77, dtype=a.dtype)
   rng = np.random.default_rng(0)
@@ -407,10 +453,11 @@ def fsdp_bytes(variant: str, image_size: int) -> Dict[str, Any]:
   config = _train_config()
   rules = sharding_lib.axis_rules(config.axis_rules)
   from mmjax.models import vit as vit_lib
-  model = baselines.ImageClassifier(vit_lib.ViT(variant=variant, num_classes=1000))
+  model = vit_lib.ViT(variant=variant, num_classes=1000)
   example = {"image": jax.ShapeDtypeStruct((len(devices), image_size, image_size, 3), jnp.float32),
              "label": jax.ShapeDtypeStruct((len(devices),), jnp.int32)}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  # Only the state's layout is measured: the rules shard it explicitly (no activations).
+  with jax.set_mesh(mesh):
     boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
     init, _, _ = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
@@ -446,6 +493,8 @@ def _fmt(value, kind: str) -> str:
     return ", ".join(f"x{v:.2f} {k}" for k, v in value.items())
   if kind == "mib":
     return f"{value / 2**20:.1f}"
+  if kind == "f2":
+    return f"{value:.2f}"
   if kind == "s":
     return f"{value:.2f}"
   return f"{value:.1f}" if isinstance(value, float) else str(value)
@@ -455,7 +504,7 @@ COLUMNS = (("group", "case", "str"), ("name", "candidate", "str"), ("step_s", "s
            ("examples_per_s", "examples/s", "num"), ("mfu", "MFU", "pct"),
            ("speedup_vs", "mmjax speed vs", "x"),
            ("compile_s", "compile s", "s"), ("temp_bytes", "temp MiB", "mib"),
-           ("peak_bytes", "peak MiB", "mib"))
+           ("peak_bytes", "peak MiB", "mib"), ("lxl_blocks_per_head", "LxL blocks/head", "f2"))
 
 
 def markdown_table(records: Sequence[Dict[str, Any]]) -> str:
@@ -492,9 +541,9 @@ def _environment(ctx: Context) -> Dict[str, Any]:
 # Command line.
 # ----------------------------------------------------------------------------------------
 
-QUICK = dict(attention_lengths=[64], attention_masks=["none", "padding"], attention_tokens=128,
+QUICK = dict(attention_lengths=[64], chunk_from_length=64, attention_masks=["none", "padding"], attention_tokens=128,
              attention_heads=2, attention_head_dim=16, vit_variants=["Ti/16"], image_size=32,
-             vit_batch=2, clip_batch=2, clip_depth=1, clip_vocab=100, fusion_batch=2,
+             vit_batch=2, vit_depth=1, clip_batch=2, clip_depth=1, clip_vocab=100, fusion_batch=2,
              compile_width=32, compile_depths=[1, 2], fsdp_variant="Ti/16", steps=2, warmup=1, peak_size=256)
 
 
@@ -522,9 +571,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--attention-tokens", type=int, default=2048,
                  help="batch = max(1, tokens // length) for each attention length")
   p.add_argument("--attention-heads", type=int, default=8)
+  p.add_argument("--chunk-from-length", type=int, default=1024,
+                 help="also time the proposed chunked backend from this length on")
   p.add_argument("--attention-head-dim", type=int, default=64)
   p.add_argument("--vit-variants", type=_strs, default=["S/16", "B/16"])
   p.add_argument("--vit-batch", type=int, default=8)
+  p.add_argument("--vit-depth", type=int, default=0, help="0 = the variant's depth")
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--num-classes", type=int, default=1000)
   p.add_argument("--scan-layers", type=lambda s: s.lower() in ("1", "true", "yes"),
@@ -558,7 +610,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
   """Runs the selected cases; returns {environment, peak, records}."""
   ctx = Context(args, peak=matmul_peak(args.peak_size))
-  best = min(interleaved_medians({"peak": ctx.peak["fn"]}, 3, 1).values())
+  best = min(interleaved_times({"peak": ctx.peak["fn"]}, 3, 1)["peak"])
   print(f"matmul peak ({args.peak_size}^2 float32): {ctx.peak['flops'] / best / 1e9:.1f} GFLOP/s "
         f"on {jax.devices()[0].device_kind}", flush=True)
   case_fns = {"attention": case_attention, "vit": case_vit, "clip": case_clip,

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import os
 import re
 import shlex
@@ -333,6 +332,11 @@ def main(argv: Sequence[str]) -> None:
   elif FLAGS.mode == "report":
     write_report(sweep, os.path.abspath(workdir))
   else:
+    # Seeds of one point compile the same programs: a persistent cache skips the repeats.
+    import jax  # pylint: disable=g-import-not-at-top
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir",
+                        os.path.join(os.path.abspath(workdir), "jax_cache"))
     run_sweep(sweep, workdir, only=FLAGS.only)
 
 

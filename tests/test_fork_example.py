@@ -46,3 +46,14 @@ def test_gates_start_closed_then_let_the_other_modality_in():
   # The gate gets a gradient, so training can open it.
   grad = jax.grad(lambda p: jnp.sum(image_out(p, tokens) ** 2))(params)
   assert float(jnp.abs(grad["image_xattn1"]["gate"])) > 0
+
+
+def test_unchanged_trainer_trains_the_fork_selected_by_name(tmp_path):
+  from test_configs import ROOT, TINY, _tiny  # pylint: disable=g-import-not-at-top
+  from mmjax.train.config import load_config_file  # pylint: disable=g-import-not-at-top
+  from mmjax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  config = load_config_file(f"{ROOT}/configs/demo.py")
+  config = _tiny(config, {**TINY["demo.py"], "model.fusion": "gated_xattn",
+                          "imports": ("experiments.fork_fusion",)}, str(tmp_path / "data"))
+  result = train_and_evaluate(config, str(tmp_path / "run"))
+  assert result["step"] == 1 and np.isfinite(result["train/loss"])
