@@ -13,5 +13,17 @@ leading axis; numpy on the host, global jax.Arrays inside the train step):
   label     int32   [B]               class index
   valid     bool    [B]               eval batches only: False on padding rows
 
-Token id 0 is padding in every tokenizer.
+Extra keys some pipelines add (models may ignore them):
+
+  index          int32   [B]          position of the example in its split (-1 on
+                                      padding rows): joins eval outputs to records
+  question_type  int32   [B]          kind of question (e.g. which modalities it needs),
+                                      for accuracy per type; see dataset_info()
+  spectrogram    float32 [B, T, F]    log-magnitude STFT, when the `spectrogram` op runs
+
+Token id 0 is padding in every tokenizer (the attention mask of text is `ids != 0`).
+
+Modules: pipeline.py (the grain iterators and config.data), dataset.py (what a dataset
+provides, record checks), preprocess.py (ops named in the config), tokenizer.py,
+builders/ (shapes, digits, public TFDS datasets).
 """

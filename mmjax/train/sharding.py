@@ -1,0 +1,103 @@
+"""The device mesh and how arrays are laid out on it.
+
+The mesh has three axes, `data`, `fsdp` and `tensor`, sized by `config.mesh` (any of
+them 1). Models annotate weights and activations with *logical* axis names
+(`embed`, `mlp`, `heads`, ...); `config.axis_rules` maps those onto mesh axes, so the
+same model runs data-parallel, fully sharded or tensor-parallel without code changes.
+The batch is split over every data-parallel axis (`data` and `fsdp`).
+
+Axis types are Auto (not jax's Explicit default), because flax's logical constraints
+need the compiler to propagate shardings.
+"""
+from typing import Any, Mapping, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> Tuple[int, int, int]:
+  """Axis sizes from the config, `data=-1` filling the rest; raises if they cannot fit."""
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1 or (size == -1 and axis != "data"):
+      raise ValueError(f"config.mesh.{axis}={size}; expected a positive size"
+                       + (" or -1 (all remaining devices)." if axis == "data" else "."))
+  if sizes["data"] == -1:
+    rest = sizes["fsdp"] * sizes["tensor"]
+    if num_devices % rest:
+      raise ValueError(f"config.mesh fsdp x tensor = {rest} does not divide the "
+                       f"{num_devices} available devices.")
+    sizes["data"] = num_devices // rest
+  total = int(np.prod(list(sizes.values())))
+  if total != num_devices:
+    raise ValueError(
+        f"config.mesh data x fsdp x tensor = {sizes['data']}x{sizes['fsdp']}x{sizes['tensor']} "
+        f"= {total} devices, but {num_devices} are available ({jax.devices()[0].platform}); "
+        "set the sizes so their product equals the device count, or data=-1.")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size") -> None:
+  dp = data_parallel_size(mesh)
+  if batch_size % dp:
+    raise ValueError(f"{what}={batch_size} is not divisible by the data-parallel size "
+                     f"data x fsdp = {mesh.shape['data']}x{mesh.shape['fsdp']} = {dp}.")
+
+
+def axis_rules(rules) -> Tuple[Tuple[str, Any], ...]:
+  """Config rules (tuples or lists, as config overrides give them) as flax wants them."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"config.axis_rules entry {rule!r}; expected (logical_name, mesh_axes).")
+    logical, mesh_axes = rule
+    if isinstance(mesh_axes, list):
+      mesh_axes = tuple(mesh_axes)
+    for axis in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f"config.axis_rules maps {logical!r} to unknown mesh axis {axis!r}; "
+                         f"expected one of {MESH_AXES} or None.")
+    out.append((logical, mesh_axes))
+  return tuple(out)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree of (possibly) `nn.Partitioned` abstract values."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """This process's numpy batch -> global jax.Arrays sharded over the data axes.
+
+  Every process passes its own rows; together they form the global batch, in process order.
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

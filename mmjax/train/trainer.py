@@ -1,0 +1,430 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Read top to bottom:
+  1. validate the config against the devices (before anything is compiled);
+  2. build the mesh, model, optimizer and data iterators;
+  3. resume from the newest good checkpoint in WORKDIR/checkpoints, else initialise the
+     state already sharded (optionally loading `init_from` params);
+  4. loop: one jitted, donating `train_step` per batch; log, evaluate, checkpoint;
+  5. on SIGTERM / multi-host preemption: checkpoint the current step, stop cleanly.
+
+The train step is a pure function of (state, batch). Gradient accumulation splits the
+batch into `grad_accum_steps` equal micro-batches and averages their gradients in a
+`lax.scan`: exact for losses that are means over examples; for contrastive losses it
+is the usual approximation (negatives come from the micro-batch only).
+"""
+import importlib
+import os
+import pkgutil
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from mmjax.models.base import build_model
+from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import config as config_lib
+from mmjax.train import evaluate as evaluate_lib
+from mmjax.train import optim
+from mmjax.train import sharding as sharding_lib
+from mmjax.train import state as state_lib
+from mmjax.train import writers
+from mmjax.train.state import TrainState
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradients became NaN/Inf and `config.on_nonfinite == "error"`."""
+
+
+GRADS_FINITE = "grads_finite"  # metrics key of the per-parameter finite flags (not logged)
+
+
+# ---------------------------------------------------------------------------------------
+# The train step.
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
+                    grad_accum_steps: int) -> Callable[[TrainState, Dict[str, jax.Array]],
+                                                       Tuple[TrainState, Dict[str, jax.Array]]]:
+  """(state, global batch) -> (new state, metrics); pure, to be jitted with donation."""
+
+  def loss_fn(params, batch, rng):
+    dropout_rng, sample_rng = jax.random.split(rng)
+    loss, metrics = model.apply({"params": params}, batch, train=True, method="loss",
+                                rngs={"dropout": dropout_rng, "sample": sample_rng})
+    return loss.astype(jnp.float32), metrics
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated_grads(params, batch, rng):
+    """Mean loss / metrics / grads over micro-batches, as if computed on the whole batch."""
+    def split(x):
+      # Row r of micro-batch i is row r * k + i: every device keeps its own rows, so no
+      # data moves between devices (a [k, B/k] split would put micro-batch 0 on few devices).
+      x = x.reshape((x.shape[0] // grad_accum_steps, grad_accum_steps) + x.shape[1:])
+      x = jnp.swapaxes(x, 0, 1)
+      return jax.lax.with_sharding_constraint(x, P(None, sharding_lib.BATCH_AXES))
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, inputs):
+      index, micro_batch = inputs
+      out = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first, rng))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+    return jax.tree.map(lambda x: x / grad_accum_steps, total)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if grad_accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      (loss, metrics), grads = accumulated_grads(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite update never enters the state: with on_nonfinite="skip" that is the
+    # feature; with "error" the host stops the run, and the state it stops with is sane.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state = state.replace(step=state.step + 1,
+                              params=jax.tree.map(keep, params, state.params),
+                              opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+                   finite=finite)
+    # Per-parameter flags, read on the host only to name the culprits of a divergence.
+    metrics[GRADS_FINITE] = {name: jnp.all(jnp.isfinite(g)) for name, g in
+                             traverse_util.flatten_dict(grads, sep="/").items()}
+    return new_state, metrics
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-host and preemption.
+
+
+def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
+                                 num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None,
+                                 force: bool = False) -> None:
+  """`jax.distributed.initialize` when this is one process of a multi-process run.
+
+  Explicit arguments win; `force` (main's --multiprocess) or a detected cluster
+  (SLURM with several tasks, Open MPI, a multi-worker TPU slice, JAX_COORDINATOR_ADDRESS)
+  lets jax find the coordinator itself. A single process on one machine skips it.
+  Must run before any other JAX call.
+  """
+  if coordinator_address or (num_processes or 1) > 1:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return
+  env = os.environ
+  cluster = (force
+             or env.get("JAX_COORDINATOR_ADDRESS")
+             or int(env.get("SLURM_NTASKS", "1")) > 1
+             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+             or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+             or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+  if cluster:
+    jax.distributed.initialize()
+
+
+class PreemptionWatcher:
+  """True at the step every process should save and stop (SIGTERM or a TPU maintenance event).
+
+  Multi-process runs use JAX's preemption sync point, so all hosts agree on the step;
+  a single process installs its own SIGTERM handler (only from the main thread).
+  """
+
+  def __init__(self):
+    self._signalled = threading.Event()
+    self._multi = jax.process_count() > 1
+    self._previous = None
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service not enabled in this cluster
+        return False
+    return self._signalled.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------------------------------
+# Data access: the one place that knows the pipeline module.
+
+
+def create_data(config: ml_collections.ConfigDict):
+  """(train iterator, eval iterable factory) from `config.data_pipeline`."""
+  pipeline = importlib.import_module(config.data_pipeline)
+  train_iter = pipeline.create_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed)
+  make_eval = lambda: pipeline.create_eval_iterator(
+      config.data, global_batch_size=config.eval_batch_size)
+  return train_iter, make_eval
+
+
+def _example_batch(local_batch: Mapping[str, np.ndarray], rows: int) -> Dict[str, Any]:
+  """Shapes of a batch with `rows` rows, the rest as in `local_batch` (for init)."""
+  return {k: jax.ShapeDtypeStruct((rows,) + np.shape(v)[1:], np.asarray(v).dtype)
+          for k, v in local_batch.items() if k != "valid"}
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning from another run.
+
+
+def apply_init_from(state: TrainState, init_config,
+                    param_shardings: Any) -> Tuple[TrainState, Dict]:
+  """Loads `init_config.checkpoint`'s params into `state.params` (subset, renamed, resampled)."""
+  source = checkpoint_lib.load_params(init_config.checkpoint)
+  # The fresh params stay where they are (new leaves keep them); only loaded ones move.
+  target = traverse_util.flatten_dict(state.params, sep="/")
+  merged, report = checkpoint_lib.merge_params(
+      target, source, include=tuple(init_config.include), exclude=tuple(init_config.exclude),
+      rename=tuple(tuple(r) for r in init_config.rename))
+  if not report["loaded"]:
+    raise ValueError(f"init_from {init_config.checkpoint!r} loaded no parameter; checkpoint "
+                     f"names look like {sorted(source)[:8]}, model names like "
+                     f"{sorted(target)[:8]}.")
+  params = traverse_util.unflatten_dict(merged, sep="/")
+  params = jax.device_put(params, param_shardings)
+  return state.replace(params=params), report
+
+
+# ---------------------------------------------------------------------------------------
+# Summary printing (extend by appending to SUMMARY_HOOKS).
+
+SUMMARY_HOOKS: List[Callable[[Dict[str, Any]], str]] = []
+
+
+def format_summary(results: Mapping[str, Any]) -> str:
+  """The end-of-run summary: one aligned `name: value` line per result, then each hook's text."""
+  lines = ["=== mmjax run summary ==="]
+  width = max((len(k) for k in results), default=0)
+  for key in sorted(results):
+    value = results[key]
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    lines.append(f"{key:<{width}}  {text}")
+  lines += [hook(dict(results)) for hook in SUMMARY_HOOKS]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+def import_models(extra_modules=()) -> None:
+  """Imports every module of mmjax.models (registering the built-in models), then the
+  config's own `imports` (a fork's models, fusions, datasets)."""
+  import mmjax.models  # pylint: disable=g-import-not-at-top
+  for module in pkgutil.iter_modules(mmjax.models.__path__, "mmjax.models."):
+    importlib.import_module(module.name)
+  for module in extra_modules:
+    importlib.import_module(module)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+  import_models(config.imports)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
+                                "config.batch_size / config.grad_accum_steps")
+  sharding_lib.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  rules = sharding_lib.axis_rules(config.axis_rules)
+  model = build_model(config.model)
+  train_iter, make_eval_iter = create_data(config)
+  first_batch = next(train_iter)  # used as step 1's batch unless a checkpoint rewinds the iterator
+  example = _example_batch(first_batch, sharding_lib.data_parallel_size(mesh))
+
+  writer = writers.MetricWriter(workdir, active=is_chief)
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      async_save=config.async_checkpointing)
+  preemption = PreemptionWatcher()
+  try:
+    # State creation and restore need no mesh context (shardings are explicit); see
+    # state.create_train_state for why init must even run outside it.
+    boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
+    tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
+    init, abstract, shardings = state_lib.create_train_state(
+        model, tx, example, config.seed, mesh, rules)
+    state, start_step = checkpointer.restore_latest(
+        state_lib.abstract_with_shardings(abstract, shardings), train_iter)
+    if state is not None:
+      if is_chief:
+        print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
+      pending = None
+    else:
+      start_step, pending = 0, first_batch
+      state = init()
+      if config.init_from.checkpoint:
+        state, report = apply_init_from(state, config.init_from, shardings.params)
+        _log_init_from(report, config.init_from.checkpoint)
+        writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
+
+    # Training and evaluation trace under the mesh and the logical axis rules, so the
+    # models' activation constraints shard them.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      batch_shardings = {k: sharding_lib.batch_sharding(mesh) for k in example}
+      train_step = jax.jit(
+          make_train_step(model, tx, schedule, config.grad_accum_steps),
+          in_shardings=(shardings, batch_shardings),
+          out_shardings=(shardings, sharding_lib.replicated(mesh)),
+          donate_argnums=0)
+      global_example = _example_batch(first_batch, config.batch_size)
+      flops_per_step = _flops(train_step, abstract, global_example)
+      eval_step = evaluate_lib.make_eval_step(model, shardings.params, mesh)
+      peak = writers.device_peak_flops() * jax.device_count()
+
+      if start_step == 0:
+        counts = state_lib.param_counts(state.params)
+        _log_step_zero(config, mesh, counts, flops_per_step, optim.describe(config, state.params))
+        writer.write(0, {"flops_per_step": flops_per_step,
+                         **{f"params/{k}": v for k, v in counts.items()}})
+
+      results = _train_loop(config, state, start_step, pending, train_iter, make_eval_iter,
+                            train_step, eval_step, model, mesh, writer, checkpointer,
+                            preemption, flops_per_step, peak)
+  finally:
+    preemption.close()
+    checkpointer.close()
+    writer.close()
+  if is_chief:
+    print(format_summary(results), flush=True)
+  return results
+
+
+def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, train_step,
+                eval_step, model, mesh, writer, checkpointer, preemption, flops_per_step,
+                peak) -> Dict[str, Any]:
+  total = config.total_steps
+  is_chief = jax.process_index() == 0
+  bar = writers.ProgressBar(total, start_step, active=is_chief and config.progress_bar)
+  results: Dict[str, Any] = {"step": start_step}
+  unchecked = []  # (step, finite flag, per-parameter flags) not yet read on the host
+  last_log_time, last_log_step = time.perf_counter(), start_step
+
+  def check_finite():
+    if config.on_nonfinite == "error":
+      for step_, finite, grads_finite in unchecked:
+        if not bool(finite):
+          bad = sorted(n for n, ok in jax.device_get(grads_finite).items() if not ok)
+          raise NonFiniteError(
+              f"Non-finite loss or gradient at step {step_}; parameters with non-finite "
+              f"gradients: {bad or 'none (the loss itself)'}. The update was not applied; "
+              "set config.on_nonfinite='skip' to skip such steps, or lower the lr.")
+    unchecked.clear()
+
+  step = start_step
+  try:
+    for step in range(start_step + 1, total + 1):
+      local = pending if pending is not None else next(train_iter)
+      pending = None
+      state, metrics = train_step(state, sharding_lib.global_batch(local, mesh))
+      unchecked.append((step, metrics["finite"], metrics[GRADS_FINITE]))
+      bar.update(1)
+      first_step = step == start_step + 1
+      if first_step:  # includes compilation: time throughput from here on
+        jax.block_until_ready(metrics)
+        last_log_time, last_log_step = time.perf_counter(), step
+
+      if step % config.log_every == 0 or step == total:
+        check_finite()
+        host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != GRADS_FINITE}
+        host["finite"] = host["finite"] > 0
+        if not first_step:
+          now = time.perf_counter()
+          steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          last_log_time, last_log_step = now, step
+          host.update(steps_per_s=steps_per_s, examples_per_s=steps_per_s * config.batch_size,
+                      mfu=flops_per_step * steps_per_s / peak)
+        writer.write(step, host)
+        bar.update(0, loss=host["loss"], lr=host["lr"])
+        results.update({f"train/{k}": v for k, v in host.items()})
+
+      if (config.eval_every and step % config.eval_every == 0) or step == total:
+        eval_start = time.perf_counter()
+        eval_metrics = evaluate_lib.evaluate(model, eval_step, state.params, make_eval_iter(), mesh)
+        eval_metrics["seconds"] = time.perf_counter() - eval_start
+        last_log_time += eval_metrics["seconds"]  # throughput counts training time only
+        writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        results.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+
+      stop = preemption.should_stop(step)
+      if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total or stop:
+        check_finite()
+        checkpointer.save(step, state, train_iter)
+      if stop:
+        logging.warning("Preemption requested: saved step %d, stopping.", step)
+        checkpointer.wait()
+        results["preempted"] = True
+        break
+    check_finite()
+  finally:
+    bar.close()
+  results["step"] = step
+  return results
+
+
+def _flops(train_step, abstract_state, global_example) -> float:
+  """FLOPs of one step from XLA's cost analysis of the (unpartitioned) lowered program."""
+  try:
+    cost = train_step.lower(abstract_state, global_example).cost_analysis()
+  except Exception as e:  # cost analysis is best effort on some backends
+    logging.warning("XLA cost analysis failed (%s); MFU will read nan.", e)
+    return float("nan")
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _log_step_zero(config, mesh, counts, flops, optimizer_summary) -> None:
+  if jax.process_index() != 0:
+    return
+  lines = [f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+           f"devices, {jax.process_count()} process(es)",
+           "parameters per top-level module:"]
+  lines += [f"  {name:<30} {n:>14,}" for name, n in counts.items()]
+  lines.append(f"FLOPs per step (XLA cost analysis): {flops:.4g}")
+  if optimizer_summary["frozen"]:
+    lines.append(f"frozen: {optimizer_summary['frozen']}")
+  if optimizer_summary["lr_multipliers"]:
+    lines.append(f"lr multipliers: {optimizer_summary['lr_multipliers']}")
+  print("\n".join(lines), flush=True)
+
+
+def _log_init_from(report: Mapping[str, List[str]], path: str) -> None:
+  if jax.process_index() != 0:
+    return
+  print(f"init_from {path}: loaded {len(report['loaded'])}, resampled {report['resampled']}, "
+        f"new {report['new']}, dropped {report['dropped']}", flush=True)

@@ -1,0 +1,110 @@
+"""Checkpointer robustness and init_from parameter mapping."""
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_train_fixtures import tiny_config
+
+from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import trainer
+
+
+def _state(value: float):
+  return {"params": {"dense": {"kernel": jnp.full((4, 3), value)}},
+          "step": jnp.int32(0 if np.isnan(value) else value)}
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+
+
+def _target():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=jax.sharding.SingleDeviceSharding(
+                                                         jax.devices()[0])), _state(0.0))
+
+
+def _save_steps(directory, steps):
+  checkpointer = checkpoint_lib.Checkpointer(str(directory), keep=5)
+  it = _iterator()
+  for step in steps:
+    next(it)
+    checkpointer.save(step, _state(float(step)), it)
+  checkpointer.close()
+
+
+@pytest.mark.parametrize("damage", ["empty_step_dir", "missing_data_file", "truncated_array"])
+def test_damaged_newest_step_is_moved_aside_and_previous_restored(tmp_path, damage):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, [1, 2])
+  if damage == "empty_step_dir":
+    os.makedirs(directory / "3")
+  elif damage == "missing_data_file":
+    os.remove(directory / "2" / "data" / "process_0-of-1.json")
+  else:
+    for path in (directory / "2" / "state").rglob("*"):
+      if path.is_file() and "metadata" not in path.name and path.stat().st_size > 16:
+        path.write_bytes(path.read_bytes()[:8])
+
+  checkpointer = checkpoint_lib.Checkpointer(str(directory), keep=5)
+  it = _iterator()
+  state, step = checkpointer.restore_latest(_target(), it)
+  good = 2 if damage == "empty_step_dir" else 1
+  assert step == good
+  np.testing.assert_array_equal(state["params"]["dense"]["kernel"], float(good))
+  assert next(it)[0] == 4 * good  # the iterator continues after the batches of that step
+  moved = os.listdir(str(directory) + ".corrupt")
+  assert len(moved) == 1 and moved[0].startswith("3-" if damage == "empty_step_dir" else "2-")
+  checkpointer.save(3, _state(3.0), it)  # a moved-aside step no longer blocks saving it
+  checkpointer.close()
+  assert 3 in checkpoint_lib.Checkpointer(str(directory), keep=5).steps()
+
+
+def test_shape_mismatch_is_an_error_listing_parameters(tmp_path):
+  _save_steps(tmp_path, [1])
+  target = _target()
+  target["params"]["dense"]["kernel"] = jax.ShapeDtypeStruct((5, 3), jnp.float32)
+  with pytest.raises(checkpoint_lib.CheckpointShapeError, match=r"params/dense/kernel.*\(4, 3\)"):
+    checkpoint_lib.Checkpointer(str(tmp_path), keep=5).restore_latest(target, _iterator())
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=5)
+  with pytest.raises(FloatingPointError, match="step 7"):
+    checkpointer.save(7, _state(float("nan")), _iterator())
+  checkpointer.close()
+  assert checkpointer.steps() == []
+
+
+def test_merge_params_renames_excludes_and_resamples():
+  target = {"tower/embed/kernel": np.zeros((1, 8)), "tower/pos_embedding": np.zeros((1, 16, 8)),
+            "tower/head/kernel": np.zeros((8, 3)), "fusion/kernel": np.zeros((8, 8))}
+  source = {"embed/kernel": np.ones((1, 8)), "pos_embedding": np.ones((1, 4, 8)),
+            "head/kernel": np.ones((8, 10)), "decoder/kernel": np.ones((2, 2))}
+  merged, report = checkpoint_lib.merge_params(
+      target, source, rename=((r"^", "tower/"),), exclude=(r".*/head/.*",))
+  assert report["loaded"] == ["tower/embed/kernel", "tower/pos_embedding"]
+  assert report["resampled"] == ["tower/pos_embedding"]
+  assert report["new"] == ["fusion/kernel", "tower/head/kernel"]
+  assert report["dropped"] == ["decoder/kernel", "head/kernel"]
+  np.testing.assert_allclose(merged["tower/pos_embedding"], 1.0, atol=1e-6)
+  assert merged["tower/pos_embedding"].shape == (1, 16, 8)
+  np.testing.assert_array_equal(merged["tower/head/kernel"], 0.0)
+
+
+def test_init_from_loads_a_subset_into_a_bigger_model(tmp_path):
+  source, target = str(tmp_path / "source"), str(tmp_path / "target")
+  trainer.train_and_evaluate(tiny_config(total_steps=3), source)
+  config = tiny_config(total_steps=1, **{"schedule.name": "constant", "schedule.warmup_steps": 0,
+      "data.size": 8, "model.num_classes": 3, "data.num_classes": 3,
+      "init_from.checkpoint": source, "init_from.exclude": (r"head/.*",),
+      "optimizer.frozen": (r"hidden/.*", r"pos_embedding")})
+  trainer.train_and_evaluate(config, target)
+  before, after = checkpoint_lib.load_params(source), checkpoint_lib.load_params(target)
+  np.testing.assert_array_equal(after["hidden/kernel"], before["hidden/kernel"])  # loaded, frozen
+  assert after["pos_embedding"].shape == (1, 64, 16)                             # resampled
+  assert after["head/kernel"].shape == (32, 3)                                   # new

@@ -1,0 +1,52 @@
+"""SIGTERM (what TPU and cluster schedulers send) saves the current step and exits 0.
+
+Runs the user-facing command, `python -m mmjax.main`, in a subprocess.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_train_fixtures import read_metrics, subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ("from tests.test_train_fixtures import tiny_config\n"
+          "def get_config(arg=None):\n"
+          "  return tiny_config(total_steps=100000, **{'schedule.name': 'constant'})\n")
+
+
+def _command(config_file, workdir, *extra):
+  return [sys.executable, "-m", "mmjax.main", f"--config={config_file}",
+          f"--workdir={workdir}", *extra]
+
+
+def test_sigterm_saves_current_step_and_rerun_continues(tmp_path):
+  config_file = tmp_path / "c.py"
+  config_file.write_text(CONFIG)
+  workdir = tmp_path / "run"
+  env = subprocess_env(1, tmp_path / "cache")
+  proc = subprocess.Popen(_command(config_file, workdir), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir))) > 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+
+  saved = [int(s) for s in os.listdir(workdir / "checkpoints")]
+  last_logged = max(r["step"] for r in read_metrics(str(workdir)) if "loss" in r)
+  assert saved == [last_logged]  # the step it was at, not a periodic one
+
+  rerun = subprocess.run(
+      _command(config_file, workdir, f"--config.total_steps={last_logged + 2}"),
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Resumed from step {last_logged}" in rerun.stdout
+  assert "mmjax run summary" in rerun.stdout
+  steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
+  assert steps == list(range(1, last_logged + 3))
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
