@@ -28,6 +28,12 @@ def _init(model, batch):
   return nn.meta.unbox(variables)
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny_tower():
+  model = two_tower.TwoTower(**TINY)
+  return model, _init(model, _batch(6))
+
+
 @pytest.mark.parametrize("loss_type", ["softmax", "sigmoid"])
 def test_two_tower_trains_one_step_and_sharded_loss_equals_single_device(loss_type):
   model = two_tower.TwoTower(loss_type=loss_type, **TINY)
@@ -57,8 +63,8 @@ def test_two_tower_trains_one_step_and_sharded_loss_equals_single_device(loss_ty
 
 
 def test_param_tree_is_the_documented_clip_layout():
-  model = two_tower.TwoTower(**TINY)
-  names = set(traverse_util.flatten_dict(_init(model, _batch(4))["params"], sep="/"))
+  _, variables = _tiny_tower()
+  names = set(traverse_util.flatten_dict(variables["params"], sep="/"))
   for name in ("img/embedding/kernel", "img/cls", "img/pos_embedding",
                "img/encoder/encoderblock_0/attention/query/kernel",
                "img/encoder/encoder_norm/scale", "txt/embed/embedding/embedding",
@@ -70,9 +76,8 @@ def test_param_tree_is_the_documented_clip_layout():
 
 
 def test_zero_shot_logits_use_prompt_ensembles_and_evaluate_gives_recall():
-  model = two_tower.TwoTower(**TINY)
+  model, variables = _tiny_tower()
   batch = _batch(6)
-  variables = _init(model, batch)
   prompts = batch["text"][:6].reshape(3, 2, 8)              # 3 classes x 2 prompts
 
   @jax.jit
