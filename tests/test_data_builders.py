@@ -1,6 +1,4 @@
 """Offline datasets: deterministic builds, consistent multimodal content, public TFDS passthrough."""
-import json
-import os
 
 import numpy as np
 import pytest
@@ -103,6 +101,12 @@ def test_shapes_audio_sensor_caption_and_answers_agree(tiny_shapes):
                                    if o[2] in r["question"].decode() or
                                    "many objects" in r["question"].decode())],
     }.get(qtype, answer)
+    if qtype == "relation":  # "is the red circle left of the blue cross?"
+      words = r["question"].decode()[len("is the "):-1].split()
+      a, rel, b = words[1], " ".join(words[2:-3]), words[-1]
+      (ra, ca), (rb, cb) = (divmod(shapes.POSITIONS.index(objects[s][1]), 3) for s in (a, b))
+      holds = {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}
+      expected = "yes" if holds[rel] else "no"
     assert answer == expected, (caption, r["question"], answer, expected)
     checked.add(qtype)
   assert checked == set(shapes.QUESTION_TYPES)

@@ -37,7 +37,8 @@ def test_train_batches_follow_the_batch_contract(digits):
   batch = next(pipeline.create_train_iterator(digits, global_batch_size=8, seed=0))
   expected = {"image": ((8, 8, 8, 3), np.float32), "text": ((8, 24), np.int32),
               "question": ((8, 16), np.int32), "answer": ((8,), np.int32),
-              "label": ((8,), np.int32), "index": ((8,), np.int32)}
+              "label": ((8,), np.int32), "question_type": ((8,), np.int32),
+              "index": ((8,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
   assert np.all((batch["text"] > 0).sum(1) > 0)  # captions are not empty
   assert np.all(batch["text"][:, -1] == 0)  # and padded with 0

@@ -12,7 +12,8 @@ from mmjax.train import trainer
 def test_stop_and_resume_gives_bit_identical_params(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   config = tiny_config(total_steps=10, checkpoint_every=5, keep_checkpoints=2,
-                       grad_accum_steps=2)
+                       grad_accum_steps=2, **{"optimizer.frozen": (r"hidden/bias",),
+                                              "optimizer.lr_multipliers": ((r"head/.*", 0.5),)})
   trainer.train_and_evaluate(config, str(straight))
 
   # "Stop at step 5": a workdir holding only what the run had written by then.

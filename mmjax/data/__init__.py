@@ -21,7 +21,7 @@ Extra keys some pipelines add (models may ignore them):
                                       for accuracy per type; see dataset_info()
   spectrogram    float32 [B, T, F]    log-magnitude STFT, when the `spectrogram` op runs
 
-Token id 0 is padding in every tokenizer.
+Token id 0 is padding in every tokenizer (the attention mask of text is `ids != 0`).
 
 Modules: pipeline.py (the grain iterators and config.data), dataset.py (what a dataset
 provides, record checks), preprocess.py (ops named in the config), tokenizer.py,

@@ -45,7 +45,8 @@ a (deterministic) function of num_workers too: resume with the same num_workers.
                     dataset's default
   eval_preprocess   the same at evaluation (random ops become deterministic); None -> the
                     dataset's default
-  num_workers       grain worker processes (0 = in the main process, with threads)
+  num_workers       grain worker processes for training (0 = in the main process, with
+                    threads); evaluation always reads with threads
   read_threads      threads reading and preprocessing examples in each process
   prefetch          examples buffered by the read threads / batches per worker
   drop_bad_records  False: a bad record raises an error naming record and field;

@@ -33,6 +33,8 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from mmjax.nn import embed
+
 
 class CheckpointShapeError(ValueError):
   """The checkpoint is readable but does not fit the model the config builds."""
@@ -91,19 +93,19 @@ class Checkpointer:
     `data_iterator` is rewound in place to the saved position.
     """
     for step in reversed(self.steps()):
+      self._check_shapes(step, target)
+      error = None
       try:
-        self._check_shapes(step, target)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      except CheckpointShapeError:
-        raise
       except Exception as e:  # orbax raises bare Exceptions for damaged files
-        logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); moving it aside and "
-                        "trying the previous one.", step, self.directory, type(e).__name__, e)
-        self._move_aside(step, f"{type(e).__name__}: {e}")
-        continue
-      return restored.state, step
+        error = f"{type(e).__name__}: {e}"
+      if _on_every_process(error is None):
+        return restored.state, step
+      logging.warning("Checkpoint step %d in %s is unreadable (%s); moving it aside and trying "
+                      "the previous one.", step, self.directory, error or "on another process")
+      self._move_aside(step, error or "unreadable on another process")
     return None, None
 
   def _check_shapes(self, step: int, target: Any) -> None:
@@ -117,14 +119,17 @@ class Checkpointer:
       return
     saved_flat = _flat_shapes(saved)
     target_flat = _flat_shapes(target)
-    problems = []
-    for name, shape in target_flat.items():
-      if name not in saved_flat:
-        problems.append(f"{name}: missing in checkpoint, model has {shape}")
-      elif saved_flat[name] != shape:
-        problems.append(f"{name}: checkpoint {saved_flat[name]} vs model {shape}")
+    # Shapes are compared wherever names agree; missing / extra entries only for params
+    # (optimizer-state containers may be named differently in metadata and in memory).
+    problems = [f"{name}: checkpoint {saved_flat[name]} vs model {shape}"
+                for name, shape in target_flat.items()
+                if name in saved_flat and saved_flat[name] != shape]
+    problems += [f"{name}: missing in checkpoint, model has {shape}"
+                 for name, shape in target_flat.items()
+                 if name.startswith("params/") and name not in saved_flat]
     problems += [f"{name}: in checkpoint {shape}, not in model"
-                 for name, shape in saved_flat.items() if name not in target_flat]
+                 for name, shape in saved_flat.items()
+                 if name.startswith("params/") and name not in target_flat]
     if problems:
       raise CheckpointShapeError(
           f"Checkpoint step {step} in {self.directory} does not match the model built from the "
@@ -145,6 +150,13 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"mmjax_move_aside_{step}")
     self._manager.reload()
+
+
+def _on_every_process(ok: bool) -> bool:
+  """True if `ok` holds on all processes (they must agree on which step they restored)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
 def _flat_shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
@@ -177,7 +189,9 @@ def _resolve_state_dir(path: str) -> str:
   for candidate in (path, os.path.join(path, "checkpoints")):
     if os.path.isdir(os.path.join(candidate, "state")):
       return os.path.join(candidate, "state")
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if not os.path.isdir(candidate):
+      continue
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
     if steps:
       return os.path.join(candidate, str(max(steps)), "state")
   raise FileNotFoundError(f"config.init_from.checkpoint={path!r}: expected a run directory, its "
@@ -212,20 +226,9 @@ def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
     raise ValueError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
                      "lengths are not square grids (with at most one class token).")
   old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
-  try:  # the model library's implementation, once present, is the reference
-    from mmjax.nn.embed import resample_posemb as library_resample  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    library_resample = _resample_grid
-  out = library_resample(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
-                         num_prefix_tokens=prefix)
+  out = embed.resample_posemb(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
+                              num_prefix_tokens=prefix)
   return np.asarray(out, posemb.dtype)
-
-
-def _resample_grid(posemb, old_grid, new_grid, num_prefix_tokens):
-  prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
-  grid = grid.reshape(tuple(old_grid) + (posemb.shape[-1],))
-  grid = jax.image.resize(grid, tuple(new_grid) + (posemb.shape[-1],), "bilinear")
-  return jnp.concatenate([prefix, grid.reshape((1, -1, posemb.shape[-1]))], axis=1)
 
 
 def _is_square(n: int) -> bool:

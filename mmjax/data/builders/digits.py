@@ -7,13 +7,14 @@ demos see real images with no download. Each image gets:
   question  "what digit is this?" / "is this digit even?" / "is this digit bigger than
             four?" and `answer`, an index into ANSWERS (ten digit words + yes / no)
   label     the digit (0-9)
+  question_type   index into QUESTION_TYPES ("digit", "even", "bigger_than_four")
 
 Splits: a fixed permutation (seed 0) gives `test` = 297 images and `train` = the other 1,500.
 Chance levels: label and digit questions 1/10, yes/no questions 1/2; retrieval of a
 caption among the 297 test images is 1/10 per class (captions name only the digit).
 
 Raw record (before preprocessing): image uint8 [8, 8, 1] in [0, 255], caption/question
-bytes, answer and label int64.
+bytes, answer, label and question_type int64.
 """
 from typing import Any, Dict
 
@@ -25,6 +26,7 @@ from mmjax.registry import DATASETS
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ANSWERS = WORDS + ("yes", "no")
+QUESTION_TYPES = ("digit", "even", "bigger_than_four")
 TEMPLATES = ("a handwritten {}", "the digit {}", "a picture of the number {}",
              "a scanned {} written by hand")
 NUM_TEST = 297
@@ -33,7 +35,8 @@ NUM_TEST = 297
 class DigitsBuilder(tfds.core.GeneratorBasedBuilder):
   """TFDS builder; the `tokenizer` SentencePiece vocabulary is trained after preparing."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Adds question_type."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
 
   def _info(self):
@@ -46,6 +49,7 @@ class DigitsBuilder(tfds.core.GeneratorBasedBuilder):
             "question": tfds.features.Text(),
             "answer": tfds.features.ClassLabel(names=ANSWERS),
             "label": tfds.features.ClassLabel(names=WORDS),
+            "question_type": tfds.features.ClassLabel(names=QUESTION_TYPES),
         }),
         metadata=tfds.core.MetadataDict(answers=list(ANSWERS)))
 
@@ -78,6 +82,7 @@ def make_example(image: np.ndarray, digit: int, index: int) -> Dict[str, Any]:
       "question": question,
       "answer": ANSWERS.index(answer),
       "label": digit,
+      "question_type": int(kind),
   }
 
 
@@ -101,12 +106,13 @@ class Digits(dataset_lib.TfdsDataset):
     return (f"decode|resize({size})|{crop}normalize(0.5, 0.5)|"
             f"tokenize('caption', 'text', {c.max_text_len})|"
             f"tokenize('question', 'question', {c.max_question_len})|"
-            "keep('image', 'text', 'question', 'answer', 'label')")
+            "keep('image', 'text', 'question', 'answer', 'label', 'question_type')")
 
   def info(self) -> Dict[str, Any]:
     return {
         "num_classes": 10, "classes": list(WORDS),
         "num_answers": len(ANSWERS), "answers": list(ANSWERS),
-        "chance": {"label": 0.1, "answer_digit": 0.1, "answer_yes_no": 0.5,
-                   "retrieval_class": 0.1},
+        "question_types": list(QUESTION_TYPES),
+        "chance": {"label": 0.1, "retrieval_class": 0.1,
+                   "answer_uniform": {"digit": 0.1, "even": 0.5, "bigger_than_four": 0.5}},
     }

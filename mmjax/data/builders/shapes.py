@@ -7,8 +7,8 @@ distinct, so every question below has exactly one answer.
   image     uint8 [S, S, 3]: shapes (6 colours x 4 shapes x 2 sizes) on a 3x3 grid of
             cells, with colour jitter, sub-cell position jitter and pixel noise.
   caption   all objects in reading order, e.g. "a scene with large red circle at top left
-            and small blue cross at center" (432 captions for one object, ~10^5 for two,
-            ~10^7 for three: retrieval cannot be solved by memorising captions).
+            and small blue cross at center" (432 scenes for one object, ~5x10^4 for two,
+            ~2x10^6 for three: retrieval cannot be solved by memorising captions).
   audio     int16 [sample_rate * audio_seconds]: a noisy tone whose pitch names the SHAPE
             of one object of the scene, the "heard" object (random phase, +-2% pitch).
   sensor    float32 [sensor_steps, 3]: a noisy stream whose channel 0 oscillates at 1, 2
@@ -58,6 +58,8 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")  # cell = 3 * row + column
 COUNTS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ANSWERS = tuple(COLORS) + SHAPES + COUNTS + POSITIONS + ("yes", "no")
+# relation -> (axis of divmod(cell, 3) = (row, column), sign): "a REL b" holds when
+# sign * (a's coordinate - b's) > 0; row 0 is the top.
 RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}
 QUESTION_TYPES = ("color", "shape", "count", "position", "relation", "heard_color",
                   "heard_position", "sensed_shape", "sensed_color", "heard_at_sensed")
@@ -129,7 +131,7 @@ def make_question(objects: List[dict], heard: int, sensed: int,
     a, b = objects[int(a)], objects[int(b)]
     def holds(rel):
       axis, sign = RELATIONS[rel]
-      return sign * (divmod(a["cell"], 3)[axis] - divmod(b["cell"], 3)[axis]) < 0
+      return sign * (divmod(a["cell"], 3)[axis] - divmod(b["cell"], 3)[axis]) > 0
     true = [r for r in RELATIONS if holds(r)]
     false = [r for r in RELATIONS if not holds(r)]
     answer = "yes" if true and rng.random() < 0.5 else "no"
@@ -209,7 +211,9 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
   """TFDS array_record builder for `shapes`; built with a ShapesConfig."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "1.1.0": "Fix inverted answers of relation questions; bigger shapes."}
 
   def _info(self):
     o = self.builder_config.options
