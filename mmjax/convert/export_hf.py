@@ -22,20 +22,6 @@ from mmjax.convert import layout
 from mmjax.convert.common import Flat
 
 
-def load_mmjax_checkpoint(path: str) -> Dict[str, np.ndarray]:
-  """Flat params of an mmjax checkpoint: a converted DST, a run directory or a step."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  for candidate in (os.path.join(path, "state"), path):
-    if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, "_METADATA")):
-      restored = ocp.StandardCheckpointer().restore(candidate)
-      if "params" not in restored:
-        raise ValueError(f"{candidate} has no 'params'; found {sorted(restored)}.")
-      return {k: np.asarray(v) for k, v in common.flatten(restored["params"]).items()}
-  raise FileNotFoundError(f"No mmjax checkpoint at {path}: expected {path}/state (written by "
-                          "python -m mmjax.convert) or an Orbax state directory.")
-
-
 def _encoder_depth(params: Mapping[str, Any], encoder: str) -> int:
   prefix = f"{encoder}/{layout.BLOCK_PREFIX}_"
   return len({k[len(prefix):].split("/")[0] for k in params if k.startswith(prefix)})
@@ -90,10 +76,12 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
                    ) -> tuple[Flat, Dict[str, Any]]:
   """(HF ViTForImageClassification / ViTModel state dict, config.json dict)."""
   _check_pool(model_config, "pool_type", ("cls",))
-  if any(k.startswith(layout.PRE_LOGITS + "/") for k in params):
-    raise ValueError("HF ViTForImageClassification has no pre-logits layer; this model has "
-                     f"'{layout.PRE_LOGITS}' (representation_size), which would be lost.")
   has_head = layout.HEAD + "/kernel" in params
+  has_pooler = layout.PRE_LOGITS + "/kernel" in params
+  if has_head and has_pooler:
+    raise ValueError("HF ViTForImageClassification classifies the class token directly; this "
+                     f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
+                     "its head, which HF would skip.")
   p = "vit." if has_head else ""
   emb = _vision_embeddings(params, "", patch_bias=True)
   sd = {p + "embeddings.patch_embeddings.projection.weight": emb["conv"],
@@ -116,8 +104,13 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
     labels = {str(i): f"LABEL_{i}" for i in range(kernel.shape[1])}
     config.update(architectures=["ViTForImageClassification"], id2label=labels,
                   label2id={v: int(k) for k, v in labels.items()})
-  else:
+  else:  # ViTModel; its pooler (Dense + tanh on the class token) is mmjax's pre-logits.
     config.update(architectures=["ViTModel"])
+    if has_pooler:
+      kernel = params[layout.PRE_LOGITS + "/kernel"]
+      sd["pooler.dense.weight"] = kernel.T
+      sd["pooler.dense.bias"] = params[layout.PRE_LOGITS + "/bias"]
+      config.update(pooler_output_size=int(kernel.shape[1]), pooler_act="tanh")
   return sd, config
 
 
@@ -204,7 +197,7 @@ def export(params: Mapping[str, Any], model_config, dst: str,
     raise ValueError(f"--image-size {image_size} differs from the model's {size}; resample "
                      "the position embedding by importing at the new size first.")
   os.makedirs(dst, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()},
+  save_file({k: np.array(v, np.float32, order="C") for k, v in sd.items()},  # keeps 0-d
             os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(dst, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

@@ -8,13 +8,15 @@ or transformers v5's in-memory names (`layers.{i}.attention.q_proj`).
 Exact differences handled here, so that outputs match to float32 rounding:
   * CLIP's patch embedding has no bias: mmjax's is set to zero.
   * The position grid is resampled when the mmjax model is built for another image size.
-Differences that cannot be mapped (the activation function, LayerNorm epsilon, CLIP's
-pre-encoder LayerNorm) are checked against the model config and refused when they differ.
+Differences that cannot be mapped are refused: an activation or LayerNorm epsilon other
+than mmjax's (tanh GELU, 1e-6; accepted with `allow_approximate=True`, e.g. for the exact
+GELU and 1e-12 of Hub ViTs, and noted in the report), and CLIP's pre-encoder LayerNorm,
+which the mmjax ViT does not have.
 """
 import json
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -140,20 +142,18 @@ def _num_layers(weights: Mapping[str, Any], pattern: str) -> int:
 # ----------------------------------------------------------------------------- model configs
 
 
-def check_compatible(config: Mapping[str, Any], what: str) -> None:
-  """Refuses HF settings that the mmjax Transformer does not compute (it would load and
-  silently give other outputs)."""
+def approximations(config: Mapping[str, Any], what: str) -> List[str]:
+  """HF settings the mmjax Transformer does not compute: loading them changes outputs."""
+  found = []
   act = config.get("hidden_act", "gelu")
   if act not in MMJAX_ACTIVATIONS:
-    raise ValueError(
-        f"{what} uses hidden_act={act!r}; the mmjax Transformer MLP computes flax nn.gelu "
-        f"(tanh approximation, HF {MMJAX_ACTIVATIONS}). Loading would change the outputs. "
-        "Pass allow_approximate=True (--allow-approximate) to accept the difference.")
+    found.append(f"{what} uses hidden_act={act!r}; the mmjax Transformer MLP computes flax "
+                 f"nn.gelu (tanh approximation, HF {MMJAX_ACTIVATIONS})")
   eps = config.get("layer_norm_eps", 1e-12)
   if not np.isclose(eps, MMJAX_LAYER_NORM_EPS, rtol=1e-3, atol=0):
-    raise ValueError(
-        f"{what} uses layer_norm_eps={eps}; mmjax LayerNorms use {MMJAX_LAYER_NORM_EPS}. "
-        "Pass allow_approximate=True (--allow-approximate) to accept the difference.")
+    found.append(f"{what} uses layer_norm_eps={eps}; mmjax LayerNorms use "
+                 f"{MMJAX_LAYER_NORM_EPS}")
+  return found
 
 
 def vit_model_config(config: Mapping[str, Any], weights: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -184,7 +184,15 @@ def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       text_heads=int(text["num_attention_heads"]), text_mlp_dim=int(text["intermediate_size"]),
       max_text_len=int(text["max_position_embeddings"]),
       # CLIP pools the end-of-text token, the largest id of its vocabulary.
-      text_pool="argmax", text_causal=True))
+      text_pool="argmax", text_causal=True, **_clip_pre_norm_field()))
+
+
+def _clip_pre_norm_field() -> Dict[str, bool]:
+  """{"image_pre_norm": True} once the two-tower model has that option (CLIP's vision
+  tower applies a LayerNorm before its encoder); {} before, and `fill_clip` refuses."""
+  from mmjax.models import two_tower  # pylint: disable=g-import-not-at-top
+  return {"image_pre_norm": True} if "image_pre_norm" in two_tower.TwoTower.__dataclass_fields__ \
+      else {}
 
 
 # ----------------------------------------------------------------------------- ViT
@@ -303,12 +311,13 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
               (config.get("text_config", {}), "CLIP's text tower")]
     image_size = image_size or config.get("vision_config", {}).get("image_size")
     fill = fill_clip
-  if not allow_approximate:
-    for tower_config, what in towers:
-      if tower_config:
-        check_compatible(tower_config, what)
+  approximate = [a for tower_config, what in towers for a in approximations(tower_config, what)]
+  if approximate and not allow_approximate:
+    raise ValueError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
+                     "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
     raise ValueError("Unknown image size: pass image_size (--image-size).")
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
+  report.notes.extend(f"approximate: {a}" for a in approximate)
   return params, model_config, report

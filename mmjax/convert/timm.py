@@ -73,15 +73,17 @@ def normalize(weights: Mapping[str, np.ndarray]) -> Flat:
   return split_qkv(weights)
 
 
-def model_config(weights: Mapping[str, np.ndarray], num_heads: int) -> ml_collections.ConfigDict:
+def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int
+                     ) -> ml_collections.ConfigDict:
   """The mmjax "vit" config of a timm state dict (the head count is not in the weights)."""
   width, _, patch, _ = weights["patch_embed.proj.weight"].shape
   depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
   return ml_collections.ConfigDict(dict(
       name="vit", num_classes=int(weights["head.weight"].shape[0]) if "head.weight" in weights
       else 0, patch_size=int(patch), width=int(width), depth=depth, num_heads=int(num_heads),
-      mlp_dim=int(weights["blocks.0.mlp.fc1.weight"].shape[0]), pool_type="cls", variant=None,
-      representation_size=None))
+      mlp_dim=int(weights["blocks.0.mlp.fc1.weight"].shape[0]), variant=None,
+      pool_type="cls" if "cls_token" in weights else "gap",
+      class_token="cls_token" in weights, representation_size=None))
 
 
 def fill(m: common.Mapper) -> None:
@@ -99,27 +101,33 @@ def fill(m: common.Mapper) -> None:
   m.move("head.bias", layout.HEAD + "/bias")
 
 
-def load(path: str, model_config_: Optional[ml_collections.ConfigDict] = None, *,
+def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
          num_heads: Optional[int] = None, image_size: Optional[int] = None,
-         skip: Sequence[str] = (), strict: bool = True
+         skip: Sequence[str] = (), allow_approximate: bool = False, strict: bool = True
          ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict, common.Report]:
   """Imports a timm ViT state dict (.pth/.bin/.safetensors).
 
-  `model_config_` or `num_heads` must be given (timm files do not record the head count);
-  `image_size` defaults to the checkpoint's grid times the patch size.
+  `model_config` or `num_heads` must be given (timm files do not record the head count);
+  `image_size` defaults to the checkpoint's grid times the patch size. timm ViTs compute
+  exact GELU and mmjax the tanh approximation (outputs differ at the 1e-3 level), so
+  `allow_approximate=True` must acknowledge it.
   Returns (params, model_config, report).
   """
+  if not allow_approximate:
+    raise ValueError(
+        "timm ViTs use exact GELU (nn.GELU); the mmjax Transformer MLP computes flax "
+        "nn.gelu (tanh approximation), so outputs differ at the 1e-3 level. Pass "
+        "allow_approximate=True (--allow-approximate) to accept the difference.")
   weights = normalize(common.read_checkpoint(path))
-  if model_config_ is None:
+  if model_config is None:
     if not num_heads:
       raise ValueError("A timm state dict does not record the number of attention heads: "
                        "pass the mmjax model config (--model-config) or num_heads.")
-    model_config_ = model_config(weights, num_heads)
+    model_config = vit_model_config(weights, num_heads)
   if not image_size:
     patches = weights["pos_embed"].shape[1] - ("cls_token" in weights)
     image_size = int(round(np.sqrt(patches))) * weights["patch_embed.proj.weight"].shape[-1]
-  target = common.model_param_shapes(model_config_, image_size=int(image_size))
+  target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
-  report.notes.append("timm ViTs use exact GELU and LayerNorm eps 1e-6; mmjax uses tanh-"
-                      "approximate GELU (outputs differ at the 1e-3 level).")
-  return params, model_config_, report
+  report.notes.append("approximate: timm's exact GELU runs as mmjax's tanh-approximate GELU")
+  return params, model_config, report
