@@ -63,18 +63,19 @@ class GatedCrossAttentionFusion(FusionEncoder):
                deterministic: bool = True) -> Dict[str, Array]:
     check_streams(tokens, masks)
     fusion_layer = self.resolved_fusion_layer()
+    gated_xattn = lambda name: GatedCrossAttention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        dtype=self.dtype, implementation=self.implementation, name=name)
+    modules = {}  # per-modality modules by name (one shared set with shared_weights)
     x = dict(tokens)
     for i in range(self.num_layers):
       if i >= fusion_layer and len(x) > 1:
         previous = dict(x)  # every stream reads the others' state before this layer
         for m in x:
           others = [o for o in previous if o != m]
-          x[m] = GatedCrossAttention(
-              num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-              dtype=self.dtype, implementation=self.implementation,
-              name=self.stream_name(m, f"xattn{i}"))(
-                  x[m], jnp.concatenate([previous[o] for o in others], axis=1),
-                  jnp.concatenate([masks[o] for o in others], axis=1),
-                  deterministic=deterministic)
-      x = self.separate_layers(x, masks, [i], deterministic)
-    return self.final_norms(x)
+          x[m] = self.stream_module(modules, m, f"xattn{i}", gated_xattn)(
+              x[m], jnp.concatenate([previous[o] for o in others], axis=1),
+              jnp.concatenate([masks[o] for o in others], axis=1),
+              deterministic=deterministic)
+      x = self.separate_layers(modules, x, masks, [i], deterministic)
+    return self.final_norms(modules, x)
