@@ -10,7 +10,8 @@ A sweep config (see configs/ablations/) is a ConfigDict with
              (`{"model.fusion": "bottleneck", "model.num_bottlenecks": 4}`) and an
              optional "label" for tables and plots;
   num_seeds  each point trains with seeds base.seed, base.seed + 1, ...;
-  plot       `x` (a column, e.g. "gflops") and `y` (metrics), one panel per metric.
+  plot       `x` (a column, e.g. "gflops") and `y` (metrics), one panel per metric;
+  table      optional: the metrics results.md shows (results.csv always has them all).
 
 Each (point, seed) is a run. Its resolved config is hashed; the run lives in
 DIR/runs/<label>-s<seed>-<hash>/ (the trainer's workdir) and is finished once
@@ -216,10 +217,13 @@ def collect(sweep: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, An
   return rows
 
 
-def _columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
-  """Table columns: cost, then metrics (overridden config fields are in the label)."""
+def _columns(rows: Sequence[Mapping[str, Any]],
+             shown: Optional[Sequence[str]] = None) -> List[str]:
+  """Table columns: cost, then metrics (all, or those `shown`), then seconds per run."""
   metrics = sorted({k for r in rows for k in r}
                    - {"label", "overrides", "config", "seeds", "wall_s", *COST_COLUMNS})
+  if shown:
+    metrics = [m for m in shown if m in metrics]
   return [c for c in COST_COLUMNS if any(c in r for r in rows)] + metrics + ["wall_s"]
 
 
@@ -250,10 +254,11 @@ def write_report(sweep: ml_collections.ConfigDict, workdir: str,
     for r in rows:
       writer.writerow([r["label"], r["overrides"], r["seeds"]] +
                       [x for c in columns for x in r.get(c, ("", ""))])
-  lines = ["| point | seeds | " + " | ".join(columns) + " |",
-           "|---|---:|" + "---:|" * len(columns)]
+  shown = _columns(rows, sweep.get("table"))
+  lines = ["| point | seeds | " + " | ".join(shown) + " |",
+           "|---|---:|" + "---:|" * len(shown)]
   for r in rows:
-    cells = [_fmt(*r[c], r["seeds"], c) if c in r else "" for c in columns]
+    cells = [_fmt(*r[c], r["seeds"], c) if c in r else "" for c in shown]
     lines.append(f"| {r['label']} | {r['seeds']} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   with open(os.path.join(workdir, "results.md"), "w") as f:

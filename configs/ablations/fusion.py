@@ -38,6 +38,7 @@ def get_config(arg=None):
       + [{"label": "cross", "model.fusion": "cross", "model.fusion_layer": num_layers // 2},
          {"label": "fusion-in-transformer", "model.fusion": "fusion_in_transformer"}])
   sweep.num_seeds = 2
+  sweep.table = ("eval/vqa_accuracy", "train/vqa_accuracy", "train/loss")
   sweep.plot = ml_collections.ConfigDict(dict(
       x="gflops", y=("eval/vqa_accuracy",), title="Fusion strategies on shapes VQA"))
   return sweep

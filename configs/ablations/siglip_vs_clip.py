@@ -50,6 +50,8 @@ def get_config(arg=None):
       for name, loss in (("CLIP", "softmax"), ("SigLIP", "sigmoid"))
       for batch in (16, 64, 256)]
   sweep.num_seeds = 2
+  sweep.table = ("eval/i2t_recall@1", "eval/t2i_recall@1", "eval/i2t_recall@5",
+                 "eval/t2i_recall@5", "train/loss")
   sweep.plot = ml_collections.ConfigDict(dict(
       x="batch_size", y=("eval/i2t_recall@1", "eval/t2i_recall@1"),
       title="SigLIP (sigmoid) vs CLIP (softmax) loss on shapes image-caption retrieval"))
