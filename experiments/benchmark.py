@@ -533,6 +533,19 @@ def markdown_table(records: Sequence[Dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def markdown_report(results: Dict[str, Any]) -> str:
+  """The table with a header saying where, when and how it was measured."""
+  env = results["environment"]
+  peak = results.get("peak_flops_per_s")
+  lines = [f"Measured {env['time_utc']} on {env['cpu_count']} {env['backend']} cores "
+           f"({env['device']}), jax {env['jax']}: "
+           f"`python experiments/benchmark.py {' '.join(env['argv'])}`.",
+           f"MFU is against {peak / 1e9:.1f} GFLOP/s, the best float32 matmul seen in the run. "
+           "Step time: median after warm-up; speed ratios: medians of the same interleaved "
+           "rounds (> 1 = mmjax faster).", "", ""]
+  return "\n".join(lines) + markdown_table(results["records"])
+
+
 def _environment(ctx: Context) -> Dict[str, Any]:
   return {"jax": jax.__version__, "backend": jax.default_backend(),
           "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
@@ -654,7 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(json.dumps(fsdp_bytes(args.fsdp_variant, args.image_size)))
     return {}
   results = run(args)
-  table = markdown_table(results["records"])
+  table = markdown_report(results)
   print("\n" + table)
   if args.json:
     with open(args.json, "w") as f:
