@@ -4,12 +4,16 @@ No timing assertions (the machine is shared): only that each figure exists and i
 """
 import json
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import baselines, benchmark
+# experiments/ is a folder of scripts, not part of the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import baselines, benchmark  # noqa: E402
 
 
 def _records(path):
