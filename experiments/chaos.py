@@ -1,0 +1,368 @@
+"""Chaos drill: kill a training run again and again, damage a checkpoint, and check nothing is lost.
+
+  python experiments/chaos.py --cycles=5 --seed=0 --workdir=/tmp/chaos
+
+Each cycle launches the user-facing command, `python -m mmjax.main --config=... --workdir=...`,
+and stops it at a random moment with SIGKILL (a crash: no chance to save) or SIGTERM (a
+preemption notice: the trainer should save the current step and exit 0). The moments:
+
+  startup   a random time before the first step (imports, restore, compilation);
+  training  a random step between the current one and the end;
+  save      while an asynchronous checkpoint save is in flight (its `*.orbax-checkpoint-tmp*`
+            directory exists), the moment a crash is most likely to leave a damaged step.
+
+In one cycle the newest checkpoint is then damaged (a truncated or zeroed array file, an
+emptied step directory or a deleted data-iterator file). The next launch must warn about that
+step, move it to `checkpoints.corrupt/` and resume from the previous good one. A final launch
+runs to the end. Meanwhile a reference run of the same command trains uninterrupted in its
+own workdir (in parallel, same device count, so the same mesh).
+
+Reported (printed, and written to WORKDIR/chaos.json):
+  cycles_survived  cycles after which the next launch resumed (or restarted) and trained on;
+  steps_lost       per cycle, the newest step trained before the kill minus the step the next
+                   launch resumed from (0 is the ideal for SIGTERM);
+  bit_identical    whether the final params equal the reference run's, bit for bit;
+  losses_identical whether every logged loss, re-run steps included, equals the reference's.
+
+The default config is configs/vit_digits.py shrunk by `--override` to train in seconds; the
+trainer settings chaos relies on (log every step, frequent checkpoints, no eval) are always
+set. Any config file works (`--config=...`, with `--override=field=value` for its own fields).
+"""
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import app, flags, logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python experiments/chaos.py` from anywhere imports this mmjax
+  sys.path.insert(0, ROOT)
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+MOMENTS = ("startup", "training", "save")
+CORRUPTIONS = ("truncated_array", "zeroed_array", "empty_step_dir", "missing_data_iterator")
+
+_CONFIG = flags.DEFINE_string("config", os.path.join(ROOT, "configs", "vit_digits.py"),
+                              "Config file of the run to torment.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", ["model.width=16", "model.depth=2", "model.num_heads=2", "model.mlp_dim=32",
+                 "model.dropout_rate=0.1", "batch_size=16", "schedule.warmup_steps=5"],
+    "field=value config overrides (default: shrink configs/vit_digits.py to seconds).")
+_CYCLES = flags.DEFINE_integer("cycles", 5, "Kill / resume cycles before the final launch.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the signal, moment and corruption choices.")
+_TOTAL_STEPS = flags.DEFINE_integer("total_steps", 300, "Steps of the run.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 5, "Steps between checkpoints.")
+_DEVICES = flags.DEFINE_integer("devices", 2, "Simulated CPU devices (JAX_NUM_CPU_DEVICES) "
+                                "for every launch, the reference included: the same mesh.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs, logs and chaos.json go "
+                               "(emptied first).")
+_PLAN = flags.DEFINE_list(
+    "plan", None, "Explicit SIGNAL:MOMENT per cycle instead of random ones, e.g. "
+    "KILL:save,TERM:training (SIGNAL in KILL/TERM, MOMENT in startup/training/save).")
+_CORRUPT_CYCLE = flags.DEFINE_integer(
+    "corrupt_cycle", None, "Cycle (0-based) after whose kill the newest checkpoint is "
+    "damaged (default: a random one; -1: none).")
+_CORRUPTION = flags.DEFINE_enum("corruption", None, CORRUPTIONS,
+                                "Kind of damage (default: a random one).")
+_TIMEOUT = flags.DEFINE_float("timeout", 600.0, "Seconds any one launch may take.")
+
+
+# ---------------------------------------------------------------------------------------
+# Launching and watching runs.
+
+
+def _command(workdir: str) -> List[str]:
+  fixed = [f"total_steps={_TOTAL_STEPS.value}", f"checkpoint_every={_CHECKPOINT_EVERY.value}",
+           "keep_checkpoints=3", "log_every=1", "eval_every=0", "progress_bar=False"]
+  return ([sys.executable, "-m", "mmjax.main", f"--config={_CONFIG.value}",
+           f"--workdir={workdir}"]
+          + [f"--config.{o}" for o in list(_OVERRIDES.value) + fixed])
+
+
+def _env(cache_dir: str) -> Dict[str, str]:
+  """One device count for every launch; a compilation cache shared by all of them."""
+  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(_DEVICES.value),
+              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+              JAX_COMPILATION_CACHE_DIR=cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+class Launch:
+  """One `python -m mmjax.main` process with its stdout / stderr in log files."""
+
+  def __init__(self, workdir: str, log_prefix: str, env: Dict[str, str]):
+    self.log_prefix = log_prefix
+    self.started = time.time()
+    self.first_step_at = None  # when its first step was seen (startup time for later cycles)
+    self.metrics_offset = _metrics_size(workdir)  # records this launch appends start here
+    with open(log_prefix + ".out", "w") as out, open(log_prefix + ".err", "w") as err:
+      self.proc = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stdout=out, stderr=err)
+
+  def wait(self, timeout: float) -> int:
+    try:
+      return self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+      raise RuntimeError(f"{self.log_prefix}: no exit within {timeout:.0f} s; see its logs.")
+
+  def stdout(self) -> str:
+    with open(self.log_prefix + ".out") as f:
+      return f.read()
+
+  def stderr(self) -> str:
+    with open(self.log_prefix + ".err") as f:
+      return f.read()
+
+  def resumed_from(self) -> int:
+    match = re.search(r"Resumed from step (\d+)", self.stdout())
+    return int(match.group(1)) if match else 0
+
+
+def _metrics_size(workdir: str) -> int:
+  path = os.path.join(workdir, "metrics.jsonl")
+  return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _loss_records(workdir: str, offset: int = 0) -> List[Tuple[int, float]]:
+  """(step, loss) of every train record from byte `offset` on; a line a kill cut short
+  is skipped (it can only be the last one a launch wrote)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    f.seek(offset)
+    lines = f.read().decode("utf-8", "replace").splitlines()
+  records = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if "loss" in record:
+      records.append((record["step"], record["loss"]))
+  return records
+
+
+def _newest_step(workdir: str, offset: int) -> Optional[int]:
+  records = _loss_records(workdir, offset)
+  return max(s for s, _ in records) if records else None
+
+
+def _save_in_flight(workdir: str) -> bool:
+  return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
+
+
+def _wait_for_moment(launch: Launch, workdir: str, moment: str, rng: random.Random,
+                     startup_seconds: float) -> str:
+  """Blocks until `moment` of `launch` (or its exit); returns what actually happened."""
+  deadline = launch.started + _TIMEOUT.value
+  if moment == "startup":
+    wake = launch.started + rng.uniform(0.0, startup_seconds)
+    while time.time() < wake and launch.proc.poll() is None:
+      time.sleep(0.01)
+    return "startup" if _newest_step(workdir, launch.metrics_offset) is None else "training"
+  first = None
+  while first is None and launch.proc.poll() is None and time.time() < deadline:
+    first = _newest_step(workdir, launch.metrics_offset)
+    time.sleep(0.01)
+  if first is None:
+    return "exited"
+  launch.first_step_at = time.time()
+  # A random step between the first one and 60% of the way to the end...
+  target = first + rng.randint(0, max(0, int(0.6 * (_TOTAL_STEPS.value - first))))
+  while (_newest_step(workdir, launch.metrics_offset) or 0) < target:
+    if launch.proc.poll() is not None or time.time() > deadline:
+      return "exited"
+    time.sleep(0.002)
+  if moment == "training":
+    time.sleep(rng.uniform(0.0, 0.01))  # ...anywhere within that step
+    return "training"
+  while launch.proc.poll() is None and time.time() < deadline:  # ...then the next save
+    if _save_in_flight(workdir):
+      return "save"
+    time.sleep(0.001)
+  return "exited"
+
+
+# ---------------------------------------------------------------------------------------
+# Damage.
+
+
+def corrupt_newest_step(checkpoint_dir: str, kind: str) -> Optional[int]:
+  """Damages the newest step in `checkpoint_dir` as `kind` says; returns that step."""
+  steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+  if not steps:
+    return None
+  step_dir = os.path.join(checkpoint_dir, str(steps[-1]))
+  if kind == "empty_step_dir":
+    shutil.rmtree(step_dir)
+    os.makedirs(step_dir)
+  elif kind == "missing_data_iterator":
+    for path in glob.glob(os.path.join(step_dir, "data", "process_*.json")):
+      os.remove(path)
+  else:
+    # The merged OCDBT store (state/d/) holds the array data that restore reads; the
+    # per-process stores beside it are write-side leftovers, so damage the biggest file there.
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "d", "*")) if os.path.isfile(p)]
+    files = files or [p for p in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+                      if os.path.isfile(p) and "METADATA" not in p and "commit" not in p]
+    path = max(files, key=os.path.getsize)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      if kind == "truncated_array":
+        f.truncate(size // 2)
+      else:
+        f.write(b"\0" * size)
+  return steps[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# The drill.
+
+
+def _params_equal(reference_dir: str, chaos_dir: str) -> Tuple[bool, List[str]]:
+  """(all equal, names that differ) for the params of the two runs' newest checkpoints."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  want, got = checkpoint_lib.load_params(reference_dir), checkpoint_lib.load_params(chaos_dir)
+  differ = sorted(n for n in set(want) | set(got)
+                  if n not in want or n not in got or not np.array_equal(want[n], got[n]))
+  return not differ, differ
+
+
+def _plan(rng: random.Random) -> List[Tuple[str, str]]:
+  if _PLAN.value:
+    plan = [tuple(item.split(":")) for item in _PLAN.value]
+    for item in plan:
+      if len(item) != 2 or item[0] not in SIGNALS or item[1] not in MOMENTS:
+        raise app.UsageError(f"--plan item {':'.join(item)!r}: expected SIGNAL:MOMENT with "
+                             f"SIGNAL in {sorted(SIGNALS)} and MOMENT in {MOMENTS}.")
+    return [plan[i % len(plan)] for i in range(_CYCLES.value)]
+  return [(rng.choice(sorted(SIGNALS)), rng.choice(MOMENTS)) for _ in range(_CYCLES.value)]
+
+
+def run_chaos() -> Dict[str, Any]:
+  rng = random.Random(_SEED.value)
+  root = os.path.abspath(_WORKDIR.value)
+  shutil.rmtree(root, ignore_errors=True)
+  os.makedirs(os.path.join(root, "logs"))
+  reference_dir, chaos_dir = os.path.join(root, "reference"), os.path.join(root, "chaos")
+  env = _env(os.path.join(root, "jax_cache"))
+  plan = _plan(rng)
+  corrupt_cycle = (rng.randrange(len(plan)) if _CORRUPT_CYCLE.value is None
+                   else _CORRUPT_CYCLE.value) if plan else -1
+  corruption = _CORRUPTION.value or rng.choice(CORRUPTIONS)
+
+  reference = Launch(reference_dir, os.path.join(root, "logs", "reference"), env)
+  cycles, launches, startup_seconds = [], [], 5.0
+  for index, (signal_name, moment) in enumerate(plan):
+    launch = Launch(chaos_dir, os.path.join(root, "logs", f"cycle{index}"), env)
+    launches.append(launch)
+    happened = _wait_for_moment(launch, chaos_dir, moment, rng, startup_seconds)
+    if launch.proc.poll() is None:
+      launch.proc.send_signal(SIGNALS[signal_name])
+    code = launch.wait(_TIMEOUT.value)
+    cycle = {"cycle": index, "signal": signal_name, "moment": moment, "happened": happened,
+             "resumed_from": launch.resumed_from(),
+             "newest_step_trained": _newest_step(chaos_dir, launch.metrics_offset),
+             "exit_code": code,
+             "saved_steps": sorted(int(d) for d in os.listdir(os.path.join(chaos_dir, "checkpoints"))
+                                   if d.isdigit())
+                            if os.path.isdir(os.path.join(chaos_dir, "checkpoints")) else []}
+    if launch.first_step_at is not None:
+      startup_seconds = launch.first_step_at - launch.started
+    if index == corrupt_cycle:
+      cycle["corrupted"] = {"kind": corruption,
+                            "step": corrupt_newest_step(os.path.join(chaos_dir, "checkpoints"),
+                                                        corruption)}
+    cycles.append(cycle)
+    print(f"cycle {index}: {signal_name} at {happened} -> exit {code}, trained up to step "
+          f"{cycle['newest_step_trained']}" + (f", then {corruption} on step "
+                                               f"{cycle['corrupted']['step']}"
+                                               if "corrupted" in cycle else ""), flush=True)
+    if happened == "exited" or cycle["newest_step_trained"] == _TOTAL_STEPS.value:
+      break  # the run finished before the kill: nothing left to interrupt
+
+  final = Launch(chaos_dir, os.path.join(root, "logs", "final"), env)
+  final_code = final.wait(_TIMEOUT.value)
+  reference_code = reference.wait(_TIMEOUT.value)
+  if reference_code != 0:
+    raise RuntimeError(f"The reference run failed (exit {reference_code}):\n"
+                       + reference.stderr()[-3000:])
+
+  # Each kill is judged by the launch after it: what it resumed from, and whether it named
+  # and moved aside the step that was damaged.
+  corrupt_listing = (os.listdir(chaos_dir + "/checkpoints.corrupt")
+                     if os.path.isdir(chaos_dir + "/checkpoints.corrupt") else [])
+  survived = 0
+  for cycle, later in zip(cycles, launches[1:] + [final]):
+    trained = cycle["newest_step_trained"] or cycle["resumed_from"]
+    resumed = later.resumed_from()
+    cycle["next_resumed_from"] = resumed
+    cycle["steps_lost"] = max(0, trained - resumed)
+    ok = resumed <= trained and (later is not final or final_code == 0)
+    if "corrupted" in cycle and cycle["corrupted"]["step"] is not None:
+      bad = cycle["corrupted"]["step"]
+      cycle["corrupted"]["warned"] = f"Checkpoint step {bad} in" in later.stderr()
+      cycle["corrupted"]["moved_aside"] = any(d.startswith(f"{bad}-") for d in corrupt_listing)
+      cycle["corrupted"]["resumed_before_it"] = resumed < bad
+      ok = ok and all(cycle["corrupted"][k] for k in ("warned", "moved_aside",
+                                                      "resumed_before_it"))
+    cycle["survived"] = ok
+    survived += ok
+
+  reference_losses = dict(_loss_records(reference_dir))
+  chaos_losses = _loss_records(chaos_dir)
+  final_step = _newest_step(chaos_dir, 0)
+  bit_identical, differ = (_params_equal(reference_dir, chaos_dir)
+                           if final_code == 0 else (False, ["final launch failed"]))
+  summary = {
+      "config": _CONFIG.value, "overrides": list(_OVERRIDES.value), "seed": _SEED.value,
+      "devices": _DEVICES.value, "total_steps": _TOTAL_STEPS.value,
+      "checkpoint_every": _CHECKPOINT_EVERY.value,
+      "cycles_run": len(cycles), "cycles_survived": survived,
+      "steps_lost": [c["steps_lost"] for c in cycles],
+      "steps_lost_total": sum(c["steps_lost"] for c in cycles),
+      "final_exit_code": final_code, "final_step": final_step,
+      "bit_identical": bit_identical, "params_that_differ": differ,
+      "losses_identical": bool(chaos_losses) and all(
+          reference_losses.get(s) == loss for s, loss in chaos_losses),
+      "cycles": cycles,
+      "command": " ".join(_command(chaos_dir)),
+  }
+  if final_code != 0:
+    summary["final_stderr_tail"] = final.stderr()[-3000:]
+  with open(os.path.join(root, "chaos.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
+  summary = run_chaos()
+  print(f"=== chaos: {summary['cycles_survived']}/{summary['cycles_run']} cycles survived, "
+        f"steps lost {summary['steps_lost']} (total {summary['steps_lost_total']}), final step "
+        f"{summary['final_step']}/{summary['total_steps']}, params bit-identical to the "
+        f"uninterrupted run: {summary['bit_identical']}, losses identical: "
+        f"{summary['losses_identical']}")
+  print(f"details: {os.path.join(os.path.abspath(_WORKDIR.value), 'chaos.json')}")
+  ok = (summary["cycles_survived"] == summary["cycles_run"] and summary["bit_identical"]
+        and summary["final_exit_code"] == 0)
+  sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+  app.run(main)
