@@ -9,6 +9,7 @@ the strictest measure there is: the final params equal an uninterrupted run's, b
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -42,9 +43,22 @@ def _compilation_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def _config(**overrides):
-  """The one config of the in-process tests (checkpoint_every is host-side: same programs)."""
-  return tiny_config(total_steps=6, **overrides)
+CONFIG = tiny_config(total_steps=6, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """(workdir, final params) of one uninterrupted run with checkpoints at steps 3 and 6;
+  each test damages its own copy."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  trainer.train_and_evaluate(CONFIG, str(workdir))
+  return workdir, checkpoint_lib.load_params(str(workdir))
+
+
+def _copy(uninterrupted, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted[0], workdir)
+  return workdir
 
 
 def _assert_same_params(workdir, want):
@@ -56,50 +70,48 @@ def _assert_same_params(workdir, want):
 
 @pytest.mark.parametrize("damage", chaos.CORRUPTIONS)
 def test_damaged_newest_checkpoint_is_moved_aside_resaved_and_run_ends_bit_identical(
-    tmp_path, caplog, damage):
-  config = _config(checkpoint_every=3)
-  trainer.train_and_evaluate(config, str(tmp_path))
-  uninterrupted = checkpoint_lib.load_params(str(tmp_path))
-
-  assert chaos.corrupt_newest_step(str(tmp_path / "checkpoints"), damage) == 6
+    uninterrupted, tmp_path, caplog, damage):
+  workdir = _copy(uninterrupted, tmp_path)
+  assert chaos.corrupt_newest_step(str(workdir / "checkpoints"), damage) == 6
   with caplog.at_level(logging.WARNING):
-    results = trainer.train_and_evaluate(config, str(tmp_path))
+    results = trainer.train_and_evaluate(CONFIG, str(workdir))
 
   assert "Checkpoint step 6 in" in caplog.text  # the warning names the bad step
-  assert [d[:2] for d in os.listdir(tmp_path / "checkpoints.corrupt")] == ["6-"]
+  assert [d[:2] for d in os.listdir(workdir / "checkpoints.corrupt")] == ["6-"]
   assert results["step"] == 6
-  records = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path)) if "loss" in r]
+  records = [(r["step"], r["loss"]) for r in read_metrics(str(workdir)) if "loss" in r]
   assert [s for s, _ in records] == [1, 2, 3, 4, 5, 6, 4, 5, 6]  # resumed from step 3
   assert records[3:6] == records[6:]
   # Step 6 was saved again (orbax would silently skip it had the bad one stayed), and it
   # holds what the uninterrupted run had.
-  assert 6 in checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=3).steps()
-  _assert_same_params(tmp_path, uninterrupted)
+  assert 6 in checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), keep=3).steps()
+  _assert_same_params(workdir, uninterrupted[1])
 
 
-def test_only_checkpoint_damaged_restarts_from_scratch_with_the_same_data_order(tmp_path):
-  config = _config()  # one checkpoint, at the end
-  trainer.train_and_evaluate(config, str(tmp_path))
-  uninterrupted = checkpoint_lib.load_params(str(tmp_path))
+def test_every_checkpoint_damaged_restarts_from_scratch_with_the_same_data_order(
+    uninterrupted, tmp_path):
+  workdir = _copy(uninterrupted, tmp_path)
+  shutil.rmtree(workdir / "checkpoints" / "3")
   # The state is unreadable but the iterator file is fine: a failed restore must not leave
   # the data iterator rewound to the damaged step's position.
-  chaos.corrupt_newest_step(str(tmp_path / "checkpoints"), "zeroed_array")
-  os.remove(tmp_path / "metrics.jsonl")
-  trainer.train_and_evaluate(config, str(tmp_path))
-  assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
-  _assert_same_params(tmp_path, uninterrupted)
+  chaos.corrupt_newest_step(str(workdir / "checkpoints"), "zeroed_array")
+  os.remove(workdir / "metrics.jsonl")
+  trainer.train_and_evaluate(CONFIG, str(workdir))
+  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
+  _assert_same_params(workdir, uninterrupted[1])
 
 
-def test_checkpoint_of_another_model_size_is_an_error_listing_parameters(tmp_path):
-  trainer.train_and_evaluate(_config(), str(tmp_path))
-  wider = _config(**{"model.width": 24})
+def test_checkpoint_of_another_model_size_is_an_error_listing_parameters(
+    uninterrupted, tmp_path):
+  workdir = _copy(uninterrupted, tmp_path)
+  wider = tiny_config(total_steps=6, **{"model.width": 24})
   with pytest.raises(checkpoint_lib.CheckpointShapeError) as error:
-    trainer.train_and_evaluate(wider, str(tmp_path))
+    trainer.train_and_evaluate(wider, str(workdir))
   message = str(error.value)
   for name in ("params/embed/kernel", "params/hidden/kernel", "params/pos_embedding"):
     assert name in message
   assert "(1, 16, 16)" in message and "(1, 16, 24)" in message
-  assert os.listdir(tmp_path / "checkpoints") == ["6"]  # a config error moves nothing aside
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]  # nothing moved aside
 
 
 def test_chaos_drill_kill9_mid_save_sigterm_and_damage_end_bit_identical(tmp_path):
