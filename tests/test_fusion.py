@@ -3,7 +3,8 @@
 Dependence is tested by perturbation: change the text tokens, and check which image-stream
 activations (captured per layer with `capture_intermediates`) change.
 """
-import flax.linen as nn
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def _run(name, **fields):
   """Outputs and per-layer activations for the original and a text-perturbed input."""
   module = FUSIONS.get(name)(num_layers=3, num_heads=2, mlp_dim=32, **fields)
   tokens, masks = _inputs()
-  variables = module.init(jax.random.key(0), tokens, masks)
+  variables = jax.jit(module.init)(jax.random.key(0), tokens, masks)
 
   @jax.jit
   def apply(tokens):
@@ -53,8 +54,9 @@ def test_late_image_stream_ignores_text_until_the_combination_on_top():
   assert not _same(out["text"], out_p["text"])
   combine = heads.Combine("gate")
   pooled = lambda o: [o["image"].mean(1), o["text"].mean(1)]
-  variables = combine.init(jax.random.key(1), pooled(out))
-  assert not _same(combine.apply(variables, pooled(out)), combine.apply(variables, pooled(out_p)))
+  variables = jax.jit(combine.init)(jax.random.key(1), pooled(out))
+  top = jax.jit(lambda o: combine.apply(variables, pooled(o)))
+  assert not _same(top(out), top(out_p))
 
 
 def test_hybrid_streams_are_separate_below_fusion_layer_and_joint_above():
@@ -74,12 +76,13 @@ def test_early_fusion_depends_on_the_other_modality_from_the_first_layer():
 
 
 def test_hybrid_fusion_layer_extremes_are_early_and_late():
-  (_, layers), _, early_vars = _run("hybrid", fusion_layer=0)
-  assert not any(k.startswith("image_block") for k in layers)
-  (out, _), (out_p, _), late_vars = _run("hybrid", fusion_layer=3)
-  assert _same(out["image"], out_p["image"])
-  assert (jax.tree.structure(late_vars) == jax.tree.structure(_run("late")[2])
-          and jax.tree.structure(early_vars) == jax.tree.structure(_run("early")[2]))
+  tokens, masks = _inputs()
+  structure = lambda name, **f: jax.tree.structure(jax.eval_shape(
+      FUSIONS.get(name)(num_layers=3, num_heads=2, mlp_dim=32, **f).init,
+      jax.random.key(0), tokens, masks))
+  assert structure("hybrid", fusion_layer=0) == structure("early")
+  assert structure("hybrid", fusion_layer=3) == structure("late")
+  assert structure("hybrid", fusion_layer=3) != structure("hybrid", fusion_layer=2)
 
 
 def test_bottleneck_is_the_only_path_between_modalities():
@@ -104,12 +107,15 @@ def test_cross_attention_streams_exchange_only_from_fusion_layer():
 
 
 def test_shared_weights_use_one_set_of_per_modality_layers():
-  _, _, separate = _run("late")
-  (out, _), (out_p, _), shared = _run("late", shared_weights=True)
-  assert "block0" in shared["params"] and "image_block0" not in shared["params"]
-  count = lambda v: sum(x.size for x in jax.tree.leaves(v))
-  assert count(shared) < count(separate)
-  assert _same(out["image"], out_p["image"])
+  tokens, masks = _inputs()
+  params = lambda name, **f: jax.eval_shape(
+      FUSIONS.get(name)(num_layers=3, num_heads=2, mlp_dim=32, fusion_layer=1, **f).init,
+      jax.random.key(0), tokens, masks)["params"]
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  for name in ("late", "bottleneck", "cross"):
+    separate, shared = params(name), params(name, shared_weights=True)
+    assert "block0" in shared and "image_block0" not in shared, name
+    assert count(shared) < count(separate), name
 
 
 @pytest.mark.parametrize("weights", ["head", "query"])
@@ -118,13 +124,14 @@ def test_fusion_in_transformer_weights_are_convex_per_head(weights):
                                                 fit_weights=weights)
   tokens, masks = _inputs()
   masks["text"] = masks["text"].at[1].set(False)           # example 1 has no text at all
-  variables = module.init(jax.random.key(0), tokens, masks)
+  variables = jax.jit(module.init)(jax.random.key(0), tokens, masks)
   # Move the mixing parameters away from their uniform initialisation.
   variables = jax.tree_util.tree_map_with_path(
       lambda p, x: x + jax.random.normal(jax.random.key(len(str(p))), x.shape)
       if "weight_" in jax.tree_util.keystr(p) or "gate" in jax.tree_util.keystr(p) else x,
       variables)
-  _, state = module.apply(variables, tokens, masks, mutable=["intermediates"])
+  _, state = jax.jit(functools.partial(module.apply, mutable=["intermediates"]))(
+      variables, tokens, masks)
   for w in jax.tree.leaves(state["intermediates"]):
     assert w.shape == (B, N_IMG + N_TXT, 2, 2)               # [B, T, heads, modalities]
     assert bool(jnp.all(w >= 0))
@@ -141,11 +148,12 @@ def test_fusion_in_transformer_with_one_modality_is_ordinary_attention():
   x = jax.random.normal(jax.random.key(0), (B, 6, D))
   mask = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)
   fit = fusion.FusionInTransformerAttention(num_heads=4, weights="query")
-  variables = fit.init(jax.random.key(1), x, mask, (("image", 6),))
-  got = fit.apply(variables, x, mask, (("image", 6),))
+  segments = (("image", 6),)
+  variables = jax.jit(fit.init, static_argnums=3)(jax.random.key(1), x, mask, segments)
+  got = jax.jit(fit.apply, static_argnums=3)(variables, x, mask, segments)
   mha = MultiHeadAttention(num_heads=4)
   params = {k: v for k, v in variables["params"].items() if not k.startswith("gate")}
-  want = mha.apply({"params": params}, x, mask=mask[:, None, None, :])
+  want = jax.jit(mha.apply)({"params": params}, x, mask=mask[:, None, None, :])
   np.testing.assert_array_equal(got, want)
 
 

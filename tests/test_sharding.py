@@ -65,7 +65,8 @@ def test_batch_is_split_over_data_and_fsdp():
 
 
 def test_gradient_accumulation_matches_the_full_batch():
-  (mesh, rules, state_a, _, step_a), (_, _, state_b, _, step_b) = _setup(), _setup(grad_accum_steps=4)
+  mesh, rules, state_a, _, step_a = _setup()
+  _, _, state_b, _, step_b = _setup(grad_accum_steps=4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     new_a, metrics_a = step_a(state_a, _batch(mesh))
     new_b, metrics_b = step_b(state_b, _batch(mesh))

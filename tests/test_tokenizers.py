@@ -43,8 +43,8 @@ def test_mel_filterbank_is_triangular_and_covers_the_range():
 
 
 def _apply(module, x):
-  variables = module.init(jax.random.key(0), x)
-  return module.apply(variables, x), variables
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+  return jax.jit(module.apply)(variables, x), variables
 
 
 def test_every_tokenizer_gives_tokens_of_the_shared_width_with_type_embeddings():
@@ -62,16 +62,16 @@ def test_every_tokenizer_gives_tokens_of_the_shared_width_with_type_embeddings()
     assert mask.shape == (1, n) and mask.dtype == jnp.bool_
     names = traverse_util.flatten_dict(nn.meta.unbox(variables["params"]), sep="/")
     assert any(name.endswith("type_embedding") for name in names), names.keys()
-  (_, mask), _ = _apply(cases[0][0], cases[0][1])
-  np.testing.assert_array_equal(mask, [[True, True, False, False]])
+    if isinstance(module, tokenizers.TextTokenizer):
+      np.testing.assert_array_equal(mask, [[True, True, False, False]])
 
 
 def test_image_position_embedding_is_resampled_for_a_new_image_size():
   module = tokenizers.ImageTokenizer(8, 16)
-  variables = module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   posemb = nn.meta.unbox(variables)["params"]["embeddings"]["pos_embedding"]
   assert posemb.shape == (1, 4, 4, 16)
-  tokens, _ = module.apply(variables, jnp.zeros((2, 48, 40, 3)))
+  tokens, _ = jax.jit(module.apply)(variables, jnp.zeros((2, 48, 40, 3)))
   assert tokens.shape == (2, 30, 16)
 
 

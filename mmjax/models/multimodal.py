@@ -30,7 +30,7 @@ Parameter tree: `token_embed` (shared by the text modalities), `embed_{modality}
 (tokenizers), `fusion` (see fusion.py), `image_proj` / `text_proj` / `contrastive`,
 `combine`, `vqa_head`, `cls_head`, `itm_head`, `caption_decoder`.
 """
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -302,9 +302,11 @@ class MultimodalModel(Model):
       zimg, ztxt = self.embed_image(batch, train=train), self.embed_text(batch, train=train)
       terms["itc"], _ = self.contrastive(zimg, ztxt)
       outputs.update(image_embedding=zimg, text_embedding=ztxt)
+    if "vqa" in weights or "classify" in weights:  # one fused pass serves both heads
+      fused = self.pooled(batch, self.modalities, train=train)
     for objective, key, head in (("vqa", "answer", "vqa_head"), ("classify", "label", "cls_head")):
       if objective in weights:
-        logits = getattr(self, head)(self.pooled(batch, self.modalities, train=train))
+        logits = getattr(self, head)(fused)
         terms[objective] = jnp.mean(losses.cross_entropy(logits, batch[key]))
         outputs[f"{objective}_correct"] = metrics.correct(logits, batch[key])
     if "itm" in weights:
@@ -431,7 +433,7 @@ def example_model_and_batch(fusion: str = "hybrid", batch_size: int = 4, **overr
       "sensor": rng.normal(size=(batch_size, 32, 6)).astype(np.float32),
       "text": rng.integers(1, fields["vocab_size"], (batch_size, length)).astype(np.int32),
       "question": rng.integers(1, fields["vocab_size"], (batch_size, length)).astype(np.int32),
-      "answer": rng.integers(0, fields["num_answers"], (batch_size,)).astype(np.int32),
+      "answer": rng.integers(0, max(fields["num_answers"], 1), (batch_size,)).astype(np.int32),
       "label": rng.integers(0, 10, (batch_size,)).astype(np.int32),
   }
   batch["text"][:, length // 2:] = 0  # some padding

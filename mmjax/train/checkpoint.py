@@ -192,7 +192,9 @@ def _resolve_state_dir(path: str) -> str:
   for candidate in (path, os.path.join(path, "checkpoints")):
     if os.path.isdir(os.path.join(candidate, "state")):
       return os.path.join(candidate, "state")
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if not os.path.isdir(candidate):
+      continue
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
     if steps:
       return os.path.join(candidate, str(max(steps)), "state")
   raise FileNotFoundError(f"config.init_from.checkpoint={path!r}: expected a run directory, its "

@@ -195,7 +195,8 @@ def _example_batch(local_batch: Mapping[str, np.ndarray], rows: int) -> Dict[str
 # Fine-tuning from another run.
 
 
-def apply_init_from(state: TrainState, init_config, param_shardings: Any) -> Tuple[TrainState, Dict]:
+def apply_init_from(state: TrainState, init_config,
+                    param_shardings: Any) -> Tuple[TrainState, Dict]:
   """Loads `init_config.checkpoint`'s params into `state.params` (subset, renamed, resampled)."""
   source = checkpoint_lib.load_params(init_config.checkpoint)
   # The fresh params stay where they are (new leaves keep them); only loaded ones move.
@@ -205,7 +206,8 @@ def apply_init_from(state: TrainState, init_config, param_shardings: Any) -> Tup
       rename=tuple(tuple(r) for r in init_config.rename))
   if not report["loaded"]:
     raise ValueError(f"init_from {init_config.checkpoint!r} loaded no parameter; checkpoint "
-                     f"names look like {sorted(source)[:8]}, model names like {sorted(target)[:8]}.")
+                     f"names look like {sorted(source)[:8]}, model names like "
+                     f"{sorted(target)[:8]}.")
   params = traverse_util.unflatten_dict(merged, sep="/")
   params = jax.device_put(params, param_shardings)
   return state.replace(params=params), report
