@@ -157,6 +157,13 @@ def _newest_step(workdir: str, offset: int) -> Optional[int]:
   return max(s for s, _ in records) if records else None
 
 
+def _saved_steps(workdir: str) -> List[int]:
+  """Steps with a complete checkpoint (a half-written one is still a `*-tmp*` directory)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(
+      directory) else []
+
+
 def _save_in_flight(workdir: str) -> bool:
   return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
 
@@ -274,10 +281,7 @@ def run_chaos() -> Dict[str, Any]:
     cycle = {"cycle": index, "signal": signal_name, "moment": moment, "happened": happened,
              "resumed_from": launch.resumed_from(),
              "newest_step_trained": _newest_step(chaos_dir, launch.metrics_offset),
-             "exit_code": code,
-             "saved_steps": sorted(int(d) for d in os.listdir(os.path.join(chaos_dir, "checkpoints"))
-                                   if d.isdigit())
-                            if os.path.isdir(os.path.join(chaos_dir, "checkpoints")) else []}
+             "exit_code": code, "saved_steps": _saved_steps(chaos_dir)}
     if launch.first_step_at is not None:
       startup_seconds = launch.first_step_at - launch.started
     if index == corrupt_cycle:
@@ -299,24 +303,26 @@ def run_chaos() -> Dict[str, Any]:
     raise RuntimeError(f"The reference run failed (exit {reference_code}):\n"
                        + reference.stderr()[-3000:])
 
-  # Each kill is judged by the launch after it: what it resumed from, and whether it named
-  # and moved aside the step that was damaged.
-  corrupt_listing = (os.listdir(chaos_dir + "/checkpoints.corrupt")
-                     if os.path.isdir(chaos_dir + "/checkpoints.corrupt") else [])
+  # Each kill is judged by the launch after it. It must resume from the newest complete
+  # checkpoint the kill left (the damaged one excepted: that one it must name in a warning
+  # and move aside); after SIGTERM in training, that is the step the run was at (exit 0).
+  corrupt_listing = (os.listdir(os.path.join(chaos_dir, "checkpoints.corrupt"))
+                     if os.path.isdir(os.path.join(chaos_dir, "checkpoints.corrupt")) else [])
   survived = 0
   for cycle, later in zip(cycles, launches[1:] + [final]):
     trained = cycle["newest_step_trained"] or cycle["resumed_from"]
     resumed = later.resumed_from()
+    bad = cycle.get("corrupted", {}).get("step")
+    intact = [s for s in cycle["saved_steps"] if s != bad]
     cycle["next_resumed_from"] = resumed
     cycle["steps_lost"] = max(0, trained - resumed)
-    ok = resumed <= trained and (later is not final or final_code == 0)
-    if "corrupted" in cycle and cycle["corrupted"]["step"] is not None:
-      bad = cycle["corrupted"]["step"]
+    ok = resumed == max(intact, default=0) and (later is not final or final_code == 0)
+    if cycle["signal"] == "TERM" and cycle["newest_step_trained"] is not None:
+      ok = ok and cycle["exit_code"] == 0 and trained in cycle["saved_steps"]
+    if bad is not None:
       cycle["corrupted"]["warned"] = f"Checkpoint step {bad} in" in later.stderr()
       cycle["corrupted"]["moved_aside"] = any(d.startswith(f"{bad}-") for d in corrupt_listing)
-      cycle["corrupted"]["resumed_before_it"] = resumed < bad
-      ok = ok and all(cycle["corrupted"][k] for k in ("warned", "moved_aside",
-                                                      "resumed_before_it"))
+      ok = ok and cycle["corrupted"]["warned"] and cycle["corrupted"]["moved_aside"]
     cycle["survived"] = ok
     survived += ok
 

@@ -140,7 +140,8 @@ def test_chaos_drill_kill9_mid_save_sigterm_and_damage_end_bit_identical(tmp_pat
   assert term["happened"] == "training" and term["exit_code"] == 0
   assert term["newest_step_trained"] in term["saved_steps"]
   assert term["corrupted"] == {"kind": "zeroed_array", "step": term["newest_step_trained"],
-                               "warned": True, "moved_aside": True, "resumed_before_it": True}
+                               "warned": True, "moved_aside": True}
+  assert term["next_resumed_from"] == max(term["saved_steps"][:-1], default=0)
   # SIGKILL mid-save: the half-written step is ignored; the newest complete one is resumed.
   assert kill["happened"] == "save" and kill["exit_code"] == -9
   assert kill["next_resumed_from"] == max(kill["saved_steps"])
