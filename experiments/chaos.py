@@ -7,9 +7,10 @@ and stops it at a random moment with SIGKILL (a crash: no chance to save) or SIG
 preemption notice: the trainer should save the current step and exit 0). The moments:
 
   startup   a random time before the first step (imports, restore, compilation);
-  training  a random step between the current one and the end;
-  save      while an asynchronous checkpoint save is in flight (its `*.orbax-checkpoint-tmp*`
-            directory exists), the moment a crash is most likely to leave a damaged step.
+  training  a random step between the first one of this launch and 60% of the way to the end;
+  save      such a random step, then the first moment an asynchronous checkpoint save is in
+            flight (its `*.orbax-checkpoint-tmp*` directory exists): where a crash is most
+            likely to leave a half-written step.
 
 In one cycle the newest checkpoint is then damaged (a truncated or zeroed array file, an
 emptied step directory or a deleted data-iterator file). The next launch must warn about that
@@ -18,16 +19,20 @@ runs to the end. Meanwhile a reference run of the same command trains uninterrup
 own workdir (in parallel, same device count, so the same mesh).
 
 Reported (printed, and written to WORKDIR/chaos.json):
-  cycles_survived  cycles after which the next launch resumed (or restarted) and trained on;
+  cycles_survived  cycles whose next launch resumed from the newest intact checkpoint the kill
+                   left (naming and moving aside a damaged one), and after which SIGTERM had
+                   exited 0 with the current step saved;
   steps_lost       per cycle, the newest step trained before the kill minus the step the next
-                   launch resumed from (0 is the ideal for SIGTERM);
+                   launch resumed from (SIGTERM: 0; a damaged checkpoint's steps count too);
   bit_identical    whether the final params equal the reference run's, bit for bit;
   losses_identical whether every logged loss, re-run steps included, equals the reference's.
 
 The default config is configs/vit_digits.py shrunk by `--override` to train in seconds; the
 trainer settings chaos relies on (log every step, frequent checkpoints, no eval) are always
 set. Any config file works (`--config=...`, with `--override=field=value` for its own fields).
+From Python: `run_chaos(Options(workdir=..., cycles=...))` returns the same summary.
 """
+import dataclasses
 import glob
 import json
 import os
@@ -38,7 +43,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
 
@@ -49,46 +54,44 @@ SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 MOMENTS = ("startup", "training", "save")
 CORRUPTIONS = ("truncated_array", "zeroed_array", "empty_step_dir", "missing_data_iterator")
 
-_CONFIG = flags.DEFINE_string("config", os.path.join(ROOT, "configs", "vit_digits.py"),
-                              "Config file of the run to torment.")
-_OVERRIDES = flags.DEFINE_multi_string(
-    "override", ["model.width=16", "model.depth=2", "model.num_heads=2", "model.mlp_dim=32",
-                 "model.dropout_rate=0.1", "batch_size=16", "schedule.warmup_steps=5"],
-    "field=value config overrides (default: shrink configs/vit_digits.py to seconds).")
-_CYCLES = flags.DEFINE_integer("cycles", 5, "Kill / resume cycles before the final launch.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the signal, moment and corruption choices.")
-_TOTAL_STEPS = flags.DEFINE_integer("total_steps", 300, "Steps of the run.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 5, "Steps between checkpoints.")
-_DEVICES = flags.DEFINE_integer("devices", 2, "Simulated CPU devices (JAX_NUM_CPU_DEVICES) "
-                                "for every launch, the reference included: the same mesh.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs, logs and chaos.json go "
-                               "(emptied first).")
-_PLAN = flags.DEFINE_list(
-    "plan", None, "Explicit SIGNAL:MOMENT per cycle instead of random ones, e.g. "
-    "KILL:save,TERM:training (SIGNAL in KILL/TERM, MOMENT in startup/training/save).")
-_CORRUPT_CYCLE = flags.DEFINE_integer(
-    "corrupt_cycle", None, "Cycle (0-based) after whose kill the newest checkpoint is "
-    "damaged (default: a random one; -1: none).")
-_CORRUPTION = flags.DEFINE_enum("corruption", None, CORRUPTIONS,
-                                "Kind of damage (default: a random one).")
-_TIMEOUT = flags.DEFINE_float("timeout", 600.0, "Seconds any one launch may take.")
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_digits.py")
+# Shrink configs/vit_digits.py to a run of seconds.
+DEFAULT_OVERRIDES = ("model.width=16", "model.depth=2", "model.num_heads=2", "model.mlp_dim=32",
+                     "model.dropout_rate=0.1", "batch_size=16", "schedule.warmup_steps=5")
+
+
+@dataclasses.dataclass
+class Options:
+  """What to torment and how (the command-line flags of the same names)."""
+  workdir: str                       # runs, logs and chaos.json (emptied first)
+  config: str = DEFAULT_CONFIG       # config file of the run
+  overrides: Sequence[str] = DEFAULT_OVERRIDES  # "field=value" config overrides
+  cycles: int = 5                    # kill / resume cycles before the final launch
+  seed: int = 0                      # seed of the signal, moment and corruption choices
+  total_steps: int = 300
+  checkpoint_every: int = 5
+  devices: int = 2                   # JAX_NUM_CPU_DEVICES of every launch: one mesh for all
+  plan: Optional[Sequence[str]] = None  # "SIGNAL:MOMENT" per cycle instead of random ones
+  corrupt_cycle: Optional[int] = None   # cycle whose kill is followed by damage; -1: none
+  corruption: Optional[str] = None      # one of CORRUPTIONS (default: a random one)
+  timeout: float = 600.0             # seconds any one launch may take
 
 
 # ---------------------------------------------------------------------------------------
 # Launching and watching runs.
 
 
-def _command(workdir: str) -> List[str]:
-  fixed = [f"total_steps={_TOTAL_STEPS.value}", f"checkpoint_every={_CHECKPOINT_EVERY.value}",
+def _command(opts: Options, workdir: str) -> List[str]:
+  fixed = [f"total_steps={opts.total_steps}", f"checkpoint_every={opts.checkpoint_every}",
            "keep_checkpoints=3", "log_every=1", "eval_every=0", "progress_bar=False"]
-  return ([sys.executable, "-m", "mmjax.main", f"--config={_CONFIG.value}",
+  return ([sys.executable, "-m", "mmjax.main", f"--config={opts.config}",
            f"--workdir={workdir}"]
-          + [f"--config.{o}" for o in list(_OVERRIDES.value) + fixed])
+          + [f"--config.{o}" for o in list(opts.overrides) + fixed])
 
 
-def _env(cache_dir: str) -> Dict[str, str]:
+def _env(opts: Options, cache_dir: str) -> Dict[str, str]:
   """One device count for every launch; a compilation cache shared by all of them."""
-  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(_DEVICES.value),
+  return dict(os.environ, JAX_NUM_CPU_DEVICES=str(opts.devices),
               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
               JAX_COMPILATION_CACHE_DIR=cache_dir,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -98,13 +101,13 @@ def _env(cache_dir: str) -> Dict[str, str]:
 class Launch:
   """One `python -m mmjax.main` process with its stdout / stderr in log files."""
 
-  def __init__(self, workdir: str, log_prefix: str, env: Dict[str, str]):
+  def __init__(self, command: List[str], workdir: str, log_prefix: str, env: Dict[str, str]):
     self.log_prefix = log_prefix
     self.started = time.time()
     self.first_step_at = None  # when its first step was seen (startup time for later cycles)
     self.metrics_offset = _metrics_size(workdir)  # records this launch appends start here
     with open(log_prefix + ".out", "w") as out, open(log_prefix + ".err", "w") as err:
-      self.proc = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stdout=out, stderr=err)
+      self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
 
   def wait(self, timeout: float) -> int:
     try:
@@ -168,10 +171,10 @@ def _save_in_flight(workdir: str) -> bool:
   return bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
 
 
-def _wait_for_moment(launch: Launch, workdir: str, moment: str, rng: random.Random,
-                     startup_seconds: float) -> str:
+def _wait_for_moment(opts: Options, launch: Launch, workdir: str, moment: str,
+                     rng: random.Random, startup_seconds: float) -> str:
   """Blocks until `moment` of `launch` (or its exit); returns what actually happened."""
-  deadline = launch.started + _TIMEOUT.value
+  deadline = launch.started + opts.timeout
   if moment == "startup":
     wake = launch.started + rng.uniform(0.0, startup_seconds)
     while time.time() < wake and launch.proc.poll() is None:
@@ -185,7 +188,7 @@ def _wait_for_moment(launch: Launch, workdir: str, moment: str, rng: random.Rand
     return "exited"
   launch.first_step_at = time.time()
   # A random step between the first one and 60% of the way to the end...
-  target = first + rng.randint(0, max(0, int(0.6 * (_TOTAL_STEPS.value - first))))
+  target = first + rng.randint(0, max(0, int(0.6 * (opts.total_steps - first))))
   while (_newest_step(workdir, launch.metrics_offset) or 0) < target:
     if launch.proc.poll() is not None or time.time() > deadline:
       return "exited"
@@ -246,38 +249,46 @@ def _params_equal(reference_dir: str, chaos_dir: str) -> Tuple[bool, List[str]]:
   return not differ, differ
 
 
-def _plan(rng: random.Random) -> List[Tuple[str, str]]:
-  if _PLAN.value:
-    plan = [tuple(item.split(":")) for item in _PLAN.value]
+def _plan(opts: Options, rng: random.Random) -> List[Tuple[str, str]]:
+  if opts.plan:
+    plan = [tuple(item.split(":")) for item in opts.plan]
     for item in plan:
       if len(item) != 2 or item[0] not in SIGNALS or item[1] not in MOMENTS:
-        raise app.UsageError(f"--plan item {':'.join(item)!r}: expected SIGNAL:MOMENT with "
+        raise ValueError(f"--plan item {':'.join(item)!r}: expected SIGNAL:MOMENT with "
                              f"SIGNAL in {sorted(SIGNALS)} and MOMENT in {MOMENTS}.")
-    return [plan[i % len(plan)] for i in range(_CYCLES.value)]
-  return [(rng.choice(sorted(SIGNALS)), rng.choice(MOMENTS)) for _ in range(_CYCLES.value)]
+    return [plan[i % len(plan)] for i in range(opts.cycles)]
+  return [(rng.choice(sorted(SIGNALS)), rng.choice(MOMENTS)) for _ in range(opts.cycles)]
 
 
-def run_chaos() -> Dict[str, Any]:
-  rng = random.Random(_SEED.value)
-  root = os.path.abspath(_WORKDIR.value)
+def run_chaos(opts: Options) -> Dict[str, Any]:
+  """Runs the drill in `opts.workdir`; returns the summary also written to chaos.json."""
+  if opts.corruption is not None and opts.corruption not in CORRUPTIONS:
+    raise ValueError(f"corruption={opts.corruption!r}; expected one of {CORRUPTIONS}.")
+  rng = random.Random(opts.seed)
+  root = os.path.abspath(opts.workdir)
+  if os.path.exists(root) and os.listdir(root) and not os.path.exists(os.path.join(root, "logs")):
+    raise ValueError(f"workdir {root} is not empty and not a previous chaos workdir; "
+                     "chaos empties its workdir, so give it a new or a chaos one.")
   shutil.rmtree(root, ignore_errors=True)
   os.makedirs(os.path.join(root, "logs"))
   reference_dir, chaos_dir = os.path.join(root, "reference"), os.path.join(root, "chaos")
-  env = _env(os.path.join(root, "jax_cache"))
-  plan = _plan(rng)
-  corrupt_cycle = (rng.randrange(len(plan)) if _CORRUPT_CYCLE.value is None
-                   else _CORRUPT_CYCLE.value) if plan else -1
-  corruption = _CORRUPTION.value or rng.choice(CORRUPTIONS)
+  env = _env(opts, os.path.join(root, "jax_cache"))
+  plan = _plan(opts, rng)
+  corrupt_cycle = (rng.randrange(len(plan)) if opts.corrupt_cycle is None
+                   else opts.corrupt_cycle) if plan else -1
+  corruption = opts.corruption or rng.choice(CORRUPTIONS)
+  launch_in = lambda workdir, name: Launch(_command(opts, workdir), workdir,
+                                           os.path.join(root, "logs", name), env)
 
-  reference = Launch(reference_dir, os.path.join(root, "logs", "reference"), env)
+  reference = launch_in(reference_dir, "reference")
   cycles, launches, startup_seconds = [], [], 5.0
   for index, (signal_name, moment) in enumerate(plan):
-    launch = Launch(chaos_dir, os.path.join(root, "logs", f"cycle{index}"), env)
+    launch = launch_in(chaos_dir, f"cycle{index}")
     launches.append(launch)
-    happened = _wait_for_moment(launch, chaos_dir, moment, rng, startup_seconds)
+    happened = _wait_for_moment(opts, launch, chaos_dir, moment, rng, startup_seconds)
     if launch.proc.poll() is None:
       launch.proc.send_signal(SIGNALS[signal_name])
-    code = launch.wait(_TIMEOUT.value)
+    code = launch.wait(opts.timeout)
     cycle = {"cycle": index, "signal": signal_name, "moment": moment, "happened": happened,
              "resumed_from": launch.resumed_from(),
              "newest_step_trained": _newest_step(chaos_dir, launch.metrics_offset),
@@ -293,12 +304,12 @@ def run_chaos() -> Dict[str, Any]:
           f"{cycle['newest_step_trained']}" + (f", then {corruption} on step "
                                                f"{cycle['corrupted']['step']}"
                                                if "corrupted" in cycle else ""), flush=True)
-    if happened == "exited" or cycle["newest_step_trained"] == _TOTAL_STEPS.value:
+    if happened == "exited" or cycle["newest_step_trained"] == opts.total_steps:
       break  # the run finished before the kill: nothing left to interrupt
 
-  final = Launch(chaos_dir, os.path.join(root, "logs", "final"), env)
-  final_code = final.wait(_TIMEOUT.value)
-  reference_code = reference.wait(_TIMEOUT.value)
+  final = launch_in(chaos_dir, "final")
+  final_code = final.wait(opts.timeout)
+  reference_code = reference.wait(opts.timeout)
   if reference_code != 0:
     raise RuntimeError(f"The reference run failed (exit {reference_code}):\n"
                        + reference.stderr()[-3000:])
@@ -332,9 +343,9 @@ def run_chaos() -> Dict[str, Any]:
   bit_identical, differ = (_params_equal(reference_dir, chaos_dir)
                            if final_code == 0 else (False, ["final launch failed"]))
   summary = {
-      "config": _CONFIG.value, "overrides": list(_OVERRIDES.value), "seed": _SEED.value,
-      "devices": _DEVICES.value, "total_steps": _TOTAL_STEPS.value,
-      "checkpoint_every": _CHECKPOINT_EVERY.value,
+      "config": opts.config, "overrides": list(opts.overrides), "seed": opts.seed,
+      "devices": opts.devices, "total_steps": opts.total_steps,
+      "checkpoint_every": opts.checkpoint_every,
       "cycles_run": len(cycles), "cycles_survived": survived,
       "steps_lost": [c["steps_lost"] for c in cycles],
       "steps_lost_total": sum(c["steps_lost"] for c in cycles),
@@ -343,7 +354,7 @@ def run_chaos() -> Dict[str, Any]:
       "losses_identical": bool(chaos_losses) and all(
           reference_losses.get(s) == loss for s, loss in chaos_losses),
       "cycles": cycles,
-      "command": " ".join(_command(chaos_dir)),
+      "command": " ".join(_command(opts, chaos_dir)),
   }
   if final_code != 0:
     summary["final_stderr_tail"] = final.stderr()[-3000:]
@@ -352,23 +363,49 @@ def run_chaos() -> Dict[str, Any]:
   return summary
 
 
+def _define_flags() -> None:
+  """Flags named after the Options fields (`--override` once per field=value)."""
+  d = Options(workdir="")
+  flags.DEFINE_string("workdir", None, "Runs, logs and chaos.json (emptied first).")
+  flags.DEFINE_string("config", d.config, "Config file of the run.")
+  flags.DEFINE_multi_string("override", list(d.overrides), "field=value config override "
+                            "(default: shrink configs/vit_digits.py to a run of seconds).")
+  flags.DEFINE_integer("cycles", d.cycles, "Kill / resume cycles before the final launch.")
+  flags.DEFINE_integer("seed", d.seed, "Seed of the signal, moment and corruption choices.")
+  flags.DEFINE_integer("total_steps", d.total_steps, "Steps of the run.")
+  flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Steps between checkpoints.")
+  flags.DEFINE_integer("devices", d.devices, "Simulated CPU devices of every launch.")
+  flags.DEFINE_list("plan", None, "SIGNAL:MOMENT per cycle instead of random ones, e.g. "
+                    "KILL:save,TERM:training (SIGNAL: KILL/TERM; MOMENT: " + "/".join(MOMENTS) + ").")
+  flags.DEFINE_integer("corrupt_cycle", None, "Cycle whose kill is followed by damage to the "
+                       "newest checkpoint (default: a random one; -1: none).")
+  flags.DEFINE_enum("corruption", None, CORRUPTIONS, "Kind of damage (default: random).")
+  flags.DEFINE_float("timeout", d.timeout, "Seconds any one launch may take.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError("--workdir is required.")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-  summary = run_chaos()
+  summary = run_chaos(Options(
+      workdir=f.workdir, config=f.config, overrides=tuple(f.override), cycles=f.cycles,
+      seed=f.seed, total_steps=f.total_steps, checkpoint_every=f.checkpoint_every,
+      devices=f.devices, plan=f.plan, corrupt_cycle=f.corrupt_cycle, corruption=f.corruption,
+      timeout=f.timeout))
   print(f"=== chaos: {summary['cycles_survived']}/{summary['cycles_run']} cycles survived, "
         f"steps lost {summary['steps_lost']} (total {summary['steps_lost_total']}), final step "
         f"{summary['final_step']}/{summary['total_steps']}, params bit-identical to the "
         f"uninterrupted run: {summary['bit_identical']}, losses identical: "
         f"{summary['losses_identical']}")
-  print(f"details: {os.path.join(os.path.abspath(_WORKDIR.value), 'chaos.json')}")
+  print(f"details: {os.path.join(os.path.abspath(f.workdir), 'chaos.json')}")
   ok = (summary["cycles_survived"] == summary["cycles_run"] and summary["bit_identical"]
         and summary["final_exit_code"] == 0)
   sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
