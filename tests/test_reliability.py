@@ -10,11 +10,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 from jax._src import compilation_cache
 
@@ -145,3 +148,33 @@ def test_chaos_drill_kill9_mid_save_sigterm_and_damage_end_bit_identical(tmp_pat
   # SIGKILL mid-save: the half-written step is ignored; the newest complete one is resumed.
   assert kill["happened"] == "save" and kill["exit_code"] == -9
   assert kill["next_resumed_from"] == max(kill["saved_steps"])
+
+
+def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both_and_both_exit_0(tmp_path):
+  """JAX's preemption sync point: the host that got the signal tells the others, and all
+  save the same step (a TPU pod slice gets SIGTERM on one worker at a time)."""
+  config_file = tmp_path / "c.py"
+  config_file.write_text("from tests.test_train_fixtures import tiny_config\n"
+                         "def get_config(arg=None):\n"
+                         "  return tiny_config(total_steps=100000, **{'schedule.name': 'constant'})\n")
+  workdir = tmp_path / "run"
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "mmjax.main", f"--config={config_file}", f"--workdir={workdir}",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=subprocess_env(2, tmp_path / "cache"), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir))) > 3:
+      break
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  errors = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+  last_logged = max(r["step"] for r in read_metrics(str(workdir)) if "loss" in r)
+  assert os.listdir(workdir / "checkpoints") == [str(last_logged)]
+  data_files = os.listdir(workdir / "checkpoints" / str(last_logged) / "data")
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
+  for error in errors:
+    assert f"Preemption requested: saved step {last_logged}" in error
