@@ -33,8 +33,9 @@ Parameter names: per-modality layers `{modality}_block{i}` (shared: `block{i}`),
 co-attention layers `{modality}_cross_block{i}` (shared: `cross_block{i}`), joint layers
 `joint_block{i}`, final norms `{modality}_norm` (shared: `norm`) or `joint_norm`,
 bottleneck tokens `bottleneck` [1, K, D]; blocks use nn.transformer's names
-(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}). A fork adds a strategy by subclassing
-`FusionEncoder` in its own file and decorating it with `@FUSIONS.register("name")`.
+(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}).
+A fork adds a strategy by subclassing `FusionEncoder` in its own file and decorating it
+with `@FUSIONS.register("name")`.
 """
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -413,6 +414,7 @@ class FusionInTransformer(FusionEncoder):
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, weights=self.fit_weights,
           dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
           droppath_rate=self.droppath_rate, dtype=self.dtype,
-          implementation=self.implementation, name=f"joint_block{i}")(joint, mask, segments, deterministic=deterministic)
+          implementation=self.implementation, name=f"joint_block{i}")(
+              joint, mask, segments, deterministic=deterministic)
     joint = nn.LayerNorm(dtype=self.dtype, name="joint_norm")(joint)
     return _split(joint, names, sizes)
