@@ -183,6 +183,7 @@ def test_default_backend_per_platform():
   assert attention.default_backend(platform="cpu", dropout=True) == "reference"
   assert attention.default_backend(platform="gpu", dtype=jnp.bfloat16) == "cudnn"
   assert attention.default_backend(platform="gpu", dtype=jnp.float32) == "xla"
+  assert attention.default_backend(platform="gpu", dtype=jnp.bfloat16, head_dim=256) == "xla"
   assert attention.default_backend(platform="tpu", q_length=256, kv_length=128) == "splash"
   assert attention.default_backend(platform="tpu", has_mask=True) == "xla"
   assert attention.default_backend(platform="tpu", q_length=100, kv_length=100) == "xla"

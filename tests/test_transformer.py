@@ -28,6 +28,14 @@ def _init(module, *args, **kwargs):
   return nn.meta.unbox(jax.jit(lambda: module.init(jax.random.key(0), *args, **kwargs))())
 
 
+def _random_params(module, *args, **kwargs):
+  """Random parameters of the right shapes, without compiling `init` (slow on CPU)."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs)))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape, np.float32)),
+                      shapes)
+
+
 def test_mlp_shape_and_param_axes():
   mlp = Mlp(mlp_dim=32)
   variables = jax.jit(lambda: mlp.init(jax.random.key(0), _tokens()))()
@@ -54,7 +62,7 @@ def test_encoder_scan_and_remat_equal_plain_stack():
   x = _tokens()
   mask = (np.arange(L) < np.array([[L], [3]]))[:, None, None, :]
   plain = Encoder(**SIZES)
-  params = _init(plain, x)["params"]
+  params = _random_params(plain, x)["params"]
   stacked = _stack_layers(params, "encoderblock", SIZES["num_layers"])
 
   variants = [(True, "none"), (True, "full"), (False, "dots")]
@@ -82,11 +90,13 @@ def test_decoder_cache_decoding_equals_full_forward():
   x, encoded = _tokens(), _tokens(LE, seed=1)
   cross_mask = (np.arange(LE) < np.array([[LE], [2]]))[:, None, None, :]
   decoder = Decoder(**SIZES, scan_layers=True)   # the cache is scanned over layers too
-  params = _init(decoder, x, encoded)["params"]
+  params = _random_params(decoder, x, encoded)["params"]
   expected = jax.jit(lambda p: decoder.apply({"params": p}, x, encoded,
                                              cross_mask=cross_mask))(params)
   assert expected.shape == (B, L, D)
-  cache = jax.jit(lambda: decoder.init(jax.random.key(0), x, encoded, decode=True)["cache"])()
+  cache_shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), x, encoded,
+                                                     decode=True)["cache"])
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)  # empty cache
 
   @jax.jit
   def step(cache, token):
@@ -104,7 +114,7 @@ def test_decoder_cache_decoding_equals_full_forward():
 def test_decoder_is_causal_and_scan_remat_equal_plain():
   x, encoded = _tokens(), _tokens(LE, seed=1)
   plain = Decoder(**SIZES)
-  params = _init(plain, x, encoded)["params"]
+  params = _random_params(plain, x, encoded)["params"]
   apply = lambda module, p, x: jax.jit(lambda p, x: module.apply({"params": p}, x, encoded))(p, x)
   out = apply(plain, params, x)
   # Changing the last target token leaves every earlier position unchanged.
@@ -119,7 +129,7 @@ def test_decoder_is_causal_and_scan_remat_equal_plain():
 def test_dropout_and_droppath_only_in_training():
   x = _tokens(seed=2)
   block = EncoderBlock(num_heads=2, mlp_dim=32, droppath_rate=0.5)
-  variables = _init(block, x)
+  variables = _random_params(block, x)
   apply = jax.jit(lambda x, rng: block.apply(variables, x, deterministic=False,
                                              rngs={"dropout": rng}))
   np.testing.assert_array_equal(jax.jit(block.apply)(variables, x),

@@ -20,6 +20,14 @@ def _images(batch=2, size=16, seed=0):
                                                                  np.float32))
 
 
+def _random_params(model, *args, **kwargs):
+  """Random parameters of the right shapes, without compiling `init` (slow on CPU)."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *args, **kwargs)))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape, np.float32)),
+                      shapes)
+
+
 def _num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
 
@@ -107,8 +115,7 @@ def test_registered_and_built_from_config():
 
 def test_posemb_resampled_to_a_new_image_size():
   model = ViT(**TINY, num_classes=0)
-  params = nn.meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), _images(size=16)))())[
-      "params"]
+  params = _random_params(model, _images(size=16))["params"]
   same = resample_vit_posemb(model, params, 16, 16)
   chex.assert_trees_all_close(same, params, atol=1e-6)
   bigger = resample_vit_posemb(model, params, 16, 24)
@@ -150,3 +157,27 @@ def test_bad_batches_raise():
     jax.eval_shape(lambda: ViT(**TINY, num_classes=0).init(
         jax.random.key(0), {"image": _images(), "label": jnp.zeros((2,), jnp.int32)},
         train=False, method="loss"))
+
+
+def test_sharded_over_a_mesh_matches_single_device():
+  """Logical axis names on every kernel map onto a (data, fsdp, tensor) mesh."""
+  rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
+           ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("layers", None),
+           ("length", None)]
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  model = ViT(**{**TINY, "depth": 1}, num_classes=10, pool_type="map", scan_layers=True)
+  batch = {"image": _images(batch=8), "label": jnp.arange(8, dtype=jnp.int32)}
+  init = lambda: model.init(jax.random.key(0), batch, train=False, method="loss")
+  loss_fn = lambda v: model.apply(v, batch, train=False, method="loss")[0]
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(jax.eval_shape(init)), mesh,
+                                          rules)
+  variables = _random_params(model, batch, train=False, method="loss")
+  single_loss = jax.jit(loss_fn)(variables)
+  sharded = jax.device_put(variables, nn.meta.unbox(shardings))
+  kernel = sharded["params"]["encoder"]["encoderblock"]["attention"]["query"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):   # activation constraints active
+    sharded_loss = jax.jit(loss_fn)(sharded)
+  assert abs(float(single_loss) - np.log(10)) > 1e-3      # a non-trivial loss
+  np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)

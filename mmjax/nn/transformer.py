@@ -161,42 +161,35 @@ class DecoderBlock(nn.Module):
     return residual()(x, y, deterministic)
 
 
-def _stack(block: nn.Module, num_layers: int, scan_layers: bool, x: Array, *args):
-  """Applies `block` (a bound module class factory) `num_layers` times, plain or scanned.
+def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fields) -> Array:
+  """Applies `stack.num_layers` blocks to `x`, plain or scanned, optionally rematerialised.
 
-  `block(name)` builds one layer; `args` are the per-call arguments after `x`, the same
-  for every layer (the last one, `deterministic`, is a Python bool).
+  Each block is `block_cls` built from the stack's shared fields plus `extra_fields`, and
+  called as `block(x, *args)`; `args` are the same for every layer, the last one being
+  the Python bool `deterministic`. Called from the stack's compact `__call__`.
   """
-  if not scan_layers:
-    for i in range(num_layers):
-      x = block(f"{block.prefix}_{i}")(x, *args)
+  shared = ("num_heads", "mlp_dim", "num_kv_heads", "dropout_rate", "attention_dropout_rate",
+            "droppath_rate", "dtype", "param_dtype", "implementation")
+  fields = {name: getattr(stack, name) for name in shared} | extra_fields
+  policy = _remat_policy(stack.remat_policy)
+  if stack.remat_policy != "none":
+    # `deterministic` is static for tracing (argument numbers count `self` as 0).
+    num_args = len(inspect.signature(block_cls.__call__).parameters)
+    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not stack.scan_layers,
+                         static_argnums=(num_args - 1,))
+  if not stack.scan_layers:
+    for i in range(stack.num_layers):
+      x = block_cls(name=f"{prefix}_{i}", **fields)(x, *args)
     return x
   scanned = nn.scan(
-      lambda module, carry, *xs: (module(carry, *xs), None),
+      lambda block, carry, *xs: (block(carry, *xs), None),
       variable_axes={"params": 0, "cache": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast,) * len(args),
-      length=num_layers,
+      length=stack.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"})
-  x, _ = scanned(block(block.prefix), x, *args)
+  x, _ = scanned(block_cls(name=prefix, **fields), x, *args)
   return x
-
-
-class _BlockFactory:
-  """Builds named (optionally rematerialised) blocks for `_stack`."""
-
-  def __init__(self, cls, prefix: str, remat_policy: str, scan_layers: bool, **kwargs):
-    policy = _remat_policy(remat_policy)
-    if remat_policy != "none":
-      # `deterministic`, the last argument of __call__, is a Python bool: static for
-      # tracing (argument numbers count `self` as 0).
-      num_args = len(inspect.signature(cls.__call__).parameters)
-      cls = nn.remat(cls, policy=policy, prevent_cse=not scan_layers,
-                     static_argnums=(num_args - 1,))
-    self.cls, self.prefix, self.kwargs = cls, prefix, kwargs
-
-  def __call__(self, name: str) -> nn.Module:
-    return self.cls(name=name, **self.kwargs)
 
 
 class Encoder(nn.Module):
@@ -223,13 +216,7 @@ class Encoder(nn.Module):
                deterministic: bool = True) -> Array:
     _check_tokens("Encoder", x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    block = _BlockFactory(
-        EncoderBlock, "encoderblock", self.remat_policy, self.scan_layers,
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-        implementation=self.implementation)
-    x = _stack(block, self.num_layers, self.scan_layers, x, mask, deterministic)
+    x = _stack(self, EncoderBlock, "encoderblock", x, mask, deterministic)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                         name="encoder_norm")(x)
 
@@ -262,13 +249,7 @@ class Decoder(nn.Module):
     _check_tokens("Decoder", x)
     _check_tokens("Decoder (encoded)", encoded)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    block = _BlockFactory(
-        DecoderBlock, "decoderblock", self.remat_policy, self.scan_layers,
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-        implementation=self.implementation, decode=decode)
-    x = _stack(block, self.num_layers, self.scan_layers, x, encoded, cross_mask, self_mask,
-               deterministic)
+    x = _stack(self, DecoderBlock, "decoderblock", x, encoded, cross_mask, self_mask,
+               deterministic, decode=decode)
     return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                         name="decoder_norm")(x)
