@@ -527,7 +527,9 @@ def siglip_big_vision_params(hf_model):
   return {"params/" + k: x for k, x in out.items()}
 
 
-def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
+def test_big_vision_siglip_embeddings_logits_and_loss_match(hf_siglip, tmp_path):
+  with torch.no_grad():  # a trained SigLIP's temperature: above CLIP's cap of 100
+    hf_siglip.logit_scale.fill_(np.log(118.0))
   path = str(tmp_path / "siglip.npz")
   np.savez(path, **siglip_big_vision_params(hf_siglip))
   params, config, report = big_vision.load(path)
@@ -536,7 +538,10 @@ def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
   images, texts = _images(), np.random.default_rng(3).integers(1, 100, (2, 16)).astype(np.int32)
   with torch.no_grad():
     out = hf_siglip(input_ids=torch.from_numpy(texts).long(),
-                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), return_loss=True)
+  loss, _ = build_model(config).apply({"params": params}, {"image": images, "text": texts},
+                                      method="loss")
+  np.testing.assert_allclose(loss, out.loss.item(), rtol=TOL)
   model, variables = build_model(config), {"params": params}
   zimg = np.asarray(model.apply(variables, jnp.asarray(images), method="embed_image"))
   ztxt = np.asarray(model.apply(variables, jnp.asarray(texts), method="embed_text"))

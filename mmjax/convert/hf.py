@@ -197,6 +197,8 @@ def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       text_heads=int(text["num_attention_heads"]), text_mlp_dim=int(text["intermediate_size"]),
       max_text_len=int(text["max_position_embeddings"]),
       # CLIP pools the end-of-text token, the largest id of its vocabulary.
+      # CLIP's logit scale keeps mmjax's cap of 100, as OpenAI's training clamps it (the
+      # released 4.6052 is ln(100) to 4 digits; HF's forward does not clamp).
       text_pool="argmax", text_causal=True, image_pre_norm=True,
       # One activation / epsilon for both towers; `load` notes a text tower that differs.
       **_numerics_fields(vision, "clip")))
