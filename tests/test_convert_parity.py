@@ -21,8 +21,6 @@ transformers = pytest.importorskip(
 
 import jax.numpy as jnp  # noqa: E402
 
-pytest.importorskip("mmjax.models.vit", reason="the mmjax ViT (branch nn) is not merged yet")
-
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import big_vision, common, export_hf, hf, layout, timm  # noqa: E402
 from mmjax.models.base import build_model  # noqa: E402
@@ -362,7 +360,6 @@ def test_cli_writes_checkpoint_the_trainer_reads(big_vision_reference, tmp_path)
 
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory):
-  pytest.importorskip("mmjax.models.two_tower", reason="two_tower (branch mm) is not merged yet")
   torch.manual_seed(1)
   text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
               intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
@@ -455,7 +452,6 @@ def test_hf_clip_export_round_trip_is_exact_and_hf_agrees(hf_clip, tmp_path):
 @pytest.fixture(scope="module")
 def hf_siglip():
   """HF SiglipModel: the reference for big_vision SigLIP (HF converted it from big_vision)."""
-  pytest.importorskip("mmjax.models.two_tower", reason="two_tower (branch mm) is not merged yet")
   torch.manual_seed(2)
   text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
               intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
