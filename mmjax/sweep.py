@@ -28,7 +28,6 @@ DIR/results.png (each plotted metric against `plot.x`).
 import csv
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -128,14 +127,14 @@ def model_cost(config: ml_collections.ConfigDict) -> Dict[str, float]:
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mmjax.models import flops  # pylint: disable=g-import-not-at-top
   from mmjax.models.base import build_model  # pylint: disable=g-import-not-at-top
-  for module in config.get("imports", ()):
-    importlib.import_module(module)
+  from mmjax.train.trainer import import_models  # pylint: disable=g-import-not-at-top
+  import_models(config.get("imports", ()))
   model = build_model(config.model)
   shapes = pipeline.dataset_info(config.data)["shapes"]
   batch = {k: jax.ShapeDtypeStruct((1,) + tuple(shape), dtype)
            for k, (shape, dtype) in shapes.items()}
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), batch, train=False, method="loss"))
+      lambda b: model.init(jax.random.key(0), b, train=False, method="loss"), batch)
   return {"params": flops.count_params(variables["params"]),
           "gflops": flops.model_flops(model, variables, batch, method="evaluate") / 1e9}
 
@@ -301,11 +300,36 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: str, x: str, ys: Sequenc
   plt.close(fig)
 
 
+def _relaunch_args(argv: Sequence[str]) -> List[str]:
+  """The sweep's own flags minus --mode/--only/--workdir, with an absolute --config path,
+  so each launch line reproduces the sweep's resolved config from any directory."""
+  args, skip = [], False
+  for i, arg in enumerate(argv):
+    if skip:
+      skip = False
+      continue
+    name, has_value, value = arg.partition("=")
+    if name in ("--mode", "--only", "--workdir"):
+      skip = not has_value
+      continue
+    if name == "--config":
+      if not has_value and i + 1 < len(argv):
+        value, skip = argv[i + 1], True
+      path, colon, config_arg = value.partition(":")
+      arg = f"--config={os.path.abspath(path)}{colon}{config_arg}"
+    args.append(arg)
+  return args
+
+
 def write_launch_list(sweep: ml_collections.ConfigDict, workdir: str,
                       argv: Sequence[str]) -> str:
-  """Writes workdir/launch.txt: one `python -m mmjax.sweep ... --only=RUN` per unfinished run."""
+  """Writes workdir/launch.txt: one `python -m mmjax.sweep ... --only=RUN` per unfinished run.
+
+  `argv` are the sweep's command-line flags (sys.argv[1:]); the lines must run where
+  `mmjax` (and any fork module in the config's `imports`) is importable.
+  """
   workdir = os.path.abspath(workdir)
-  keep = [a for a in argv if not re.match(r"--(mode|only|workdir)(=|$)", a)]
+  keep = _relaunch_args(argv)
   lines = []
   for run in expand(sweep):
     if not os.path.exists(os.path.join(workdir, "runs", run.name, RESULT_FILE)):

@@ -27,7 +27,7 @@ TINY_SHAPES = {"data.shapes": dict(num_train=64, num_validation=16, num_test=16,
                                    vocab_size=64)}
 TINY_RUN = {"total_steps": 1, "batch_size": 8, "eval_batch_size": 8, "log_every": 1,
             "eval_every": 0, "checkpoint_every": 0, "progress_bar": False,
-            "schedule.warmup_steps": 1}
+            "schedule.warmup_steps": 0}
 TINY_MULTIMODAL = {"model.width": 16, "model.num_layers": 2, "model.num_heads": 2,
                    "model.mlp_dim": 32, "model.embed_dim": 16}
 TINY_TWO_TOWER = {

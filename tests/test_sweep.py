@@ -75,3 +75,31 @@ def test_launch_list_has_one_command_per_unfinished_run(tmp_path):
   assert len(lines) == 4
   assert all("--only=" in line and "--mode" not in line for line in lines)
   assert os.path.basename(path) == "launch.txt"
+
+
+def test_real_tiny_runs_through_the_trainer(tmp_path):
+  """2 points x 2 seeds of a tiny ViT on the offline digits, with the real trainer."""
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mmjax.train.config import default_config  # pylint: disable=g-import-not-at-top
+  base = default_config()
+  base.update(dict(total_steps=2, batch_size=16, eval_batch_size=16, log_every=1,
+                   eval_every=0, checkpoint_every=0, progress_bar=False))
+  base.schedule.warmup_steps = 1
+  base.data = pipeline.default_config("digits", data_dir=str(tmp_path / "data"))
+  base.model = ml_collections.ConfigDict(dict(
+      name="vit", variant=None, width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=4,
+      num_classes=10, pool_type="gap"))
+  sweep = ml_collections.ConfigDict(dict(
+      base=base, num_seeds=2, points=[{"model.pool_type": "gap"}, {"model.pool_type": "cls"}],
+      plot=dict(x="gflops", y=("eval/accuracy",))))
+  lines = []
+  sweep_lib.run_sweep(sweep, str(tmp_path / "sweep"), log=lines.append)
+  with open(tmp_path / "sweep" / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["label"] for r in rows] == ["pool_type=gap", "pool_type=cls"]
+  assert all(r["seeds"] == "2" and 0 <= float(r["eval/accuracy_mean"]) <= 1 for r in rows)
+  assert float(rows[0]["params_mean"]) > 0 and float(rows[0]["gflops_mean"]) > 0
+  assert (tmp_path / "sweep" / "results.png").exists()
+  lines.clear()
+  sweep_lib.run_sweep(sweep, str(tmp_path / "sweep"), log=lines.append)
+  assert sum("skipped" in line for line in lines) == 4

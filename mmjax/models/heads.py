@@ -11,8 +11,8 @@ retrieval and zero-shot scoring.
 
 Parameter names: Combine has `gate` (Dense, gating only); ClassifierHead has `pre_logits`
 (Dense, only with hidden_dim) and `head` (Dense, zero-initialised by default so training
-starts from uniform predictions, as big_vision's head_zeroinit); ContrastiveHead has `logit_scale` (log of the
-inverse temperature) and, for the sigmoid loss, `logit_bias`.
+starts from uniform predictions, as big_vision's head_zeroinit); ContrastiveHead has
+`logit_scale` (log of the inverse temperature) and, for the sigmoid loss, `logit_bias`.
 """
 import math
 from typing import Any, Optional, Sequence, Tuple

@@ -129,9 +129,10 @@ class TwoTower(Model):
     zimg, ztxt = self._embeddings(batch, train)
     loss, logits = self.contrastive(zimg, ztxt)
     labels = jnp.arange(logits.shape[0])
+    scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
     logged = {"contrastive_loss": loss,
               "i2t_batch_accuracy": jnp.mean(metrics.correct(logits, labels)),
-              "logit_scale": jnp.exp(self.contrastive.variables["params"]["logit_scale"])}
+              "logit_scale": jnp.minimum(scale, self.contrastive.max_scale)}  # in effect
     if self.loss_type == "sigmoid":
       logged["logit_bias"] = self.contrastive.variables["params"]["logit_bias"]
     return loss, logged
