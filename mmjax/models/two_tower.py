@@ -130,9 +130,11 @@ class TwoTower(Model):
     loss, logits = self.contrastive(zimg, ztxt)
     labels = jnp.arange(logits.shape[0])
     scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
+    if self.max_logit_scale is not None:
+      scale = jnp.minimum(scale, self.max_logit_scale)  # in effect
     logged = {"contrastive_loss": loss,
               "i2t_batch_accuracy": jnp.mean(metrics.correct(logits, labels)),
-              "logit_scale": jnp.minimum(scale, self.contrastive.max_scale)}  # in effect
+              "logit_scale": scale}
     if self.loss_type == "sigmoid":
       logged["logit_bias"] = self.contrastive.variables["params"]["logit_bias"]
     return loss, logged
