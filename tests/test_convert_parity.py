@@ -21,8 +21,6 @@ transformers = pytest.importorskip(
 
 import jax.numpy as jnp  # noqa: E402
 
-pytest.importorskip("mmjax.models.vit", reason="the mmjax ViT (branch nn) is not merged yet")
-
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import big_vision, common, export_hf, hf, layout, timm  # noqa: E402
 from mmjax.models.base import build_model  # noqa: E402
@@ -362,7 +360,6 @@ def test_cli_writes_checkpoint_the_trainer_reads(big_vision_reference, tmp_path)
 
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory):
-  pytest.importorskip("mmjax.models.two_tower", reason="two_tower (branch mm) is not merged yet")
   torch.manual_seed(1)
   text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
               intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
@@ -455,7 +452,6 @@ def test_hf_clip_export_round_trip_is_exact_and_hf_agrees(hf_clip, tmp_path):
 @pytest.fixture(scope="module")
 def hf_siglip():
   """HF SiglipModel: the reference for big_vision SigLIP (HF converted it from big_vision)."""
-  pytest.importorskip("mmjax.models.two_tower", reason="two_tower (branch mm) is not merged yet")
   torch.manual_seed(2)
   text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
               intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
@@ -527,7 +523,9 @@ def siglip_big_vision_params(hf_model):
   return {"params/" + k: x for k, x in out.items()}
 
 
-def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
+def test_big_vision_siglip_embeddings_logits_and_loss_match(hf_siglip, tmp_path):
+  with torch.no_grad():  # a trained SigLIP's temperature: above CLIP's cap of 100
+    hf_siglip.logit_scale.fill_(np.log(118.0))
   path = str(tmp_path / "siglip.npz")
   np.savez(path, **siglip_big_vision_params(hf_siglip))
   params, config, report = big_vision.load(path)
@@ -536,7 +534,10 @@ def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
   images, texts = _images(), np.random.default_rng(3).integers(1, 100, (2, 16)).astype(np.int32)
   with torch.no_grad():
     out = hf_siglip(input_ids=torch.from_numpy(texts).long(),
-                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), return_loss=True)
+  loss, _ = build_model(config).apply({"params": params}, {"image": images, "text": texts},
+                                      method="loss")
+  np.testing.assert_allclose(loss, out.loss.item(), rtol=TOL)
   model, variables = build_model(config), {"params": params}
   zimg = np.asarray(model.apply(variables, jnp.asarray(images), method="embed_image"))
   ztxt = np.asarray(model.apply(variables, jnp.asarray(texts), method="embed_text"))

@@ -184,7 +184,12 @@ def vit_model_config(config: Mapping[str, Any], weights: Mapping[str, Any]) -> m
 
 
 def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The mmjax "two_tower" config with the architecture of an HF CLIP config.json."""
+  """The mmjax "two_tower" config with the architecture of an HF CLIP config.json.
+
+  The logit scale keeps mmjax's cap of 100 (max_logit_scale), as OpenAI's training clamps
+  it; HF's forward does not, so a released 4.6052 (ln 100 = 4.60517) scales the training
+  loss's logits by 100 where HF uses 100.003. Embeddings are unaffected.
+  """
   vision, text = config["vision_config"], config["text_config"]
   return ml_collections.ConfigDict(dict(
       name="two_tower", loss_type="softmax",

@@ -46,6 +46,7 @@ class TwoTower(Model):
   loss_type: str = "softmax"          # "softmax" (CLIP) or "sigmoid" (SigLIP)
   scale_init: Optional[float] = None  # None: 1 / 0.07 for softmax (CLIP), 10 for sigmoid
   bias_init: float = -10.0
+  max_logit_scale: Optional[float] = 100.0  # cap on exp(logit_scale); None: none (SigLIP)
   # Image tower (ViT).
   patch_size: int = 8
   image_width: int = 64
@@ -88,7 +89,8 @@ class TwoTower(Model):
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     scale_init = self.scale_init or (1 / 0.07 if self.loss_type == "softmax" else 10.0)
     self.contrastive = heads.ContrastiveHead(self.loss_type, scale_init=scale_init,
-                                             bias_init=self.bias_init)
+                                             bias_init=self.bias_init,
+                                             max_scale=self.max_logit_scale)
 
   def embed_image(self, image: Array, *, train: bool = False) -> Array:
     """Images [B, H, W, 3] -> L2-normalised embeddings [B, embed_dim] (float32)."""
@@ -128,9 +130,11 @@ class TwoTower(Model):
     loss, logits = self.contrastive(zimg, ztxt)
     labels = jnp.arange(logits.shape[0])
     scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
+    if self.max_logit_scale is not None:
+      scale = jnp.minimum(scale, self.max_logit_scale)  # in effect
     logged = {"contrastive_loss": loss,
               "i2t_batch_accuracy": jnp.mean(metrics.correct(logits, labels)),
-              "logit_scale": jnp.minimum(scale, self.contrastive.max_scale)}  # in effect
+              "logit_scale": scale}
     if self.loss_type == "sigmoid":
       logged["logit_bias"] = self.contrastive.variables["params"]["logit_bias"]
     return loss, logged
