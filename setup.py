@@ -29,7 +29,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
         # Weight import parity tests compare against the reference PyTorch models.
-        "convert": ["torch", "transformers>=4.40", "safetensors", "timm"],
+        "convert": ["torch", "transformers>=4.40", "safetensors"],
         "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets
         "gpu": ["jax[cuda12]"],
     },

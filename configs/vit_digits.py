@@ -2,7 +2,9 @@
 
   python -m mmjax.main --config configs/vit_digits.py --workdir /tmp/vit_digits
 
-Trains in about a minute on a laptop CPU. Try `--config.mesh.fsdp=2` on 2+ devices, or
+Measured on a busy 2-core CPU: 300 steps -> 72% test accuracy (~1.5 min), 600 steps
+(configs/demo.py) -> 87% (~2 min).
+Try `--config.mesh.fsdp=2` on 2+ devices, `--config.model.dtype=bfloat16`, or
 `--config.optimizer.name=sgd --config.optimizer.lr=0.1`.
 """
 import ml_collections
@@ -25,14 +27,16 @@ def get_config(arg=None):
   config.data = pipeline.default_config("digits")
   config.model = ml_collections.ConfigDict(dict(
       name="vit",
+      variant=None,        # sizes below instead of a named variant like "B/16"
       num_classes=10,
-      patch_size=2,       # 8x8 digits -> a 4x4 grid of 16 patches
+      patch_size=2,        # 8x8 digits -> a 4x4 grid of 16 patches
       width=64,
       depth=4,
       num_heads=4,
       mlp_dim=128,
-      dropout=0.0,
-      dtype="float32",    # bfloat16 on accelerators
+      pool_type="gap",
+      dropout_rate=0.0,
+      dtype="float32",     # compute dtype: "bfloat16" on accelerators; params stay float32
   ))
 
   config.optimizer.name = "adamw"

@@ -36,21 +36,24 @@ def _bias(tq=TQ, tk=TK):
   return np.random.default_rng(7).standard_normal((1, H, tq, tk), np.float32)
 
 
-CASES = {
-    "plain": dict(),
-    "padding": dict(mask=_key_padding()),
-    "causal": dict(is_causal=True),
-    "bias": dict(bias=_bias()),
-    "causal_padding_bias": dict(is_causal=True, mask=_key_padding(), bias=_bias()),
-    "scale": dict(scale=0.3, mask=_key_padding()),
+CASES = {   # name: (num_kv_heads, kwargs)
+    "plain": (H, dict()),
+    "padding": (H, dict(mask=_key_padding())),
+    "causal": (H, dict(is_causal=True)),
+    "bias": (H, dict(bias=_bias())),
+    "scale": (H, dict(scale=0.3, mask=_key_padding())),
+    "gqa_padding": (2, dict(mask=_key_padding())),
+    "gqa_causal_bias": (2, dict(is_causal=True, bias=_bias())),
+    "gqa_causal_padding_bias": (2, dict(is_causal=True, mask=_key_padding(), bias=_bias())),
+    "mqa_causal_padding_bias": (1, dict(is_causal=True, mask=_key_padding(), bias=_bias())),
 }
 
 
-@pytest.mark.parametrize("num_kv_heads", [H, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_backends_match_reference_and_jax_nn(case, num_kv_heads):
+def test_backends_match_reference_and_jax_nn(case):
+  num_kv_heads, kwargs = CASES[case]
   q, k, v = _qkv(num_kv_heads)
-  kwargs = dict(CASES[case])
+  kwargs = dict(kwargs)
   arrays = {n: kwargs.pop(n) for n in ("mask", "bias") if n in kwargs}
 
   @jax.jit   # one compile for all three (much faster than op-by-op on CPU)
@@ -180,6 +183,7 @@ def test_default_backend_per_platform():
   assert attention.default_backend(platform="cpu", dropout=True) == "reference"
   assert attention.default_backend(platform="gpu", dtype=jnp.bfloat16) == "cudnn"
   assert attention.default_backend(platform="gpu", dtype=jnp.float32) == "xla"
+  assert attention.default_backend(platform="gpu", dtype=jnp.bfloat16, head_dim=256) == "xla"
   assert attention.default_backend(platform="tpu", q_length=256, kv_length=128) == "splash"
   assert attention.default_backend(platform="tpu", has_mask=True) == "xla"
   assert attention.default_backend(platform="tpu", q_length=100, kv_length=100) == "xla"
@@ -223,31 +227,23 @@ def test_mha_shapes_params_and_logical_axes():
   assert tuple(specs["out"]["kernel"]) == ("heads", "kv", "embed")
 
 
-def test_mha_matches_manual_computation():
+def test_mha_matches_manual_computation_and_drops_out_in_training():
   x = jnp.asarray(np.random.default_rng(1).standard_normal((B, TQ, 16), np.float32))
-  mha = MultiHeadAttention(num_heads=4, use_bias=False)
+  mha = MultiHeadAttention(num_heads=4, use_bias=False, dropout_rate=0.5)
   params = nn.meta.unbox(jax.jit(mha.init)(jax.random.key(0), x))["params"]
   mask = _key_padding((TQ, 2), TQ)
   q, k, v = (jnp.einsum("ble,ehd->blhd", x, params[n]["kernel"]) for n in ("query", "key", "value"))
   expected = jnp.einsum("blhd,hde->ble", jax.nn.dot_product_attention(q, k, v, mask=mask),
                         params["out"]["kernel"])
-  out = jax.jit(lambda p: mha.apply({"params": p}, x, mask=mask))(params)
-  chex.assert_trees_all_close(out, expected, atol=1e-5)
+  apply = jax.jit(lambda p, deterministic, rng: mha.apply(
+      {"params": p}, x, mask=mask, deterministic=deterministic, rngs={"dropout": rng}),
+      static_argnums=1)
+  chex.assert_trees_all_close(apply(params, True, jax.random.key(3)), expected, atol=1e-5)
+  assert not np.allclose(apply(params, False, jax.random.key(3)), expected, atol=1e-3)
 
 
-def test_mha_dropout_needs_rng_and_changes_output():
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((B, TQ, 16), np.float32))
-  mha = MultiHeadAttention(num_heads=2, dropout_rate=0.5)
-  variables = jax.jit(mha.init)(jax.random.key(0), x)
-  eval_out = jax.jit(mha.apply)(variables, x)
-  train_out = jax.jit(lambda v: mha.apply(v, x, deterministic=False,
-                                          rngs={"dropout": jax.random.key(3)}))(variables)
-  assert not np.allclose(eval_out, train_out)
-
-
-@pytest.mark.parametrize("num_kv_heads", [None, 1])
-def test_kv_cache_decoding_equals_full_causal_forward(num_kv_heads):
-  length = 6
+def test_kv_cache_decoding_equals_full_causal_forward():
+  length, num_kv_heads = 6, 2   # GQA: the cache holds the 2 key/value heads only
   x = jnp.asarray(np.random.default_rng(1).standard_normal((B, length, 16), np.float32))
   full = MultiHeadAttention(num_heads=4, num_kv_heads=num_kv_heads)
   params = jax.jit(full.init)(jax.random.key(0), x)["params"]
@@ -265,6 +261,7 @@ def test_kv_cache_decoding_equals_full_causal_forward(num_kv_heads):
     outs.append(out)
   chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), expected, atol=1e-5)
   assert int(cache["cache_index"]) == length
+  assert cache["cached_key"].shape == (B, length, num_kv_heads, 4)
 
   # Prefill 4 tokens at once, then decode the rest: same result.
   prefill, variables = step(init_cache(), x[:, :4])

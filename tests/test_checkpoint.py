@@ -14,7 +14,8 @@ from mmjax.train import trainer
 
 
 def _state(value: float):
-  return {"params": {"dense": {"kernel": jnp.full((4, 3), value)}}, "step": jnp.int32(0 if np.isnan(value) else value)}
+  return {"params": {"dense": {"kernel": jnp.full((4, 3), value)}},
+          "step": jnp.int32(0 if np.isnan(value) else value)}
 
 
 def _iterator():
@@ -98,7 +99,7 @@ def test_merge_params_renames_excludes_and_resamples():
 def test_init_from_loads_a_subset_into_a_bigger_model(tmp_path):
   source, target = str(tmp_path / "source"), str(tmp_path / "target")
   trainer.train_and_evaluate(tiny_config(total_steps=3), source)
-  config = tiny_config(total_steps=1, **{"schedule.name": "constant",
+  config = tiny_config(total_steps=1, **{"schedule.name": "constant", "schedule.warmup_steps": 0,
       "data.size": 8, "model.num_classes": 3, "data.num_classes": 3,
       "init_from.checkpoint": source, "init_from.exclude": (r"head/.*",),
       "optimizer.frozen": (r"hidden/.*", r"pos_embedding")})

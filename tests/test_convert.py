@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmjax.convert import common
+from mmjax.train import checkpoint
 
 
 def _shapes(**named):
@@ -92,7 +93,6 @@ def test_read_checkpoint_hf_directory_lists_what_it_found(tmp_path):
 
 
 def test_saved_checkpoint_is_what_the_trainer_init_from_reads(tmp_path):
-  checkpoint = pytest.importorskip("mmjax.train.checkpoint", reason="trainer not merged yet")
   params = {"encoder": {"encoderblock_0": {"mlp": {"fc1": {"kernel": np.arange(6.).reshape(2, 3)}}}},
             "cls": np.ones((1, 1, 3))}
   dst = str(tmp_path / "converted")

@@ -108,8 +108,10 @@ def test_resample_posemb_keeps_prefix_and_interpolates_grid():
 
 
 @pytest.mark.parametrize("module, shape, message", [
-    (PatchEmbed(4, 8), (2, 8, 10, 3), r"size \(8, 10\) must be divisible by the patch size \(4, 4\)"),
-    (PatchEmbed(4, 8), (8, 8, 3), r"rank 4 inputs \[batch, h, w, channels\]; given shape \(8, 8, 3\)"),
+    (PatchEmbed(4, 8), (2, 8, 10, 3),
+     r"size \(8, 10\) must be divisible by the patch size \(4, 4\)"),
+    (PatchEmbed(4, 8), (8, 8, 3),
+     r"rank 4 inputs \[batch, h, w, channels\]; given shape \(8, 8, 3\)"),
     (TubeletEmbed((2, 4, 4), 8), (1, 3, 8, 8, 3), r"size \(3, 8, 8\) must be divisible"),
     (PatchEmbed((4, 4, 4), 8), (2, 8, 8, 3), "positive int or 2 positive ints; given"),
 ])

@@ -22,11 +22,11 @@ def _setup(mesh_shape=(2, 2, 2), optimizer="adamw", grad_accum_steps=1, dtype="f
   model = TokenClassifier(num_classes=4, width=16, dtype=dtype)
   example = {"image": jax.ShapeDtypeStruct((8, 4, 4, 1), jnp.float32),
              "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+  boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
+  tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
+  init, _, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
+  state = init()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
-    tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
-    init, abstract, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
-    state = init()
     step = jax.jit(trainer.make_train_step(model, tx, schedule, grad_accum_steps),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
@@ -65,7 +65,8 @@ def test_batch_is_split_over_data_and_fsdp():
 
 
 def test_gradient_accumulation_matches_the_full_batch():
-  (mesh, rules, state_a, _, step_a), (_, _, state_b, _, step_b) = _setup(), _setup(grad_accum_steps=4)
+  mesh, rules, state_a, _, step_a = _setup()
+  _, _, state_b, _, step_b = _setup(grad_accum_steps=4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     new_a, metrics_a = step_a(state_a, _batch(mesh))
     new_b, metrics_b = step_b(state_b, _batch(mesh))

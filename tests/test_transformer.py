@@ -1,4 +1,6 @@
 """Tests for mmjax.nn.transformer: scan / remat equal the plain stack, decoding is exact."""
+import math
+
 import chex
 import flax.linen as nn
 import jax
@@ -6,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.nn.transformer import Decoder, Encoder, EncoderBlock, Mlp
+from mmjax.nn.transformer import ACTIVATIONS, Decoder, Encoder, EncoderBlock, Mlp
 
 B, L, LE, D = 2, 6, 5, 16
 SIZES = dict(num_layers=2, num_heads=2, mlp_dim=32)
@@ -28,6 +30,14 @@ def _init(module, *args, **kwargs):
   return nn.meta.unbox(jax.jit(lambda: module.init(jax.random.key(0), *args, **kwargs))())
 
 
+def _random_params(module, *args, **kwargs):
+  """Random parameters of the right shapes, without compiling `init` (slow on CPU)."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *args, **kwargs)))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape, np.float32)),
+                      shapes)
+
+
 def test_mlp_shape_and_param_axes():
   mlp = Mlp(mlp_dim=32)
   variables = jax.jit(lambda: mlp.init(jax.random.key(0), _tokens()))()
@@ -35,6 +45,62 @@ def test_mlp_shape_and_param_axes():
   specs = nn.get_partition_spec(variables)["params"]
   assert tuple(specs["fc1"]["kernel"]) == ("embed", "mlp")
   assert tuple(specs["fc2"]["kernel"]) == ("mlp", "embed")
+
+
+_ERF = np.vectorize(math.erf)
+REFERENCE_ACTIVATIONS = {   # the formulas HF / torch / OpenAI CLIP compute
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    "gelu": lambda x: 0.5 * x * (1 + _ERF(x / np.sqrt(2))),
+    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_mlp_activation_computes_its_formula(activation):
+  x = _tokens()
+  mlp = Mlp(mlp_dim=32, activation=activation)
+  params = _random_params(mlp, x)["params"]
+  got = mlp.apply({"params": params}, x)
+  p = jax.tree.map(np.asarray, params)
+  hidden = REFERENCE_ACTIVATIONS[activation](np.asarray(x) @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+  np.testing.assert_allclose(got, hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"], atol=1e-5)
+  if activation == "gelu_tanh":  # the default, as before the option existed
+    np.testing.assert_array_equal(got, Mlp(mlp_dim=32).apply({"params": params}, x))
+
+
+def test_unknown_activation_is_refused():
+  with pytest.raises(ValueError, match=r"Unknown activation 'relu'; expected one of \['gelu'"):
+    jax.eval_shape(lambda: Mlp(mlp_dim=32, activation="relu").init(jax.random.key(0), _tokens()))
+
+
+def numerics_used(fn):
+  """(LayerNorm epsilons, Mlp activations) of every LayerNorm / Mlp that `fn` calls."""
+  epsilons, activations = [], []
+
+  def record(f, args, kwargs, context):
+    if context.method_name == "__call__":
+      if isinstance(context.module, nn.LayerNorm):
+        epsilons.append(context.module.epsilon)
+      elif isinstance(context.module, Mlp):
+        activations.append(context.module.activation)
+    return f(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(fn)
+  return epsilons, activations
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_activation_and_epsilon_reach_every_layer(scan_layers):
+  x, enc = _tokens(), _tokens(LE, seed=1)
+  numerics = dict(activation="quick_gelu", layer_norm_epsilon=1e-5, scan_layers=scan_layers)
+  eps, acts = numerics_used(lambda: Encoder(**SIZES, **numerics).init(jax.random.key(0), x))
+  # Every LayerNorm / Mlp called (scan may trace a block more than once) got the option.
+  assert set(eps) == {1e-5} and len(eps) >= 3 and set(acts) == {"quick_gelu"}
+  eps, acts = numerics_used(lambda: Decoder(**SIZES, **numerics).init(jax.random.key(0), x, enc))
+  assert set(eps) == {1e-5} and len(eps) >= 4 and set(acts) == {"quick_gelu"}
+  eps, acts = numerics_used(lambda: Encoder(**SIZES).init(jax.random.key(0), x))
+  assert set(eps) == {1e-6} and set(acts) == {"gelu_tanh"}   # defaults unchanged
 
 
 def test_encoder_param_names_and_final_norm():
@@ -54,35 +120,41 @@ def test_encoder_scan_and_remat_equal_plain_stack():
   x = _tokens()
   mask = (np.arange(L) < np.array([[L], [3]]))[:, None, None, :]
   plain = Encoder(**SIZES)
-  params = _init(plain, x)["params"]
+  params = _random_params(plain, x)["params"]
   stacked = _stack_layers(params, "encoderblock", SIZES["num_layers"])
 
-  def loss_and_grad(module, params):
-    loss = lambda p: jnp.sum(module.apply({"params": p}, x, mask=mask) ** 2)
-    return jax.jit(jax.value_and_grad(loss))(params)
+  variants = [(True, "none"), (True, "full"), (False, "dots")]
+  modules = [Encoder(**SIZES, scan_layers=s, remat_policy=r) for s, r in variants]
+  for module in modules:
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), x)))
+    expected = stacked if module.scan_layers else params
+    assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, expected)
 
-  loss, grads = loss_and_grad(plain, params)
-  for scan_layers, remat_policy in [(True, "none"), (True, "full"), (False, "dots")]:
-    variant = Encoder(**SIZES, scan_layers=scan_layers, remat_policy=remat_policy)
-    expected = (loss, _stack_layers(grads, "encoderblock", SIZES["num_layers"])
-                if scan_layers else grads)
-    variant_params = stacked if scan_layers else params
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(variant.init(jax.random.key(0), x)))
-    assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, variant_params)
-    chex.assert_trees_all_close(loss_and_grad(variant, variant_params), expected,
-                                atol=1e-5, rtol=1e-5)
+  @jax.jit   # one compile for all four stacks
+  def losses_and_grads(params, stacked):
+    loss_and_grad = lambda module, p: jax.value_and_grad(
+        lambda p: jnp.sum(module.apply({"params": p}, x, mask=mask) ** 2))(p)
+    return loss_and_grad(plain, params), [
+        loss_and_grad(m, stacked if m.scan_layers else params) for m in modules]
+
+  (loss, grads), results = losses_and_grads(params, stacked)
+  stacked_grads = _stack_layers(grads, "encoderblock", SIZES["num_layers"])
+  for module, result in zip(modules, results):
+    expected = (loss, stacked_grads if module.scan_layers else grads)
+    chex.assert_trees_all_close(result, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_decoder_cache_decoding_equals_full_forward(scan_layers):
+def test_decoder_cache_decoding_equals_full_forward():
   x, encoded = _tokens(), _tokens(LE, seed=1)
   cross_mask = (np.arange(LE) < np.array([[LE], [2]]))[:, None, None, :]
-  decoder = Decoder(**SIZES, scan_layers=scan_layers)
-  params = _init(decoder, x, encoded)["params"]
+  decoder = Decoder(**SIZES, scan_layers=True)   # the cache is scanned over layers too
+  params = _random_params(decoder, x, encoded)["params"]
   expected = jax.jit(lambda p: decoder.apply({"params": p}, x, encoded,
                                              cross_mask=cross_mask))(params)
   assert expected.shape == (B, L, D)
-  cache = jax.jit(lambda: decoder.init(jax.random.key(0), x, encoded, decode=True)["cache"])()
+  cache_shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), x, encoded,
+                                                     decode=True)["cache"])
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)  # empty cache
 
   @jax.jit
   def step(cache, token):
@@ -100,7 +172,7 @@ def test_decoder_cache_decoding_equals_full_forward(scan_layers):
 def test_decoder_is_causal_and_scan_remat_equal_plain():
   x, encoded = _tokens(), _tokens(LE, seed=1)
   plain = Decoder(**SIZES)
-  params = _init(plain, x, encoded)["params"]
+  params = _random_params(plain, x, encoded)["params"]
   apply = lambda module, p, x: jax.jit(lambda p, x: module.apply({"params": p}, x, encoded))(p, x)
   out = apply(plain, params, x)
   # Changing the last target token leaves every earlier position unchanged.
@@ -115,7 +187,7 @@ def test_decoder_is_causal_and_scan_remat_equal_plain():
 def test_dropout_and_droppath_only_in_training():
   x = _tokens(seed=2)
   block = EncoderBlock(num_heads=2, mlp_dim=32, droppath_rate=0.5)
-  variables = _init(block, x)
+  variables = _random_params(block, x)
   apply = jax.jit(lambda x, rng: block.apply(variables, x, deterministic=False,
                                              rngs={"dropout": rng}))
   np.testing.assert_array_equal(jax.jit(block.apply)(variables, x),

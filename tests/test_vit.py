@@ -11,6 +11,7 @@ import pytest
 from mmjax.models.base import build_model
 from mmjax.models.vit import ViT, decode_variant, resample_vit_posemb
 from mmjax.registry import MODELS
+from tests.test_transformer import numerics_used
 
 TINY = dict(variant=None, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4)
 
@@ -18,6 +19,14 @@ TINY = dict(variant=None, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size
 def _images(batch=2, size=16, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, size, size, 3),
                                                                  np.float32))
+
+
+def _random_params(model, *args, **kwargs):
+  """Random parameters of the right shapes, without compiling `init` (slow on CPU)."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *args, **kwargs)))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape, np.float32)),
+                      shapes)
 
 
 def _num_params(tree) -> int:
@@ -65,39 +74,50 @@ def test_variants_overrides_and_options():
   assert shapes["embedding"]["kernel"].shape == (4, 2, 3, 32)
 
 
-def test_loss_and_evaluate_follow_the_model_contract():
-  model = ViT(**TINY, num_classes=10, dropout_rate=0.1, droppath_rate=0.1)
-  batch = {"image": _images(batch=4), "label": jnp.array([0, 3, 9, 3], jnp.int32)}
-  variables = nn.meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), batch, train=False,
-                                                       method="loss"))())
-  loss, metrics = jax.jit(lambda v: model.apply(v, batch, train=False, method="loss"))(variables)
-  # The head is zero-initialised: uniform logits, loss log(10).
-  np.testing.assert_allclose(loss, np.log(10), rtol=1e-6)
-  assert set(metrics) == {"accuracy"} and metrics["accuracy"].shape == ()
-  outputs = jax.jit(lambda v: model.apply(v, batch, method="evaluate"))(variables)
-  assert {k: v.shape for k, v in outputs.items()} == {"loss": (4,), "accuracy": (4,)}
-  summary = ViT.summarize(jax.tree.map(np.asarray, outputs))
-  np.testing.assert_allclose(summary["loss"], np.log(10), rtol=1e-6)
+def test_pre_norm_activation_and_epsilon_options():
+  model = ViT(**TINY, num_classes=0, pool_type="map", pre_norm=True, activation="gelu",
+              layer_norm_epsilon=1e-12)
+  shapes = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), _images())))["params"]
+  assert shapes["pre_norm"]["scale"].shape == shapes["pre_norm"]["bias"].shape == (32,)
+  # pre_norm, 2 x 2 block norms, encoder_norm, MAPHead norm; every MLP incl. MAPHead's.
+  eps, acts = numerics_used(lambda: model.init(jax.random.key(0), _images()))
+  assert eps == [1e-12] * 7 and acts == ["gelu"] * 3
+  assert "pre_norm" not in jax.eval_shape(
+      lambda: ViT(**TINY).init(jax.random.key(0), _images()))["params"]   # off by default
 
-  # A few Adam steps in training mode (dropout + stochastic depth) fit the batch.
+
+def test_loss_and_evaluate_follow_the_model_contract():
+  model = ViT(**{**TINY, "depth": 1}, num_classes=10, dropout_rate=0.1, droppath_rate=0.1)
+  batch = {"image": _images(batch=4), "label": jnp.array([0, 3, 9, 3], jnp.int32)}
+  params = nn.meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), batch, train=False,
+                                                    method="loss"))())["params"]
+  evaluate = jax.jit(lambda p: model.apply({"params": p}, batch, method="evaluate"))
   optimizer = optax.adam(1e-2)
-  params = variables["params"]
 
   @jax.jit
   def step(params, opt_state, rng):
-    (loss, _), grads = jax.value_and_grad(
+    (loss, metrics), grads = jax.value_and_grad(
         lambda p: model.apply({"params": p}, batch, train=True, method="loss",
                               rngs={"dropout": rng}), has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, metrics
 
+  outputs = evaluate(params)
+  assert {k: v.shape for k, v in outputs.items()} == {"loss": (4,), "accuracy": (4,)}
+  # The head is zero-initialised: uniform logits, loss log(10) for every example.
+  np.testing.assert_allclose(ViT.summarize(jax.tree.map(np.asarray, outputs))["loss"],
+                             np.log(10), rtol=1e-6)
+  # A few Adam steps in training mode (dropout + stochastic depth) fit the batch.
   opt_state = optimizer.init(params)
   for i in range(20):
-    params, opt_state, train_loss = step(params, opt_state, jax.random.key(i))
-    assert np.isfinite(train_loss)
-  loss, metrics = jax.jit(lambda p: model.apply({"params": p}, batch, train=False,
-                                                method="loss"))(params)
-  assert loss < 0.5 * np.log(10) and metrics["accuracy"] == 1.0
+    params, opt_state, loss, metrics = step(params, opt_state, jax.random.key(i))
+    if i == 0:
+      np.testing.assert_allclose(loss, np.log(10), rtol=1e-6)
+      assert set(metrics) == {"accuracy"} and metrics["accuracy"].shape == ()
+    assert np.isfinite(loss)
+  outputs = evaluate(params)
+  assert outputs["loss"].mean() < 0.5 * np.log(10) and outputs["accuracy"].mean() == 1.0
 
 
 def test_registered_and_built_from_config():
@@ -109,8 +129,7 @@ def test_registered_and_built_from_config():
 
 def test_posemb_resampled_to_a_new_image_size():
   model = ViT(**TINY, num_classes=0)
-  params = nn.meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), _images(size=16)))())[
-      "params"]
+  params = _random_params(model, _images(size=16))["params"]
   same = resample_vit_posemb(model, params, 16, 16)
   chex.assert_trees_all_close(same, params, atol=1e-6)
   bigger = resample_vit_posemb(model, params, 16, 24)
@@ -152,3 +171,27 @@ def test_bad_batches_raise():
     jax.eval_shape(lambda: ViT(**TINY, num_classes=0).init(
         jax.random.key(0), {"image": _images(), "label": jnp.zeros((2,), jnp.int32)},
         train=False, method="loss"))
+
+
+def test_sharded_over_a_mesh_matches_single_device():
+  """Logical axis names on every kernel map onto a (data, fsdp, tensor) mesh."""
+  rules = [("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
+           ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("layers", None),
+           ("length", None)]
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  model = ViT(**{**TINY, "depth": 1}, num_classes=10, pool_type="map", scan_layers=True)
+  batch = {"image": _images(batch=8), "label": jnp.arange(8, dtype=jnp.int32)}
+  init = lambda: model.init(jax.random.key(0), batch, train=False, method="loss")
+  loss_fn = lambda v: model.apply(v, batch, train=False, method="loss")[0]
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(jax.eval_shape(init)), mesh,
+                                          rules)
+  variables = _random_params(model, batch, train=False, method="loss")
+  single_loss = jax.jit(loss_fn)(variables)
+  sharded = jax.device_put(variables, nn.meta.unbox(shardings))
+  kernel = sharded["params"]["encoder"]["encoderblock"]["attention"]["query"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):   # activation constraints active
+    sharded_loss = jax.jit(loss_fn)(sharded)
+  assert abs(float(single_loss) - np.log(10)) > 1e-3      # a non-trivial loss
+  np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)

@@ -1,19 +1,25 @@
-"""Command line: convert pretrained weights into an mmjax checkpoint, or export one to HF.
+r"""Command line: convert pretrained weights into an mmjax checkpoint, or export one to HF.
 
 Import (writes DST/state, the Orbax checkpoint `config.init_from.checkpoint=DST` loads,
 DST/model_config.json and DST/conversion_report.txt):
 
-  python -m mmjax.convert --from hf --src ./clip-vit-base-patch32 --dst /ckpt/clip_b32
+  python -m mmjax.convert --from hf --src ./vit-base-patch16-224 --dst /ckpt/vit_b16_hf
+  python -m mmjax.convert --from big_vision --src siglip_b16_224.npz --dst /ckpt/siglip_b16
   python -m mmjax.convert --from big_vision --src vit_b16.npz --dst /ckpt/vit_b16 \
       --image-size 384                       # position grid resampled from 224
   python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6
+
+  The derived model config computes the checkpoint's activation and LayerNorm epsilon
+  (exact GELU / 1e-12 for Hub ViTs, quick GELU / 1e-5 for CLIP, exact GELU / 1e-6 for
+  timm); --allow-approximate accepts a --model-config that computes something else.
 
   --model-config: the mmjax model to load into (configs/NAME.py, whose get_config().model
   is used, or a JSON file such as a previous DST/model_config.json); default: derived
   from the checkpoint. --skip REGEX (repeatable) leaves mmjax parameters out, e.g. a head
   of another size, which init_from then initialises.
 
-Export (an mmjax checkpoint -> a Hugging Face model directory):
+Export (an mmjax checkpoint: a converted DST, a run directory or one of its steps -> a
+Hugging Face model directory):
 
   python -m mmjax.convert --to hf --src /ckpt/vit_b16 --dst ./vit-b16-hf --image-size 224
 """
@@ -60,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--skip", action="append", default=[],
                  help="regex of mmjax parameters to leave out (repeatable)")
   p.add_argument("--allow-approximate", action="store_true",
-                 help="accept an activation / LayerNorm epsilon mmjax does not compute")
+                 help="accept a model computing another activation / LayerNorm epsilon "
+                      "than the checkpoint")
   p.add_argument("--no-strict", action="store_true",
                  help="report, instead of refusing, unused or unfilled parameters")
   return p
@@ -76,7 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if not os.path.exists(path):
         raise SystemExit(f"--model-config is needed: {path} does not exist.")
       model_config = read_model_config(path)
-    params = export_hf.load_mmjax_checkpoint(args.src)
+    from mmjax.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
+    params = load_params(args.src)  # what init_from reads: a converted DST or a run
     export_hf.export(params, model_config, args.dst, image_size=args.image_size)
     print(f"wrote Hugging Face model to {args.dst}")
     return 0
@@ -91,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mmjax.convert import timm  # pylint: disable=g-import-not-at-top
     params, model_config, report = timm.load(
         args.src, model_config, num_heads=args.num_heads, image_size=args.image_size,
-        skip=args.skip, strict=strict)
+        skip=args.skip, allow_approximate=args.allow_approximate, strict=strict)
   else:
     from mmjax.convert import big_vision  # pylint: disable=g-import-not-at-top
     params, model_config, report = big_vision.load(

@@ -37,7 +37,7 @@ Array = jax.Array
 Dtype = Any
 
 # Large finite negative logit for masked keys: unlike -inf it never produces NaN, even
-# in a row where every key is masked (such rows are zeroed after the softmax).
+# in a row where every key is masked (such rows are zeroed on the output).
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
@@ -100,50 +100,35 @@ def _zero_fully_masked_rows(out: Array, mask: Optional[Array], is_causal: bool,
 # Backends. Each gets validated inputs: mask / bias already rank 4 (or None), scale a float.
 # ----------------------------------------------------------------------------------------
 
-def _group_heads(x: Array, *, num_kv_heads: int) -> Array:
-  """[b, h, q, k] -> [b, K, G, q, k] (or [b, 1, 1, q, k] when h == 1) for GQA einsums."""
-  b, h, q, k = x.shape
-  if h == 1:
-    return x.reshape(b, 1, 1, q, k)
-  return x.reshape(b, num_kv_heads, h // num_kv_heads, q, k)
-
-
 @ATTENTION_BACKENDS.register("reference")
 def reference_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
                         scale: float, dropout_rate=0.0, dropout_rng=None) -> Array:
   """The definition: einsum logits, float32 softmax, masked keys get weight exactly 0."""
-  batch, q_length, num_heads, head_dim = query.shape
+  q_length, num_heads = query.shape[1], query.shape[2]
   kv_length, num_kv_heads = key.shape[1], key.shape[2]
-  groups = num_heads // num_kv_heads
-  # Query heads are grouped per key/value head, so GQA never materialises repeated K/V;
-  # without GQA the plain 4-D einsum is used (XLA:CPU runs it ~1.4x faster than 5-D).
-  if groups == 1:
-    regroup = lambda x: x
-    logits_eq, out_eq = "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"
-  else:
-    regroup = functools.partial(_group_heads, num_kv_heads=num_kv_heads)
-    logits_eq, out_eq = "bqkgd,bskd->bkgqs", "bkgqs,bskd->bqkgd"
-  q = query * jnp.asarray(scale, query.dtype)
-  if groups > 1:
-    q = q.reshape(batch, q_length, num_kv_heads, groups, head_dim)
-  logits = jnp.einsum(logits_eq, q, key, preferred_element_type=jnp.float32)
+  if num_kv_heads != num_heads:
+    # GQA: each key/value head serves num_heads // num_kv_heads consecutive query heads.
+    # Repeating them for a 4-D einsum ran as fast as or faster than a grouped 5-D einsum
+    # on XLA:CPU.
+    key = jnp.repeat(key, num_heads // num_kv_heads, axis=2)
+    value = jnp.repeat(value, num_heads // num_kv_heads, axis=2)
+  query = query * jnp.asarray(scale, query.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
   if bias is not None:
-    logits = logits + regroup(bias.astype(jnp.float32))
+    logits = logits + bias.astype(jnp.float32)
+  logits_mask = mask
   if is_causal:
     causal = _causal_mask(q_length, kv_length)
     logits_mask = causal if mask is None else mask & causal
-  else:
-    logits_mask = mask
   if logits_mask is not None:
     # exp(_MASK_VALUE - max) == 0 exactly, so masked keys get weight 0 whenever the row
     # has a visible key; fully masked rows are zeroed on the output below.
-    logits = jnp.where(regroup(logits_mask), logits, _MASK_VALUE)
+    logits = jnp.where(logits_mask, logits, _MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum(out_eq, weights.astype(value.dtype), value)
-  out = out.reshape(batch, q_length, num_heads, head_dim)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value)
   return _zero_fully_masked_rows(out, mask, is_causal, kv_length)
 
 
@@ -214,26 +199,29 @@ def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False
 
 
 def default_backend(*, platform: Optional[str] = None, dtype: Dtype = jnp.float32,
-                    has_mask: bool = False, has_bias: bool = False,
-                    dropout: bool = False, q_length: int = 0, kv_length: int = 0) -> str:
+                    has_mask: bool = False, has_bias: bool = False, dropout: bool = False,
+                    q_length: int = 0, kv_length: int = 0, head_dim: int = 64) -> str:
   """The fastest backend that honours the request on `platform` (default: JAX's).
 
   CPU: "reference". Measured on the 2-core dev machine (B=2, 8 heads x 64, f32, jit of
-    forward + backward, best of 7):
-    T=256 full 5.8 vs 7.3 ms, T=1024 full 251 vs 365 ms, causal 222 vs 389 ms for
-    reference vs xla: jax.nn adds masking / casting passes that XLA:CPU does not fuse.
-  GPU: "cudnn" for bf16/fp16 without dropout, else "xla" (or "reference" for dropout).
-  TPU: "splash" for full/causal attention on 128-multiples, else "xla" / "reference".
+    forward + backward, best of 7, reference vs xla): T=256 5.8 vs 7.3 ms; T=1024 full
+    251 vs 365 ms, causal 222 vs 389 ms. jax.nn adds masking / casting passes that
+    XLA:CPU does not fuse away. With 2 key/value heads (GQA) the two were within noise
+    of each other (T=1024: full 540 vs 459 ms, causal 445 vs 612 ms on a loaded machine).
+  GPU: "cudnn" (fused flash attention) for bf16/fp16 with head_dim a multiple of 8 up to
+    128, its supported range; else "xla".
+  TPU: "splash" for full or causal attention on 128-multiple lengths, else "xla".
+  Dropout on the weights: "reference" everywhere (the only backend that has it).
   """
   platform = platform or jax.default_backend()
   if dropout:
     return "reference"
   if platform == "gpu":
-    return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
   if platform == "tpu":
-    if (not has_mask and not has_bias and q_length % _SPLASH_BLOCK == 0 and kv_length % _SPLASH_BLOCK == 0):
-      return "splash"
-    return "xla"
+    lengths_fit = q_length % _SPLASH_BLOCK == 0 and kv_length % _SPLASH_BLOCK == 0
+    return "splash" if lengths_fit and not has_mask and not has_bias else "xla"
   return "reference"
 
 
@@ -279,7 +267,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   if implementation is None:
     implementation = default_backend(
         dtype=query.dtype, has_mask=mask is not None, has_bias=bias is not None,
-        dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length)
+        dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length,
+        head_dim=head_dim)
   backend = ATTENTION_BACKENDS.get(implementation)
   return backend(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                  scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
@@ -288,6 +277,45 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
 # ----------------------------------------------------------------------------------------
 # Multi-head attention module.
 # ----------------------------------------------------------------------------------------
+
+def _flat_init(init: Callable, num_in: int) -> Callable:
+  """`init` applied to the 2-D [fan_in, fan_out] view of a multi-axis kernel."""
+  def init_fn(key, shape, dtype=jnp.float32):
+    flat = (int(np.prod(shape[:num_in])), int(np.prod(shape[num_in:])))
+    return init(key, flat, dtype).reshape(shape)
+  return init_fn
+
+
+class _Projection(nn.Module):
+  """Contracts the last `len(kernel_axes) - len(features)` input axes into `features`.
+
+  Like nn.DenseGeneral, but the kernel is created in its final shape, so its logical
+  axis names apply from the start (DenseGeneral initialises a flattened 2-D kernel, which
+  a 3-name sharding constraint rejects under a mesh).
+  """
+  features: Tuple[int, ...]
+  kernel_axes: Tuple[str, ...]
+  use_bias: bool
+  dtype: Dtype
+  param_dtype: Dtype
+  kernel_init: Callable
+  bias_init: Callable
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    num_in = len(self.kernel_axes) - len(self.features)
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(_flat_init(self.kernel_init, num_in),
+                                               self.kernel_axes),
+        x.shape[x.ndim - num_in:] + tuple(self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jnp.tensordot(x, kernel, axes=num_in)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          self.bias_init, self.kernel_axes[num_in:]), self.features, self.param_dtype)
+      y = y + bias.astype(y.dtype)
+    return y
+
 
 class MultiHeadAttention(nn.Module):
   """Multi-head (or grouped-/multi-query) dot-product attention with a decoding cache.
@@ -338,16 +366,13 @@ class MultiHeadAttention(nn.Module):
                        f"given num_heads={self.num_heads}, num_kv_heads={num_kv_heads}.")
     head_dim = features // self.num_heads
 
-    def projection(heads, name, x):
-      return nn.DenseGeneral(
-          features=(heads, head_dim), axis=-1, use_bias=self.use_bias, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=name,
-          kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
-          bias_init=nn.with_logical_partitioning(self.bias_init, ("heads", "kv")))(x)
-
-    query = projection(self.num_heads, "query", inputs_q)
-    key = projection(num_kv_heads, "key", inputs_kv)
-    value = projection(num_kv_heads, "value", inputs_kv)
+    projection = functools.partial(
+        _Projection, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init, bias_init=self.bias_init)
+    heads_axes = ("embed", "heads", "kv")
+    query = projection((self.num_heads, head_dim), heads_axes, name="query")(inputs_q)
+    key = projection((num_kv_heads, head_dim), heads_axes, name="key")(inputs_kv)
+    value = projection((num_kv_heads, head_dim), heads_axes, name="value")(inputs_kv)
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
@@ -360,11 +385,8 @@ class MultiHeadAttention(nn.Module):
     x = dot_product_attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                               dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                               implementation=self.implementation)
-    out = nn.DenseGeneral(
-        features=self.out_features or inputs_q.shape[-1], axis=(-2, -1),
-        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(self.bias_init, ("embed",)))(x)
+    out = projection((self.out_features or inputs_q.shape[-1],), ("heads", "kv", "embed"),
+                     name="out")(x)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
   def _use_cache(self, key, value, mask, is_causal):

@@ -90,8 +90,10 @@ class Checkpointer:
     """(state, step) from the newest readable step, or (None, None) if there is none.
 
     `target` is the abstract state with the shardings to restore onto (any mesh);
-    `data_iterator` is rewound in place to the saved position.
+    `data_iterator` is rewound in place to the saved position; if no step is readable it
+    is left where it was (a failed restore may already have rewound it).
     """
+    initial_position = data_iterator.get_state()
     for step in reversed(self.steps()):
       self._check_shapes(step, target)
       error = None
@@ -106,6 +108,7 @@ class Checkpointer:
       logging.warning("Checkpoint step %d in %s is unreadable (%s); moving it aside and trying "
                       "the previous one.", step, self.directory, error or "on another process")
       self._move_aside(step, error or "unreadable on another process")
+    data_iterator.set_state(initial_position)
     return None, None
 
   def _check_shapes(self, step: int, target: Any) -> None:
@@ -189,7 +192,9 @@ def _resolve_state_dir(path: str) -> str:
   for candidate in (path, os.path.join(path, "checkpoints")):
     if os.path.isdir(os.path.join(candidate, "state")):
       return os.path.join(candidate, "state")
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if not os.path.isdir(candidate):
+      continue
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
     if steps:
       return os.path.join(candidate, str(max(steps)), "state")
   raise FileNotFoundError(f"config.init_from.checkpoint={path!r}: expected a run directory, its "

@@ -100,7 +100,8 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
     given = config if section is None else config.get(section)
     valid = schema if section is None else schema[section]
     if given is None:
-      raise ValueError(f"config.{section} is missing; {_valid_keys_message(valid, 'config.' + section)}.")
+      raise ValueError(f"config.{section} is missing; "
+                       f"{_valid_keys_message(valid, 'config.' + section)}.")
     unknown = sorted(set(given.keys()) - set(valid.keys()))
     if unknown:
       where = "config" if section is None else f"config.{section}"
@@ -139,9 +140,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   if not config.model.get("name"):
     raise ValueError("config.model.name is empty; set it to a registered model name.")
   if config.on_nonfinite not in ON_NONFINITE:
-    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; expected one of {ON_NONFINITE}.")
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}; "
+                     f"expected one of {ON_NONFINITE}.")
   if config.optimizer.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name={config.optimizer.name!r}; expected one of {OPTIMIZERS}.")
+    raise ValueError(f"config.optimizer.name={config.optimizer.name!r}; "
+                     f"expected one of {OPTIMIZERS}.")
   if config.schedule.name not in SCHEDULES:
     raise ValueError(f"config.schedule.name={config.schedule.name!r}; expected one of {SCHEDULES}.")
   if config.batch_size % config.grad_accum_steps:

@@ -43,9 +43,9 @@ def make_schedule(config) -> Callable[[Any], Any]:
   """Linear warmup from 0 to `optimizer.lr`, then the configured decay."""
   lr, s, total = config.optimizer.lr, config.schedule, config.total_steps
   warmup = int(s.warmup_steps)
-  if warmup >= total and s.name != "rsqrt" and s.name != "constant":
-    raise ValueError(f"config.schedule.warmup_steps={warmup} must be below "
-                     f"config.total_steps={total} for a {s.name!r} decay.")
+  if warmup > total:
+    raise ValueError(f"config.schedule.warmup_steps={warmup} exceeds config.total_steps={total}: "
+                     "the run would never reach config.optimizer.lr.")
   decay_steps = max(total - warmup, 1)
   end = lr * s.end_lr_fraction
   if s.name == "constant":

@@ -7,7 +7,7 @@ it, so a resumed run draws exactly the same dropout masks).
 Creation never materialises the full state on one device: `jax.eval_shape` gives the
 shapes and logical axis names for free, `state_shardings` turns them into NamedShardings,
 and the init runs under `jax.jit(out_shardings=...)` so each device only ever computes
-its own shard.
+its own shard. (Init runs outside the mesh context; see `create_train_state`.)
 """
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -97,7 +97,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   """(init, abstract state, shardings); `init()` returns the state born sharded.
 
   Nothing is computed until `init()` is called, so a run that resumes from a checkpoint
-  never materialises a throwaway state. Call inside `jax.set_mesh` + logical axis rules.
+  never materialises a throwaway state.
+
+  Call *outside* `jax.set_mesh` / `nn.logical_axis_rules`: the result is placed by
+  `out_shardings`, so init-time activation constraints add nothing, and flax's
+  DenseGeneral cannot apply its kernel's logical constraint to the flat kernel it first
+  draws (a rank error under active rules).
   """
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
   init_variables = init_variables_fn(model, example_batch)

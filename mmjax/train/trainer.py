@@ -15,6 +15,7 @@ is the usual approximation (negatives come from the micro-batch only).
 """
 import importlib
 import os
+import pkgutil
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from mmjax.models.base import build_model
 from mmjax.train import checkpoint as checkpoint_lib
@@ -194,16 +195,19 @@ def _example_batch(local_batch: Mapping[str, np.ndarray], rows: int) -> Dict[str
 # Fine-tuning from another run.
 
 
-def apply_init_from(state: TrainState, init_config, param_shardings: Any) -> Tuple[TrainState, Dict]:
+def apply_init_from(state: TrainState, init_config,
+                    param_shardings: Any) -> Tuple[TrainState, Dict]:
   """Loads `init_config.checkpoint`'s params into `state.params` (subset, renamed, resampled)."""
   source = checkpoint_lib.load_params(init_config.checkpoint)
-  target = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+  # The fresh params stay where they are (new leaves keep them); only loaded ones move.
+  target = traverse_util.flatten_dict(state.params, sep="/")
   merged, report = checkpoint_lib.merge_params(
       target, source, include=tuple(init_config.include), exclude=tuple(init_config.exclude),
       rename=tuple(tuple(r) for r in init_config.rename))
   if not report["loaded"]:
     raise ValueError(f"init_from {init_config.checkpoint!r} loaded no parameter; checkpoint "
-                     f"names look like {sorted(source)[:8]}, model names like {sorted(target)[:8]}.")
+                     f"names look like {sorted(source)[:8]}, model names like "
+                     f"{sorted(target)[:8]}.")
   params = traverse_util.unflatten_dict(merged, sep="/")
   params = jax.device_put(params, param_shardings)
   return state.replace(params=params), report
@@ -231,10 +235,19 @@ def format_summary(results: Mapping[str, Any]) -> str:
 # The loop.
 
 
+def import_models(extra_modules=()) -> None:
+  """Imports every module of mmjax.models (registering the built-in models), then the
+  config's own `imports` (a fork's models, fusions, datasets)."""
+  import mmjax.models  # pylint: disable=g-import-not-at-top
+  for module in pkgutil.iter_modules(mmjax.models.__path__, "mmjax.models."):
+    importlib.import_module(module.name)
+  for module in extra_modules:
+    importlib.import_module(module)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
-  for module in config.imports:
-    importlib.import_module(module)
+  import_models(config.imports)
   config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
@@ -259,26 +272,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       async_save=config.async_checkpointing)
   preemption = PreemptionWatcher()
   try:
+    # State creation and restore need no mesh context (shardings are explicit); see
+    # state.create_train_state for why init must even run outside it.
+    boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
+    tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
+    init, abstract, shardings = state_lib.create_train_state(
+        model, tx, example, config.seed, mesh, rules)
+    state, start_step = checkpointer.restore_latest(
+        state_lib.abstract_with_shardings(abstract, shardings), train_iter)
+    if state is not None:
+      if is_chief:
+        print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
+      pending = None
+    else:
+      start_step, pending = 0, first_batch
+      state = init()
+      if config.init_from.checkpoint:
+        state, report = apply_init_from(state, config.init_from, shardings.params)
+        _log_init_from(report, config.init_from.checkpoint)
+        writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
+
+    # Training and evaluation trace under the mesh and the logical axis rules, so the
+    # models' activation constraints shard them.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
-      tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
-      init, abstract, shardings = state_lib.create_train_state(
-          model, tx, example, config.seed, mesh, rules)
-
-      state, start_step = checkpointer.restore_latest(
-          state_lib.abstract_with_shardings(abstract, shardings), train_iter)
-      if state is not None:
-        if is_chief:
-          print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
-        pending = None
-      else:
-        start_step, pending = 0, first_batch
-        state = init()
-        if config.init_from.checkpoint:
-          state, report = apply_init_from(state, config.init_from, shardings.params)
-          _log_init_from(report, config.init_from.checkpoint)
-          writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
-
       batch_shardings = {k: sharding_lib.batch_sharding(mesh) for k in example}
       train_step = jax.jit(
           make_train_step(model, tx, schedule, config.grad_accum_steps),
@@ -300,8 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                             train_step, eval_step, model, mesh, writer, checkpointer,
                             preemption, flops_per_step, peak)
   finally:
+    checkpointer.close()  # first: SIGTERM must not kill the process while the last save runs
     preemption.close()
-    checkpointer.close()
     writer.close()
   if is_chief:
     print(format_summary(results), flush=True)
@@ -357,7 +373,10 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
         results.update({f"train/{k}": v for k, v in host.items()})
 
       if (config.eval_every and step % config.eval_every == 0) or step == total:
+        eval_start = time.perf_counter()
         eval_metrics = evaluate_lib.evaluate(model, eval_step, state.params, make_eval_iter(), mesh)
+        eval_metrics["seconds"] = time.perf_counter() - eval_start
+        last_log_time += eval_metrics["seconds"]  # throughput counts training time only
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         results.update({f"eval/{k}": v for k, v in eval_metrics.items()})
 

@@ -7,7 +7,7 @@ the console progress bar.
 import json
 import os
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,160 @@
+"""Analytic forward FLOPs of any model, counted from its traced program.
+
+`forward_flops(fn, *args)` traces `fn` to a jaxpr (no compilation, no execution) and sums
+  matmuls / convolutions   2 * (output elements) * (contracted elements per output)
+  FFTs                     8 * N log2 N per length-N transform (the spectrogram)
+  elementwise arithmetic   1 per output element (add, mul, max, select, ...)
+  reductions               1 per input element
+while transcendentals (exp, log, tanh, ...) are counted separately, as XLA does. Loops
+multiply their body by the trip count (scan); conditionals count their costliest branch.
+Because it reads shapes off the program, it covers every configured model, every fusion
+strategy and any fork without a per-model formula, and costs one trace. The matmul term
+dominates at every realistic size; tests/test_flops.py checks the total against XLA's own
+cost analysis (within 10%).
+
+`python -m mmjax.models.flops` prints, for every registered fusion strategy, the
+parameter count and forward GFLOPs per example of the multimodal model at one small
+shared config (multimodal.example_model_and_batch).
+"""
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+from jax.extend import core as jex_core
+
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "select_n", "rem",
+    "pow", "integer_pow", "square", "sqrt", "rsqrt", "floor", "ceil", "round", "clamp",
+    "and", "or", "not", "xor", "eq", "ne", "lt", "le", "gt", "ge", "nextafter", "add_any",
+}
+_TRANSCENDENTAL = {"exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "erf",
+                   "erfc", "erf_inv", "sin", "cos", "tan", "atan2", "cbrt"}
+_REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin",
+               "reduce_and", "reduce_or", "cumsum", "cumlogsumexp", "cummax"}
+
+
+@dataclasses.dataclass
+class FlopCount:
+  """Forward cost split by kind; `flops` = matmul (incl. conv, FFT) + elementwise + reduction."""
+  matmul: float = 0.0
+  elementwise: float = 0.0
+  reduction: float = 0.0
+  transcendental: float = 0.0
+
+  @property
+  def flops(self) -> float:
+    return self.matmul + self.elementwise + self.reduction
+
+  def add(self, other: "FlopCount", times: float = 1.0) -> None:
+    for f in dataclasses.fields(self):
+      setattr(self, f.name, getattr(self, f.name) + times * getattr(other, f.name))
+
+
+def _size(aval) -> int:
+  return int(math.prod(getattr(aval, "shape", ())))
+
+
+def _sub_jaxprs(eqn):
+  """(jaxpr, multiplier) pairs for the bodies of higher-order primitives."""
+  params = eqn.params
+  name = eqn.primitive.name
+  if name == "scan":
+    return [(params["jaxpr"].jaxpr, params["length"])]
+  if name == "while":
+    return [(params["body_jaxpr"].jaxpr, 1), (params["cond_jaxpr"].jaxpr, 1)]
+  found = []
+  for value in params.values():
+    if isinstance(value, jex_core.ClosedJaxpr):
+      found.append((value.jaxpr, 1))
+    elif isinstance(value, jex_core.Jaxpr):
+      found.append((value, 1))
+  return found
+
+
+def _count(jaxpr) -> FlopCount:
+  total = FlopCount()
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval if eqn.outvars else None
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total.matmul += 2.0 * _size(out) * math.prod(lhs[d] for d in lhs_contract)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+      total.matmul += 2.0 * _size(out) * math.prod(rhs) / rhs[out_feature_dim]
+    elif name == "fft":  # XLA's count: 8 N log2 N per length-N complex transform
+      length = math.prod(eqn.params["fft_lengths"])
+      in_shape = eqn.invars[0].aval.shape
+      transforms = math.prod(in_shape[:-len(eqn.params["fft_lengths"])])
+      total.matmul += 8.0 * transforms * length * math.log2(max(length, 2))
+    elif name in _ELEMENTWISE:
+      total.elementwise += _size(out)
+    elif name in _TRANSCENDENTAL:
+      total.transcendental += _size(out)
+    elif name in _REDUCTIONS:
+      total.reduction += _size(eqn.invars[0].aval)
+    elif name == "cond":
+      branches = [_count(b.jaxpr) for b in eqn.params["branches"]]
+      total.add(max(branches, key=lambda c: c.flops))
+    else:
+      for sub, times in _sub_jaxprs(eqn):
+        total.add(_count(sub), times)
+  return total
+
+
+def count_flops(fn: Callable[..., Any], *args, **kwargs) -> FlopCount:
+  """Traces fn(*args, **kwargs) and returns its FlopCount (arrays or ShapeDtypeStructs)."""
+  closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
+  return _count(closed.jaxpr)
+
+
+def forward_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
+  """Forward FLOPs of fn(*args, **kwargs): matmul + elementwise + reduction."""
+  return count_flops(fn, *args, **kwargs).flops
+
+
+def model_flops(model, variables, batch, method: str = "evaluate", **kwargs) -> float:
+  """Forward FLOPs of `model.apply(variables, batch, method=method)` (per call)."""
+  return forward_flops(lambda v, b: model.apply(v, b, method=method, **kwargs), variables, batch)
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def fusion_table(**overrides):
+  """Rows (fusion, params, VQA GFLOPs/example, ITC + VQA GFLOPs/example) for every
+  registered fusion at the shared demo-sized config of `multimodal.example_model_and_batch`
+  (keyword overrides change it, e.g. width=128)."""
+  # Imported here: multimodal imports this package's modules, not the other way round.
+  from mmjax.models import multimodal
+  rows = []
+  for fusion in multimodal.fusion_names():
+    model, batch = multimodal.example_model_and_batch(fusion=fusion, **overrides)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False,
+                                                  method="loss"))
+    per_example = lambda method: model_flops(model, variables, batch, method) / len(
+        batch["image"]) / 1e9
+    rows.append((fusion, count_params(variables["params"]), per_example("fused_logits"),
+                 per_example("evaluate")))
+  return rows
+
+
+def main():
+  from mmjax.models import multimodal
+  model, batch = multimodal.example_model_and_batch()
+  print(f"multimodal, modalities {model.modalities}, width {model.width}, "
+        f"{model.num_layers} layers, {model.num_heads} heads, mlp {model.mlp_dim}, "
+        f"fusion_layer {model.fusion_layer}, {model.num_bottlenecks} bottlenecks; inputs "
+        + ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in batch.items()
+                    if k in model.used_modalities()))
+  print(f"{'fusion':<24}{'params':>10}{'VQA GFLOPs':>14}{'ITC+VQA GFLOPs':>18}  (per example)")
+  for fusion, params, vqa, both in fusion_table():
+    print(f"{fusion:<24}{params:>10,}{vqa:>14.4f}{both:>18.4f}")
+
+
+if __name__ == "__main__":
+  main()

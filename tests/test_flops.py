@@ -1,0 +1,60 @@
+"""The analytic FLOP count agrees with XLA's cost analysis (within 10%) for every model."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mmjax.models import flops, multimodal, two_tower
+
+TINY = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_layer=1, num_bottlenecks=2,
+            vocab_size=40, max_text_len=8, batch_size=2)
+
+
+def _xla_flops(fn, *args):
+  return jax.jit(fn).lower(*args).cost_analysis()["flops"]
+
+
+def _assert_close(model, batch, method):
+  variables = jax.eval_shape(functools.partial(model.init, train=False, method="loss"),
+                             jax.random.key(0), batch)
+  fn = lambda v, b: model.apply(v, b, method=method)
+  ours, xla = flops.forward_flops(fn, variables, batch), _xla_flops(fn, variables, batch)
+  assert abs(ours - xla) <= 0.1 * xla, (ours, xla)
+  return ours
+
+
+@pytest.mark.parametrize("name", multimodal.fusion_names())
+def test_multimodal_flops_match_xla_for_every_fusion(name):
+  model, batch = multimodal.example_model_and_batch(fusion=name, **TINY)
+  assert _assert_close(model, batch, "evaluate") > 0
+
+
+def test_captioning_and_two_tower_flops_match_xla():
+  model, batch = multimodal.example_model_and_batch(
+      fusion="early", modalities=("image",), loss_weights={"caption": 1.0, "itm": 1.0}, **TINY)
+  _assert_close(model, batch, "evaluate")
+  tower = two_tower.TwoTower(vocab_size=40, max_text_len=8, image_width=32, text_width=32,
+                             image_depth=2, text_depth=2, image_heads=2, text_heads=2,
+                             embed_dim=16, patch_size=8)
+  _assert_close(tower, {"image": batch["image"], "text": batch["text"]}, "evaluate")
+
+
+def test_matmul_count_is_exact_and_loops_multiply_by_trip_count():
+  x, w = jnp.ones((3, 5, 7)), jnp.ones((7, 11))
+  assert flops.count_flops(lambda x, w: x @ w, x, w).matmul == 2 * 3 * 5 * 7 * 11
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "VALID",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  img, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((2, 2, 3, 16))
+  assert flops.count_flops(conv, img, kernel).matmul == 2 * (2 * 4 * 4 * 16) * (2 * 2 * 3)
+  body = lambda c, _: (jnp.tanh(c @ w @ w.T), None)
+  scanned = lambda x: jax.lax.scan(body, x[..., :7], None, length=4)[0]
+  once = lambda x: body(x[..., :7], None)[0]
+  assert flops.count_flops(scanned, x).matmul == 4 * flops.count_flops(once, x).matmul
+
+
+def test_fusion_table_lists_every_strategy():
+  rows = flops.fusion_table(**TINY)
+  assert [r[0] for r in rows] == multimodal.fusion_names()
+  for _, params, vqa, both in rows:
+    assert params > 0 and 0 < vqa < both

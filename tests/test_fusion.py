@@ -1,0 +1,176 @@
+"""Each fusion strategy is what its name says: who depends on whom, and from which layer.
+
+Dependence is tested by perturbation: change the text tokens, and check which image-stream
+activations (captured per layer with `capture_intermediates`) change.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.models import fusion, heads
+from mmjax.nn.attention import MultiHeadAttention
+from mmjax.registry import FUSIONS
+
+B, D, N_IMG, N_TXT = 2, 16, 5, 4
+
+
+def _inputs(seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  tokens = {"image": jax.random.normal(k1, (B, N_IMG, D)),
+            "text": jax.random.normal(k2, (B, N_TXT, D))}
+  masks = {"image": jnp.ones((B, N_IMG), bool),
+           "text": jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)}
+  return tokens, masks
+
+
+def _run(name, **fields):
+  """Outputs and per-layer activations for the original and a text-perturbed input."""
+  module = FUSIONS.get(name)(num_layers=3, num_heads=2, mlp_dim=32, **fields)
+  tokens, masks = _inputs()
+  variables = jax.jit(module.init)(jax.random.key(0), tokens, masks)
+
+  @jax.jit
+  def apply(tokens):
+    out, state = module.apply(variables, tokens, masks, capture_intermediates=True,
+                              mutable=["intermediates"])
+    layers = {k: v["__call__"][0] for k, v in state["intermediates"].items() if k != "__call__"}
+    return out, layers
+  # Random, not constant: LayerNorm would remove a constant shift of every feature.
+  noise = jax.random.normal(jax.random.key(9), (B, N_TXT, D))
+  perturbed = dict(tokens, text=tokens["text"] + noise)
+  return apply(tokens), apply(perturbed), variables
+
+
+def _same(a, b):
+  return bool(jnp.allclose(a, b, atol=1e-6))
+
+
+def test_late_image_stream_ignores_text_until_the_combination_on_top():
+  (out, layers), (out_p, layers_p), _ = _run("late")
+  for i in range(3):
+    assert _same(layers[f"image_block{i}"], layers_p[f"image_block{i}"])
+  assert _same(out["image"], out_p["image"])
+  assert not _same(out["text"], out_p["text"])
+  combine = heads.Combine("gate")
+  pooled = lambda o: [o["image"].mean(1), o["text"].mean(1)]
+  variables = jax.jit(combine.init)(jax.random.key(1), pooled(out))
+  top = jax.jit(lambda o: combine.apply(variables, pooled(o)))
+  assert not _same(top(out), top(out_p))
+
+
+def test_hybrid_streams_are_separate_below_fusion_layer_and_joint_above():
+  (out, layers), (out_p, layers_p), _ = _run("hybrid", fusion_layer=2)
+  for i in range(2):
+    assert _same(layers[f"image_block{i}"], layers_p[f"image_block{i}"])
+  joint, joint_p = layers["joint_block2"], layers_p["joint_block2"]
+  assert not _same(joint[:, :N_IMG], joint_p[:, :N_IMG])     # image tokens now see text
+  assert not _same(out["image"], out_p["image"])
+
+
+def test_early_fusion_depends_on_the_other_modality_from_the_first_layer():
+  (out, layers), (_, layers_p), _ = _run("early")
+  assert not _same(layers["joint_block0"][:, :N_IMG], layers_p["joint_block0"][:, :N_IMG])
+  assert set(out) == {"image", "text"} and out["image"].shape == (B, N_IMG, D)
+  assert not any(k.startswith("image_") for k in layers)
+
+
+def test_hybrid_fusion_layer_extremes_are_early_and_late():
+  tokens, masks = _inputs()
+  structure = lambda name, **f: jax.tree.structure(jax.eval_shape(
+      FUSIONS.get(name)(num_layers=3, num_heads=2, mlp_dim=32, **f).init,
+      jax.random.key(0), tokens, masks))
+  assert structure("hybrid", fusion_layer=0) == structure("early")
+  assert structure("hybrid", fusion_layer=3) == structure("late")
+  assert structure("hybrid", fusion_layer=3) != structure("hybrid", fusion_layer=2)
+
+
+def test_bottleneck_is_the_only_path_between_modalities():
+  (out, layers), (out_p, layers_p), _ = _run("bottleneck", fusion_layer=1, num_bottlenecks=2)
+  assert _same(layers["image_block0"], layers_p["image_block0"])
+  # Layer 1 reads the initial (learned) bottlenecks: image tokens are still text-free;
+  # its bottleneck outputs carry text into layer 2.
+  assert _same(layers["image_block1"][:, :N_IMG], layers_p["image_block1"][:, :N_IMG])
+  assert not _same(layers["image_block2"][:, :N_IMG], layers_p["image_block2"][:, :N_IMG])
+  assert not _same(out["image"], out_p["image"])
+  # Zero bottleneck tokens: the dependence disappears.
+  (out, _), (out_p, _), _ = _run("bottleneck", fusion_layer=1, num_bottlenecks=0)
+  assert _same(out["image"], out_p["image"])
+
+
+def test_cross_attention_streams_exchange_only_from_fusion_layer():
+  (out, layers), (out_p, layers_p), variables = _run("cross", fusion_layer=1)
+  assert _same(layers["image_block0"], layers_p["image_block0"])
+  assert not _same(layers["image_cross_block1"], layers_p["image_cross_block1"])
+  assert not _same(out["image"], out_p["image"])
+  assert "cross_attention" in variables["params"]["image_cross_block1"]
+
+
+def test_shared_weights_use_one_set_of_per_modality_layers():
+  tokens, masks = _inputs()
+  params = lambda name, **f: jax.eval_shape(
+      FUSIONS.get(name)(num_layers=3, num_heads=2, mlp_dim=32, fusion_layer=1, **f).init,
+      jax.random.key(0), tokens, masks)["params"]
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  for name in ("late", "bottleneck", "cross"):
+    separate, shared = params(name), params(name, shared_weights=True)
+    assert "block0" in shared and "image_block0" not in shared, name
+    assert count(shared) < count(separate), name
+
+
+@pytest.mark.parametrize("weights", ["head", "query"])
+def test_fusion_in_transformer_weights_are_convex_per_head(weights):
+  module = FUSIONS.get("fusion_in_transformer")(num_layers=2, num_heads=2, mlp_dim=32,
+                                                fit_weights=weights)
+  tokens, masks = _inputs()
+  masks["text"] = masks["text"].at[1].set(False)           # example 1 has no text at all
+  variables = jax.jit(module.init)(jax.random.key(0), tokens, masks)
+  # Move the mixing parameters away from their uniform initialisation.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + jax.random.normal(jax.random.key(len(str(p))), x.shape)
+      if "weight_" in jax.tree_util.keystr(p) or "gate" in jax.tree_util.keystr(p) else x,
+      variables)
+  _, state = jax.jit(functools.partial(module.apply, mutable=["intermediates"]))(
+      variables, tokens, masks)
+  for w in jax.tree.leaves(state["intermediates"]):
+    assert w.shape == (B, N_IMG + N_TXT, 2, 2)               # [B, T, heads, modalities]
+    assert bool(jnp.all(w >= 0))
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(w[1, :, :, 1], 0.0)        # absent modality: weight 0
+    assert not _same(w[0, :, 0], w[0, :, 1])                 # heads mix differently
+    if weights == "head":
+      assert _same(w[0], jnp.broadcast_to(w[0, :1], w[0].shape))
+    else:
+      assert not _same(w[0, 0], w[0, 1])                    # computed from each query
+
+
+def test_fusion_in_transformer_with_one_modality_is_ordinary_attention():
+  x = jax.random.normal(jax.random.key(0), (B, 6, D))
+  mask = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)
+  fit = fusion.FusionInTransformerAttention(num_heads=4, weights="query")
+  segments = (("image", 6),)
+  variables = jax.jit(fit.init, static_argnums=3)(jax.random.key(1), x, mask, segments)
+  got = jax.jit(fit.apply, static_argnums=3)(variables, x, mask, segments)
+  mha = MultiHeadAttention(num_heads=4)
+  params = {k: v for k, v in variables["params"].items() if not k.startswith("gate")}
+  want = jax.jit(mha.apply)({"params": params}, x, mask=mask[:, None, None, :])
+  np.testing.assert_array_equal(got, want)
+
+
+def test_fusion_rejects_bad_streams_and_layers():
+  tokens, masks = _inputs()
+  module = FUSIONS.get("hybrid")(num_layers=2, num_heads=2, mlp_dim=32, fusion_layer=3)
+  with pytest.raises(ValueError, match=r"fusion_layer must be in \[0, num_layers=2\]"):
+    module.init(jax.random.key(0), tokens, masks)
+  module = FUSIONS.get("early")(num_layers=1, num_heads=2, mlp_dim=32)
+  bad = dict(tokens, text=tokens["text"][:1])
+  with pytest.raises(ValueError, match=r"\[batch=2, tokens, width=16\]"):
+    module.init(jax.random.key(0), bad, {"image": masks["image"], "text": masks["text"][:1]})
+  with pytest.raises(ValueError, match="needs a mask for every modality"):
+    module.init(jax.random.key(0), tokens, {"image": masks["image"]})
+  with pytest.raises(ValueError, match="Unknown fusion strategy 'nope'"):
+    FUSIONS.get("nope")
+  assert set(FUSIONS.names()) >= {"early", "late", "hybrid", "bottleneck", "cross",
+                                  "fusion_in_transformer"}
