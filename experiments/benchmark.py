@@ -203,9 +203,7 @@ def train_step_candidate(model: nn.Module, batch: Dict[str, Any],
   mesh = mesh or sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   rules = sharding_lib.axis_rules(config.axis_rules)
   example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  # The rules shard the state explicitly; they are not installed for tracing because
-  # activation constraints are no-ops on the benchmark's single device.
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as the trainer traces it
     boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
     init, abstract, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
@@ -460,8 +458,7 @@ def fsdp_bytes(variant: str, image_size: int) -> Dict[str, Any]:
   model = vit_lib.ViT(variant=variant, num_classes=1000)
   example = {"image": jax.ShapeDtypeStruct((len(devices), image_size, image_size, 3), jnp.float32),
              "label": jax.ShapeDtypeStruct((len(devices),), jnp.int32)}
-  # Only the state's layout is measured: the rules shard it explicitly (no activations).
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
     init, _, _ = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
