@@ -9,7 +9,9 @@ Cases (`--cases`, comma-separated):
              mask / causal: mmjax `dot_product_attention` vs `jax.nn.dot_product_attention`
              vs `flax.linen.dot_product_attention` (the kernel inside flax's
              MultiHeadDotProductAttention), and mmjax `MultiHeadAttention` vs
-             `flax.linen.MultiHeadDotProductAttention` (projections included).
+             `flax.linen.MultiHeadDotProductAttention` (projections included). From
+             `--chunk-from-length` on, also the one of mmjax's "reference" / "chunked"
+             backends that its default did not pick.
   vit        ViT-S/16 and ViT-B/16 train steps (mmjax ViT vs a stock-flax ViT of identical
              shape, `experiments/baselines.py`), both through the mmjax train step.
   clip       a CLIP B/16 two-tower train step.
@@ -250,40 +252,6 @@ def _attention_mask(kind: str, batch: int, length: int):
   raise ValueError(f"Unknown mask kind {kind!r}; expected one of {MASKS}.")
 
 
-def chunked_attention(query, key, value, *, mask=None, is_causal=False, chunk: int = 512):
-  """Proposed backend: the reference kernel over query chunks, one chunk live at a time.
-
-  `lax.map` runs `chunk` queries at once against all keys, and `jax.checkpoint` makes the
-  backward pass recompute each chunk's weights, so at most a [chunk, kv_length] block per
-  head is ever materialised instead of [q_length, kv_length]. Measured here as a candidate
-  for `mmjax.nn.attention` (a "chunked" backend for long sequences on CPU).
-  """
-  batch, length, heads, head_dim = query.shape
-  if length % chunk:
-    raise ValueError(f"chunked_attention: q_length {length} is not a multiple of chunk {chunk}.")
-  n = length // chunk
-  q = query.reshape(batch, n, chunk, heads, head_dim).swapaxes(0, 1)      # [n, B, C, H, D]
-  if mask is not None and mask.shape[2] == length:                        # per-query rows
-    mask = mask.reshape(mask.shape[:2] + (n, chunk, mask.shape[3])).transpose(2, 0, 1, 3, 4)
-    per_chunk_mask = True
-  else:
-    per_chunk_mask = False
-
-  def one_chunk(inputs):
-    q_chunk, index, m = inputs
-    m = m if per_chunk_mask else mask
-    if is_causal:
-      rows = index * chunk + jnp.arange(chunk)
-      causal = (jnp.arange(key.shape[1])[None, :] <= rows[:, None])[None, None]
-      m = causal if m is None else m & causal
-    return attention_lib.reference_attention(q_chunk, key, value, mask=m,
-                                             scale=head_dim ** -0.5)
-
-  rows = mask if per_chunk_mask else jnp.zeros((n,), jnp.bool_)
-  out = jax.lax.map(jax.checkpoint(one_chunk), (q, jnp.arange(n), rows))
-  return out.swapaxes(0, 1).reshape(batch, length, heads, head_dim)
-
-
 def _fwd_bwd(attend: Callable, ct):
   """Jitted (q, k, v) -> grads of <attend(q, k, v), ct>: one training use of attention."""
   loss = lambda q, k, v: jnp.vdot(attend(q, k, v), ct)
@@ -311,10 +279,14 @@ def case_attention(ctx: Context) -> None:
           "flax.linen": lambda q, k, v: nn.dot_product_attention(q, k, v, mask=full_mask),
       }
       if length >= a.chunk_from_length:
-        # Best measured here: 256 at L=1024, 512 at L=4096.
-        chunk = max(min(256, length // 2), length // 8)
-        fns[f"proposed chunked/{chunk}"] = functools.partial(
-            chunked_attention, mask=mask, is_causal=causal, chunk=chunk)
+        # Long sequences: also time whichever of "reference" / "chunked" mmjax's default
+        # did not pick, to check the choice.
+        picked = attention_lib.default_backend(has_mask=mask is not None, q_length=length,
+                                               kv_length=length, head_dim=head_dim)
+        other = "reference" if picked == "chunked" else "chunked"
+        fns[f"mmjax {other}"] = functools.partial(
+            attention_lib.dot_product_attention, mask=mask, is_causal=causal,
+            implementation=other)
       candidates = {}
       for name, attend in fns.items():
         stats = compile_with_stats(_fwd_bwd(attend, ct), q, k, v)
@@ -586,7 +558,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="batch = max(1, tokens // length) for each attention length")
   p.add_argument("--attention-heads", type=int, default=8)
   p.add_argument("--chunk-from-length", type=int, default=1024,
-                 help="also time the proposed chunked backend from this length on")
+                 help="from this length on, also time the one of mmjax's 'reference' / "
+                      "'chunked' backends that the default did not pick")
   p.add_argument("--attention-head-dim", type=int, default=64)
   p.add_argument("--vit-variants", type=_strs, default=["S/16", "B/16"])
   p.add_argument("--vit-batch", type=int, default=8)
