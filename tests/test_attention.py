@@ -1,4 +1,6 @@
 """Tests for mmjax.nn.attention: backends agree, masks hold, cache decoding is exact."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -34,6 +36,14 @@ def _key_padding(lengths=(TK, 3), tk=TK):
 
 def _bias(tq=TQ, tk=TK):
   return np.random.default_rng(7).standard_normal((1, H, tq, tk), np.float32)
+
+
+def _fully_masked_rows(tq=TQ, tk=TK):
+  """[B, 1, Tq, Tk] with query row 2 of example 0 and every row of example 1 masked."""
+  mask = np.ones((B, 1, tq, tk), bool)
+  mask[0, :, 2, :] = False
+  mask[1] = False
+  return mask
 
 
 CASES = {   # name: (num_kv_heads, kwargs)
@@ -94,9 +104,7 @@ def test_masked_keys_get_zero_weight(implementation):
 @pytest.mark.parametrize("implementation", ["reference", "xla"])
 def test_fully_masked_rows_are_zeros_not_nan(implementation):
   q, k, v = _qkv()
-  mask = np.ones((B, 1, TQ, TK), bool)
-  mask[0, :, 2, :] = False
-  mask[1] = False
+  mask = _fully_masked_rows()
   f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, bias=_bias(),
                                                     implementation=implementation))
   out = f(q, k, v)
@@ -144,7 +152,62 @@ def test_dropout_drops_weights_and_is_unbiased():
     dot_product_attention(q, k, v, dropout_rate=0.1)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "splash"])
+# Chunked: 16 queries = 2 chunks of 8 (rows and causal offsets cross a chunk boundary);
+# 12 keys != 16 queries checks the top-left causal alignment.
+CHUNKED_TQ, CHUNKED_TK = 16, 12
+CHUNKED_CASES = {   # name: (num_kv_heads, kwargs)
+    "plain": (H, dict()),
+    "padding": (H, dict(mask=_key_padding((CHUNKED_TK, 3), CHUNKED_TK))),
+    "causal": (H, dict(is_causal=True)),
+    "bias_per_row": (H, dict(bias=_bias(CHUNKED_TQ, CHUNKED_TK))),
+    "bias_per_key": (H, dict(bias=_bias(CHUNKED_TQ, CHUNKED_TK)[:, :, :1])),
+    "fully_masked_rows": (H, dict(mask=_fully_masked_rows(CHUNKED_TQ, CHUNKED_TK),
+                                  bias=_bias(CHUNKED_TQ, CHUNKED_TK))),
+    "gqa_causal_padding_bias": (2, dict(is_causal=True, scale=0.3,
+                                        mask=_key_padding((CHUNKED_TK, 3), CHUNKED_TK),
+                                        bias=_bias(CHUNKED_TQ, CHUNKED_TK))),
+    "mqa_causal_masked_rows": (1, dict(is_causal=True,
+                                       mask=_fully_masked_rows(CHUNKED_TQ, CHUNKED_TK))),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNKED_CASES))
+def test_chunked_equals_reference_with_gradients(case):
+  num_kv_heads, kwargs = CHUNKED_CASES[case]
+  q, k, v = _qkv(num_kv_heads, tq=CHUNKED_TQ, tk=CHUNKED_TK)
+  kwargs = dict(kwargs)
+  mask = kwargs.pop("mask", None)
+  bias = kwargs.pop("bias", None)
+  ct = np.random.default_rng(3).standard_normal(q.shape, np.float32)
+
+  @jax.jit   # outputs and grads of both backends in one compile
+  def outputs_and_grads(q, k, v, bias, mask):
+    def run(impl):
+      f = lambda q, k, v, bias: dot_product_attention(
+          q, k, v, bias=bias, mask=mask, implementation=impl, **kwargs)
+      out, vjp = jax.vjp(f, q, k, v, bias)
+      return out, vjp(ct)
+    return run("chunked"), run("reference")
+
+  chunked, reference = outputs_and_grads(q, k, v, bias, mask)
+  chex.assert_trees_all_close(chunked, reference, atol=1e-5, rtol=1e-5)
+  if mask is not None and not mask[1].any():   # example 1: every row masked
+    np.testing.assert_array_equal(chunked[0][1], 0.0)
+
+
+def test_chunked_scratch_is_a_fraction_of_the_reference():
+  q = jax.ShapeDtypeStruct((1, 1024, 1, 8), jnp.float32)   # 4 chunks of 256 queries
+
+  def temp_bytes(impl):
+    grad = jax.grad(lambda q, k, v: dot_product_attention(
+        q, k, v, is_causal=True, implementation=impl).sum(), argnums=(0, 1, 2))
+    return jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+  # The reference holds ~3 float32 [L, L] blocks, chunked ~1 (a few [256, L] ones).
+  assert temp_bytes("chunked") < 0.5 * temp_bytes("reference")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "splash", "chunked"])
 def test_backends_refuse_what_they_cannot_honour(implementation):
   q, k, v = _qkv()
   with pytest.raises(ValueError, match="dropout"):
@@ -157,6 +220,9 @@ def test_backends_refuse_what_they_cannot_honour(implementation):
       dot_product_attention(q, k, v, bias=_bias(), implementation="splash")
     with pytest.raises(ValueError, match="divisible by 128"):
       dot_product_attention(q, k, v, implementation="splash")
+  if implementation == "chunked":   # 5 queries: the query chunk is 2
+    with pytest.raises(ValueError, match="q_length divisible by its query chunk.* = 2.*5"):
+      dot_product_attention(q, k, v, implementation="chunked")
 
 
 def test_cudnn_needs_a_gpu():
@@ -187,7 +253,17 @@ def test_default_backend_per_platform():
   assert attention.default_backend(platform="tpu", q_length=256, kv_length=128) == "splash"
   assert attention.default_backend(platform="tpu", has_mask=True) == "xla"
   assert attention.default_backend(platform="tpu", q_length=100, kv_length=100) == "xla"
-  assert {"reference", "xla", "cudnn", "splash"} <= set(ATTENTION_BACKENDS.names())
+  assert {"reference", "xla", "cudnn", "splash", "chunked"} <= set(ATTENTION_BACKENDS.names())
+
+
+def test_default_backend_chunks_long_queries_on_cpu():
+  cpu = functools.partial(attention.default_backend, platform="cpu")
+  assert cpu(q_length=1024, kv_length=1024) == "chunked"               # 4 chunks of 256
+  assert cpu(q_length=4096, kv_length=77, has_mask=True, has_bias=True) == "chunked"
+  assert cpu(q_length=512, kv_length=512) == "reference"               # too short to gain
+  assert cpu(q_length=1000, kv_length=1000) == "reference"             # chunk 256 does not divide
+  assert cpu(q_length=1024, kv_length=1024, dropout=True) == "reference"
+  assert attention.default_backend(platform="gpu", q_length=1024) == "xla"
 
 
 @pytest.mark.parametrize("shapes, kwargs, message", [

@@ -21,8 +21,6 @@ transformers = pytest.importorskip(
 
 import jax.numpy as jnp  # noqa: E402
 
-pytest.importorskip("mmjax.models.vit", reason="the mmjax ViT (branch nn) is not merged yet")
-
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import big_vision, common, export_hf, hf, layout, timm  # noqa: E402
 from mmjax.models.base import build_model  # noqa: E402
@@ -30,21 +28,41 @@ from mmjax.train.checkpoint import load_params  # noqa: E402
 
 TOL = 1e-4
 WIDTH, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES = 32, 2, 4, 64, 8, 32, 5
-# What mmjax computes: tanh-approximate GELU, LayerNorm epsilon 1e-6.
-EXACT = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+# The reference ViTs compute what each source format does: Hub ViTs transformers' defaults
+# (exact GELU, LayerNorm epsilon 1e-12), timm exact GELU and 1e-6, big_vision tanh GELU
+# and 1e-6.
+TIMM = dict(hidden_act="gelu", layer_norm_eps=1e-6)
+BIG_VISION = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+def _hf_vit(seed, **numerics):
+  torch.manual_seed(seed)
+  config = transformers.ViTConfig(
+      hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+      intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH, num_labels=CLASSES,
+      **numerics)
+  model = transformers.ViTForImageClassification(config).eval()
+  _randomize(model)
+  return model
 
 
 @pytest.fixture(scope="module")
 def hf_vit(tmp_path_factory):
-  torch.manual_seed(0)
-  config = transformers.ViTConfig(
-      hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-      intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH, num_labels=CLASSES, **EXACT)
-  model = transformers.ViTForImageClassification(config).eval()
-  _randomize(model)
+  model = _hf_vit(0)
+  assert (model.config.hidden_act, model.config.layer_norm_eps) == ("gelu", 1e-12)
   path = str(tmp_path_factory.mktemp("hf_vit"))
   model.save_pretrained(path)
   return model, path
+
+
+@pytest.fixture(scope="module")
+def timm_reference():
+  return _hf_vit(4, **TIMM)
+
+
+@pytest.fixture(scope="module")
+def big_vision_reference():
+  return _hf_vit(5, **BIG_VISION)
 
 
 def _randomize(model):
@@ -107,16 +125,34 @@ def test_hf_vit_in_memory_v5_names_load_like_hub_names(hf_vit, tmp_path):
   _assert_vit_parity(config, params, model, _images())
 
 
+def test_hf_vit_derived_config_computes_hub_gelu_and_epsilon(hf_vit):
+  _, path = hf_vit
+  _, config, report = hf.load(path)
+  assert (config.activation, config.layer_norm_epsilon) == ("gelu", 1e-12)
+  assert not any("approximate" in n for n in report.notes)
+
+
 def test_hf_vit_refuses_activation_mmjax_does_not_compute(hf_vit, tmp_path):
   _, path = hf_vit
   with open(os.path.join(path, "config.json")) as f:
     config = json.load(f)
-  config["hidden_act"] = "gelu"
+  config["hidden_act"] = "silu"
   (tmp_path / "config.json").write_text(json.dumps(config))
   os.symlink(os.path.join(path, "model.safetensors"), tmp_path / "model.safetensors")
-  with pytest.raises(ValueError, match="hidden_act='gelu'"):
+  with pytest.raises(ValueError, match="activation 'silu', which mmjax lacks"):
     hf.load(str(tmp_path))
-  params, _, _ = hf.load(str(tmp_path), allow_approximate=True)
+  params, _, report = hf.load(str(tmp_path), allow_approximate=True)
+  assert params and any("approximate" in n and "silu" in n for n in report.notes)
+
+
+def test_hf_vit_refuses_model_config_with_other_numerics(hf_vit):
+  _, path = hf_vit
+  _, config, _ = hf.load(path)
+  config.activation, config.layer_norm_epsilon = "gelu_tanh", 1e-6
+  with pytest.raises(ValueError, match=r"activation 'gelu'; the mmjax model computes "
+                     r"'gelu_tanh'.*epsilon 1e-12; the mmjax model uses 1e-06"):
+    hf.load(path, config)
+  params, _, _ = hf.load(path, config, allow_approximate=True)
   assert params
 
 
@@ -160,7 +196,8 @@ def test_hf_vit_export_round_trip_is_exact_and_hf_agrees(hf_vit, tmp_path):
   model, path = hf_vit
   params, config, _ = hf.load(path)
   export_hf.export(params, config, str(tmp_path / "out"))
-  again, _, _ = hf.load(str(tmp_path / "out"))
+  again, again_config, _ = hf.load(str(tmp_path / "out"))
+  assert again_config.to_dict() == config.to_dict()
   for name, value in common.flatten(params).items():
     np.testing.assert_array_equal(common.flatten(again)[name], value, err_msg=name)
   reloaded = transformers.ViTForImageClassification.from_pretrained(str(tmp_path / "out")).eval()
@@ -171,7 +208,7 @@ def test_hf_vit_model_pooler_is_mmjax_pre_logits(tmp_path):
   torch.manual_seed(3)
   model = transformers.ViTModel(transformers.ViTConfig(
       hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-      intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH, **EXACT)).eval()
+      intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH)).eval()
   _randomize(model)
   model.save_pretrained(str(tmp_path / "in"))
   params, config, report = hf.load(str(tmp_path / "in"))
@@ -213,26 +250,37 @@ def timm_state_dict(hf_model):
   return out
 
 
-def test_timm_state_dict_matches_hf_model(hf_vit, tmp_path):
-  model, _ = hf_vit
+def test_timm_state_dict_matches_reference(timm_reference, tmp_path):
   path = str(tmp_path / "vit.pth")
-  torch.save({k: torch.from_numpy(v) for k, v in timm_state_dict(model).items()}, path)
-  with pytest.raises(ValueError, match="exact GELU"):
-    timm.load(path, num_heads=HEADS)
-  # The reference model computes tanh GELU, so the acknowledged approximation is exact here.
-  params, config, report = timm.load(path, num_heads=HEADS, allow_approximate=True)
-  assert not report.unused and not report.missing
-  _assert_vit_parity(config, params, model, _images())
+  torch.save({k: torch.from_numpy(v) for k, v in timm_state_dict(timm_reference).items()}, path)
+  params, config, report = timm.load(path, num_heads=HEADS)
+  assert (config.activation, config.layer_norm_epsilon) == ("gelu", 1e-6)
+  assert not report.unused and not report.missing and not report.notes
+  _assert_vit_parity(config, params, timm_reference, _images())
+  config.activation = "gelu_tanh"   # a model config computing something else is refused
+  with pytest.raises(ValueError, match="timm's ViT uses activation 'gelu'"):
+    timm.load(path, config)
 
 
-def test_timm_refuses_features_mmjax_vit_lacks(hf_vit, tmp_path):
-  model, _ = hf_vit
-  sd = timm_state_dict(model)
+def test_timm_norm_pre_loads_into_pre_norm(timm_reference, tmp_path):
+  sd = timm_state_dict(timm_reference)
+  rng = np.random.default_rng(0)
+  sd["norm_pre.weight"], sd["norm_pre.bias"] = rng.normal(size=(2, WIDTH)).astype(np.float32)
+  path = str(tmp_path / "vit.pth")
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+  params, config, report = timm.load(path, num_heads=HEADS)
+  assert config.pre_norm and not report.unused and not report.missing
+  np.testing.assert_array_equal(params[layout.PRE_NORM]["scale"], sd["norm_pre.weight"])
+  np.testing.assert_array_equal(params[layout.PRE_NORM]["bias"], sd["norm_pre.bias"])
+
+
+def test_timm_refuses_features_mmjax_vit_lacks(timm_reference, tmp_path):
+  sd = timm_state_dict(timm_reference)
   sd["blocks.0.ls1.gamma"] = np.ones(WIDTH, np.float32)
   path = str(tmp_path / "vit.pth")
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
   with pytest.raises(common.ConversionError, match=r"blocks\.0\.ls1\.gamma"):
-    timm.load(path, num_heads=HEADS, allow_approximate=True)
+    timm.load(path, num_heads=HEADS)
 
 
 # ----------------------------------------------------------------------------- big_vision
@@ -281,8 +329,8 @@ def big_vision_params(hf_model, *, old_format=False, scanned=False):
 
 
 @pytest.mark.parametrize("old_format,scanned", [(False, False), (False, True), (True, False)])
-def test_big_vision_npz_matches_hf_model(hf_vit, tmp_path, old_format, scanned):
-  model, _ = hf_vit
+def test_big_vision_npz_matches_reference(big_vision_reference, tmp_path, old_format, scanned):
+  model = big_vision_reference
   path = str(tmp_path / "vit.npz")
   np.savez(path, **big_vision_params(model, old_format=old_format, scanned=scanned))
   params, config, report = big_vision.load(path)
@@ -290,8 +338,8 @@ def test_big_vision_npz_matches_hf_model(hf_vit, tmp_path, old_format, scanned):
   _assert_vit_parity(config, params, model, _images())
 
 
-def test_cli_writes_checkpoint_the_trainer_reads(hf_vit, tmp_path):
-  model, _ = hf_vit
+def test_cli_writes_checkpoint_the_trainer_reads(big_vision_reference, tmp_path):
+  model = big_vision_reference
   src = str(tmp_path / "vit.npz")
   np.savez(src, **big_vision_params(model))
   dst = str(tmp_path / "converted")
@@ -312,13 +360,12 @@ def test_cli_writes_checkpoint_the_trainer_reads(hf_vit, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_clip(tmp_path_factory):
-  pytest.importorskip("mmjax.models.two_tower", reason="two_tower (branch mm) is not merged yet")
   torch.manual_seed(1)
   text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
               intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
-              eos_token_id=2, **EXACT)
+              eos_token_id=2)   # transformers' CLIP defaults: quick GELU, LayerNorm eps 1e-5
   vision = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-                intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH, **EXACT)
+                intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH)
   model = transformers.CLIPModel(
       transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
   _randomize(model)
@@ -345,12 +392,6 @@ def _clip_config(path):
     return hf.clip_model_config(json.load(f))
 
 
-def _has_pre_norm(config) -> bool:
-  """Whether the mmjax image tower can hold CLIP's pre-encoder LayerNorm."""
-  shapes = common.model_param_shapes(config, image_size=IMAGE)
-  return f"img/{layout.PRE_NORM}/scale" in shapes
-
-
 def _assert_clip_parity(config, params, hf_model):
   out = _clip_outputs(hf_model)
   model, variables = build_model(config), {"params": params}
@@ -375,31 +416,30 @@ def test_hf_clip_text_tower_embeddings_match(hf_clip):
 
 def test_hf_clip_embeddings_and_logits_match(hf_clip):
   model, path = hf_clip
-  config = _clip_config(path)
-  if not _has_pre_norm(config):
-    # The mmjax image tower cannot compute CLIP's vision tower: refused, by name.
-    with pytest.raises(common.ConversionError, match="pre_layrnorm"):
-      hf.load(path)
-    return
   params, config, report = hf.load(path)
+  assert config.image_pre_norm
+  assert (config.activation, config.layer_norm_epsilon) == ("quick_gelu", 1e-5)
   assert not report.unused and not report.missing
+  assert not any("approximate" in n for n in report.notes)
   _assert_clip_parity(config, params, model)
+
+
+def test_hf_clip_without_pre_norm_is_refused_by_name(hf_clip):
+  _, path = hf_clip
+  config = _clip_config(path)
+  config.image_pre_norm = False
+  with pytest.raises(common.ConversionError, match="pre_layrnorm.*image_pre_norm=True"):
+    hf.load(path, config)
 
 
 def test_hf_clip_export_round_trip_is_exact_and_hf_agrees(hf_clip, tmp_path):
   model, path = hf_clip
-  config = _clip_config(path)
-  if not _has_pre_norm(config):
-    # HF CLIP would normalise the image embeddings where mmjax does not: refused.
-    shapes = common.model_param_shapes(config, image_size=IMAGE)
-    params = common.unflatten({k: np.zeros(v.shape, np.float32) for k, v in shapes.items()})
-    with pytest.raises(ValueError, match="pre_layrnorm"):
-      export_hf.export(params, config, str(tmp_path / "out"))
-    return
   params, config, _ = hf.load(path)
   export_hf.export(params, config, str(tmp_path / "out"))
-  again, _, _ = hf.load(str(tmp_path / "out"))
+  again, again_config, _ = hf.load(str(tmp_path / "out"))
+  assert again_config.to_dict() == config.to_dict()
   flat_again = common.flatten(again)
+  assert sorted(flat_again) == sorted(common.flatten(params))
   for name, value in common.flatten(params).items():
     np.testing.assert_array_equal(flat_again[name], value, err_msg=name)
   reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / "out")).eval()
@@ -412,7 +452,6 @@ def test_hf_clip_export_round_trip_is_exact_and_hf_agrees(hf_clip, tmp_path):
 @pytest.fixture(scope="module")
 def hf_siglip():
   """HF SiglipModel: the reference for big_vision SigLIP (HF converted it from big_vision)."""
-  pytest.importorskip("mmjax.models.two_tower", reason="two_tower (branch mm) is not merged yet")
   torch.manual_seed(2)
   text = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
               intermediate_size=MLP, vocab_size=100, max_position_embeddings=16,
@@ -484,7 +523,9 @@ def siglip_big_vision_params(hf_model):
   return {"params/" + k: x for k, x in out.items()}
 
 
-def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
+def test_big_vision_siglip_embeddings_logits_and_loss_match(hf_siglip, tmp_path):
+  with torch.no_grad():  # a trained SigLIP's temperature: above CLIP's cap of 100
+    hf_siglip.logit_scale.fill_(np.log(118.0))
   path = str(tmp_path / "siglip.npz")
   np.savez(path, **siglip_big_vision_params(hf_siglip))
   params, config, report = big_vision.load(path)
@@ -493,7 +534,10 @@ def test_big_vision_siglip_embeddings_and_logits_match(hf_siglip, tmp_path):
   images, texts = _images(), np.random.default_rng(3).integers(1, 100, (2, 16)).astype(np.int32)
   with torch.no_grad():
     out = hf_siglip(input_ids=torch.from_numpy(texts).long(),
-                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+                    pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), return_loss=True)
+  loss, _ = build_model(config).apply({"params": params}, {"image": images, "text": texts},
+                                      method="loss")
+  np.testing.assert_allclose(loss, out.loss.item(), rtol=TOL)
   model, variables = build_model(config), {"params": params}
   zimg = np.asarray(model.apply(variables, jnp.asarray(images), method="embed_image"))
   ztxt = np.asarray(model.apply(variables, jnp.asarray(texts), method="embed_text"))

@@ -19,7 +19,8 @@ B, D, N_IMG, N_TXT = 2, 16, 5, 4
 
 def _inputs(seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  tokens = {"image": jax.random.normal(k1, (B, N_IMG, D)), "text": jax.random.normal(k2, (B, N_TXT, D))}
+  tokens = {"image": jax.random.normal(k1, (B, N_IMG, D)),
+            "text": jax.random.normal(k2, (B, N_TXT, D))}
   masks = {"image": jnp.ones((B, N_IMG), bool),
            "text": jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)}
   return tokens, masks
@@ -38,7 +39,8 @@ def _run(name, **fields):
     layers = {k: v["__call__"][0] for k, v in state["intermediates"].items() if k != "__call__"}
     return out, layers
   # Random, not constant: LayerNorm would remove a constant shift of every feature.
-  perturbed = dict(tokens, text=tokens["text"] + jax.random.normal(jax.random.key(9), (B, N_TXT, D)))
+  noise = jax.random.normal(jax.random.key(9), (B, N_TXT, D))
+  perturbed = dict(tokens, text=tokens["text"] + noise)
   return apply(tokens), apply(perturbed), variables
 
 

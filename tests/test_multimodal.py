@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.models import fusion, multimodal
+from mmjax.models import fusion, multimodal, two_tower
 from mmjax.models.base import build_model
 from mmjax.registry import FUSIONS, MODELS
 
@@ -133,11 +133,13 @@ def test_bad_input_raises_errors_naming_what_was_expected():
       (dict(num_answers=0), "needs num_answers > 0"),
       (dict(modalities=("image", "smell")), "Unknown modality 'smell'"),
   ):
-    bad, _ = multimodal.example_model_and_batch(**dict(TINY, modalities=("image", "question"),
-                                                       **fields))
+    bad, _ = multimodal.example_model_and_batch(
+        **{**TINY, "modalities": ("image", "question"), **fields})
     with pytest.raises(ValueError, match=message):
       jax.eval_shape(functools.partial(bad.init, method="loss"), jax.random.key(0), batch)
 
 
 def test_models_are_registered():
-  assert {"multimodal", "captioning", "two_tower"} <= set(MODELS.names())
+  assert MODELS.get("multimodal") is multimodal.MultimodalModel
+  assert MODELS.get("captioning") is multimodal.CaptioningModel
+  assert MODELS.get("two_tower") is two_tower.TwoTower

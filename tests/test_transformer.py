@@ -1,4 +1,6 @@
 """Tests for mmjax.nn.transformer: scan / remat equal the plain stack, decoding is exact."""
+import math
+
 import chex
 import flax.linen as nn
 import jax
@@ -6,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.nn.transformer import Decoder, Encoder, EncoderBlock, Mlp
+from mmjax.nn.transformer import ACTIVATIONS, Decoder, Encoder, EncoderBlock, Mlp
 
 B, L, LE, D = 2, 6, 5, 16
 SIZES = dict(num_layers=2, num_heads=2, mlp_dim=32)
@@ -43,6 +45,62 @@ def test_mlp_shape_and_param_axes():
   specs = nn.get_partition_spec(variables)["params"]
   assert tuple(specs["fc1"]["kernel"]) == ("embed", "mlp")
   assert tuple(specs["fc2"]["kernel"]) == ("mlp", "embed")
+
+
+_ERF = np.vectorize(math.erf)
+REFERENCE_ACTIVATIONS = {   # the formulas HF / torch / OpenAI CLIP compute
+    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    "gelu": lambda x: 0.5 * x * (1 + _ERF(x / np.sqrt(2))),
+    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+}
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_mlp_activation_computes_its_formula(activation):
+  x = _tokens()
+  mlp = Mlp(mlp_dim=32, activation=activation)
+  params = _random_params(mlp, x)["params"]
+  got = mlp.apply({"params": params}, x)
+  p = jax.tree.map(np.asarray, params)
+  hidden = REFERENCE_ACTIVATIONS[activation](np.asarray(x) @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+  np.testing.assert_allclose(got, hidden @ p["fc2"]["kernel"] + p["fc2"]["bias"], atol=1e-5)
+  if activation == "gelu_tanh":  # the default, as before the option existed
+    np.testing.assert_array_equal(got, Mlp(mlp_dim=32).apply({"params": params}, x))
+
+
+def test_unknown_activation_is_refused():
+  with pytest.raises(ValueError, match=r"Unknown activation 'relu'; expected one of \['gelu'"):
+    jax.eval_shape(lambda: Mlp(mlp_dim=32, activation="relu").init(jax.random.key(0), _tokens()))
+
+
+def numerics_used(fn):
+  """(LayerNorm epsilons, Mlp activations) of every LayerNorm / Mlp that `fn` calls."""
+  epsilons, activations = [], []
+
+  def record(f, args, kwargs, context):
+    if context.method_name == "__call__":
+      if isinstance(context.module, nn.LayerNorm):
+        epsilons.append(context.module.epsilon)
+      elif isinstance(context.module, Mlp):
+        activations.append(context.module.activation)
+    return f(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(fn)
+  return epsilons, activations
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_activation_and_epsilon_reach_every_layer(scan_layers):
+  x, enc = _tokens(), _tokens(LE, seed=1)
+  numerics = dict(activation="quick_gelu", layer_norm_epsilon=1e-5, scan_layers=scan_layers)
+  eps, acts = numerics_used(lambda: Encoder(**SIZES, **numerics).init(jax.random.key(0), x))
+  # Every LayerNorm / Mlp called (scan may trace a block more than once) got the option.
+  assert set(eps) == {1e-5} and len(eps) >= 3 and set(acts) == {"quick_gelu"}
+  eps, acts = numerics_used(lambda: Decoder(**SIZES, **numerics).init(jax.random.key(0), x, enc))
+  assert set(eps) == {1e-5} and len(eps) >= 4 and set(acts) == {"quick_gelu"}
+  eps, acts = numerics_used(lambda: Encoder(**SIZES).init(jax.random.key(0), x))
+  assert set(eps) == {1e-6} and set(acts) == {"gelu_tanh"}   # defaults unchanged
 
 
 def test_encoder_param_names_and_final_norm():

@@ -11,6 +11,7 @@ import pytest
 from mmjax.models.base import build_model
 from mmjax.models.vit import ViT, decode_variant, resample_vit_posemb
 from mmjax.registry import MODELS
+from tests.test_transformer import numerics_used
 
 TINY = dict(variant=None, width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4)
 
@@ -71,6 +72,19 @@ def test_variants_overrides_and_options():
   assert shapes["pre_logits"]["kernel"].shape == (32, 24)
   assert shapes["head"]["kernel"].shape == (24, 5)
   assert shapes["embedding"]["kernel"].shape == (4, 2, 3, 32)
+
+
+def test_pre_norm_activation_and_epsilon_options():
+  model = ViT(**TINY, num_classes=0, pool_type="map", pre_norm=True, activation="gelu",
+              layer_norm_epsilon=1e-12)
+  shapes = nn.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), _images())))["params"]
+  assert shapes["pre_norm"]["scale"].shape == shapes["pre_norm"]["bias"].shape == (32,)
+  # pre_norm, 2 x 2 block norms, encoder_norm, MAPHead norm; every MLP incl. MAPHead's.
+  eps, acts = numerics_used(lambda: model.init(jax.random.key(0), _images()))
+  assert eps == [1e-12] * 7 and acts == ["gelu"] * 3
+  assert "pre_norm" not in jax.eval_shape(
+      lambda: ViT(**TINY).init(jax.random.key(0), _images()))["params"]   # off by default
 
 
 def test_loss_and_evaluate_follow_the_model_contract():

@@ -3,13 +3,15 @@ r"""Command line: convert pretrained weights into an mmjax checkpoint, or export
 Import (writes DST/state, the Orbax checkpoint `config.init_from.checkpoint=DST` loads,
 DST/model_config.json and DST/conversion_report.txt):
 
-  python -m mmjax.convert --from hf --src ./vit-base-patch16-224 --dst /ckpt/vit_b16_hf \
-      --allow-approximate                    # Hub ViTs: exact GELU, LayerNorm eps 1e-12
+  python -m mmjax.convert --from hf --src ./vit-base-patch16-224 --dst /ckpt/vit_b16_hf
   python -m mmjax.convert --from big_vision --src siglip_b16_224.npz --dst /ckpt/siglip_b16
   python -m mmjax.convert --from big_vision --src vit_b16.npz --dst /ckpt/vit_b16 \
       --image-size 384                       # position grid resampled from 224
-  python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6 \
-      --allow-approximate                    # timm: exact GELU, mmjax: tanh approximation
+  python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6
+
+  The derived model config computes the checkpoint's activation and LayerNorm epsilon
+  (exact GELU / 1e-12 for Hub ViTs, quick GELU / 1e-5 for CLIP, exact GELU / 1e-6 for
+  timm); --allow-approximate accepts a --model-config that computes something else.
 
   --model-config: the mmjax model to load into (configs/NAME.py, whose get_config().model
   is used, or a JSON file such as a previous DST/model_config.json); default: derived
@@ -64,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--skip", action="append", default=[],
                  help="regex of mmjax parameters to leave out (repeatable)")
   p.add_argument("--allow-approximate", action="store_true",
-                 help="accept an activation / LayerNorm epsilon mmjax does not compute")
+                 help="accept a model computing another activation / LayerNorm epsilon "
+                      "than the checkpoint")
   p.add_argument("--no-strict", action="store_true",
                  help="report, instead of refusing, unused or unfilled parameters")
   return p

@@ -186,8 +186,9 @@ def siglip_model_config(weights: Mapping[str, np.ndarray]) -> ml_collections.Con
       text_depth=_depth(weights, "txt/Encoder_0/"), text_heads=int(q.shape[1]),
       text_mlp_dim=int(weights["txt/Encoder_0/encoderblock_0/MlpBlock_0/Dense_0/kernel"].shape[1]),
       max_text_len=int(weights["txt/pos_embedding"].shape[1]),
-      # SigLIP's text tower is bidirectional and pools the last token.
-      text_pool="last", text_causal=False))
+      # SigLIP's text tower is bidirectional and pools the last token; its learned
+      # temperature is not capped (released models reach exp(t) > 100).
+      text_pool="last", text_causal=False, max_logit_scale=None))
 
 
 def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,

@@ -446,6 +446,29 @@ def convert(source: Mapping[str, np.ndarray], target: Mapping[str, Any],
   return unflatten(scan_params(flat, target)), report
 
 
+def numerics_differences(model_config, activation: Optional[str], epsilon: float, what: str,
+                         source_activation: str = "") -> List[str]:
+  """Where `model_config` computes another MLP activation / LayerNorm epsilon than the
+  checkpoint's: `activation` is its mmjax name, None when mmjax has no equivalent of
+  `source_activation` (the checkpoint's own name for it).
+
+  Each entry says what the checkpoint uses and what the model computes instead; loading
+  with a difference changes the outputs, so importers refuse unless told to accept it.
+  """
+  from mmjax.nn.transformer import ACTIVATIONS  # pylint: disable=g-import-not-at-top
+  found = []
+  have_act = model_config.get("activation", "gelu_tanh")
+  have_eps = float(model_config.get("layer_norm_epsilon", 1e-6))
+  if activation != have_act:
+    source = source_activation or activation
+    missing = "" if activation else f", which mmjax lacks (it has {sorted(ACTIVATIONS)})"
+    found.append(f"{what} uses activation {source!r}{missing}; the mmjax model computes "
+                 f"{have_act!r}")
+  if not np.isclose(epsilon, have_eps, rtol=1e-6, atol=0):
+    found.append(f"{what} uses LayerNorm epsilon {epsilon:g}; the mmjax model uses {have_eps:g}")
+  return found
+
+
 def model_param_shapes(model_config, image_size: Optional[int] = None,
                        text_length: Optional[int] = None) -> Dict[str, Any]:
   """Flat {name: ShapeDtypeStruct} of the registered model `model_config` builds (no FLOPs).

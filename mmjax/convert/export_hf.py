@@ -3,8 +3,9 @@
 Writes config.json and model.safetensors with the Hub's tensor names, so
 `transformers.ViTForImageClassification.from_pretrained(DIR)` (or `CLIPModel`) loads it
 with any transformers version, and `mmjax.convert.hf.load(DIR)` imports it back exactly.
-The exported config asks HF for what mmjax computes: tanh-approximate GELU
-(`gelu_pytorch_tanh`) and LayerNorm epsilon 1e-6, so outputs match to float32 rounding.
+The exported config asks HF for what the mmjax model computes: its MLP activation
+(`model_config.activation`, default tanh GELU = HF `gelu_pytorch_tanh`) and LayerNorm
+epsilon (default 1e-6), so outputs match to float32 rounding.
 Only numpy, json and safetensors are needed (no torch).
 
 The architecture is read from the parameters themselves (width, depth, heads, MLP size,
@@ -27,13 +28,20 @@ def _encoder_depth(params: Mapping[str, Any], encoder: str) -> int:
   return len({k[len(prefix):].split("/")[0] for k in params if k.startswith(prefix)})
 
 
-def _encoder_config(params: Mapping[str, np.ndarray], encoder: str) -> Dict[str, Any]:
-  """hidden_size, layers, heads, MLP size of the encoder at `encoder`, from its params."""
+def _encoder_config(params: Mapping[str, np.ndarray], encoder: str, model_config
+                    ) -> Dict[str, Any]:
+  """hidden_size, layers, heads, MLP size of the encoder at `encoder`, from its params;
+  activation and LayerNorm epsilon from the model config."""
+  activation = (model_config or {}).get("activation", "gelu_tanh")
+  if activation not in hf.EXPORT_ACTIVATIONS:
+    raise ValueError(f"Hugging Face has no activation for mmjax's {activation!r}; exportable: "
+                     f"{sorted(hf.EXPORT_ACTIVATIONS)}.")
   q = params[f"{layout.block(encoder, 0)}/attention/query/kernel"]  # [D, heads, head_dim]
   return dict(hidden_size=int(q.shape[0]), num_hidden_layers=_encoder_depth(params, encoder),
               num_attention_heads=int(q.shape[1]),
               intermediate_size=int(params[f"{layout.block(encoder, 0)}/mlp/fc1/kernel"].shape[1]),
-              hidden_act="gelu_pytorch_tanh", layer_norm_eps=hf.MMJAX_LAYER_NORM_EPS,
+              hidden_act=hf.EXPORT_ACTIVATIONS[activation],
+              layer_norm_eps=float((model_config or {}).get("layer_norm_epsilon", 1e-6)),
               attention_dropout=0.0)
 
 
@@ -82,13 +90,16 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
     raise ValueError("HF ViTForImageClassification classifies the class token directly; this "
                      f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
                      "its head, which HF would skip.")
+  if layout.PRE_NORM + "/scale" in params:
+    raise ValueError(f"HF ViT has no LayerNorm before its encoder; this model has one "
+                     f"('{layout.PRE_NORM}', pre_norm=True), which HF would skip.")
   p = "vit." if has_head else ""
   emb = _vision_embeddings(params, "", patch_bias=True)
   sd = {p + "embeddings.patch_embeddings.projection.weight": emb["conv"],
         p + "embeddings.patch_embeddings.projection.bias": emb["bias"],
         p + "embeddings.cls_token": emb["cls"].reshape(1, 1, -1),
         p + "embeddings.position_embeddings": emb["pos"][None]}
-  enc = _encoder_config(params, layout.ENCODER)
+  enc = _encoder_config(params, layout.ENCODER, model_config)
   for i in range(enc["num_hidden_layers"]):
     sd.update(common.save_block(params, f"{p}encoder.layer.{i}.",
                                 layout.block(layout.ENCODER, i), hf.VIT_BLOCK))
@@ -130,13 +141,13 @@ def clip_state_dict(params: Mapping[str, np.ndarray], model_config=None
   sd.update({v + "embeddings.patch_embedding.weight": emb["conv"],
              v + "embeddings.class_embedding": emb["cls"],
              v + "embeddings.position_embedding.weight": emb["pos"]})
-  vision = _encoder_config(params, img + layout.ENCODER)
+  vision = _encoder_config(params, img + layout.ENCODER, model_config)
   for i in range(vision["num_hidden_layers"]):
     sd.update(common.save_block(params, f"{v}encoder.layers.{i}.",
                                 layout.block(img + layout.ENCODER, i), hf.CLIP_BLOCK))
   sd[v + "post_layernorm.weight"] = params[img + layout.ENCODER_NORM + "/scale"]
   sd[v + "post_layernorm.bias"] = params[img + layout.ENCODER_NORM + "/bias"]
-  text = _encoder_config(params, layout.TXT_ENCODER)
+  text = _encoder_config(params, layout.TXT_ENCODER, model_config)
   table = params[layout.TXT_EMBEDDING]
   posemb = params[layout.TXT_POSEMB].reshape(-1, table.shape[1])
   sd[t + "embeddings.token_embedding.weight"] = table

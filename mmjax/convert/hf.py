@@ -6,12 +6,14 @@ be either the on-disk names of the Hub (`encoder.layer.{i}.attention.attention.q
 or transformers v5's in-memory names (`layers.{i}.attention.q_proj`).
 
 Exact differences handled here, so that outputs match to float32 rounding:
+  * The derived model config computes the checkpoint's MLP activation and LayerNorm
+    epsilon (Hub ViTs: exact GELU, 1e-12; CLIP: quick GELU, 1e-5) and, for CLIP, the
+    LayerNorm before the vision encoder (`image_pre_norm`, HF's `pre_layrnorm`).
   * CLIP's patch embedding has no bias: mmjax's is set to zero.
   * The position grid is resampled when the mmjax model is built for another image size.
-Differences that cannot be mapped are refused: an activation or LayerNorm epsilon other
-than mmjax's (tanh GELU, 1e-6; accepted with `allow_approximate=True`, e.g. for the exact
-GELU and 1e-12 of Hub ViTs, and noted in the report), and CLIP's pre-encoder LayerNorm,
-which the mmjax ViT does not have.
+What cannot be mapped is refused: an activation mmjax does not have, or a given model
+config computing another activation / epsilon than the checkpoint (accepted with
+`allow_approximate=True` and noted in the report).
 """
 import json
 import os
@@ -78,10 +80,14 @@ _V5_VIT_NAMES = (
 # Non-parameter buffers some checkpoints carry.
 _BUFFERS = re.compile(r"(^|\.)position_ids$")
 
-# HF activation names -> the mmjax Mlp activation that computes the same function.
-# mmjax's Mlp uses flax `nn.gelu` (tanh approximation) = HF "gelu_pytorch_tanh"/"gelu_new".
-MMJAX_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
-MMJAX_LAYER_NORM_EPS = 1e-6   # flax nn.LayerNorm default, used throughout mmjax.
+# HF `hidden_act` -> the mmjax activation (mmjax.nn.transformer.ACTIVATIONS) computing it.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                  "quick_gelu": "quick_gelu"}
+# mmjax activation -> the name the exporter writes.
+EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                      "quick_gelu": "quick_gelu"}
+# transformers' defaults when config.json leaves them out: (hidden_act, layer_norm_eps).
+_DEFAULT_NUMERICS = {"vit": ("gelu", 1e-12), "clip": ("quick_gelu", 1e-5)}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -142,18 +148,25 @@ def _num_layers(weights: Mapping[str, Any], pattern: str) -> int:
 # ----------------------------------------------------------------------------- model configs
 
 
-def approximations(config: Mapping[str, Any], what: str) -> List[str]:
-  """HF settings the mmjax Transformer does not compute: loading them changes outputs."""
-  found = []
-  act = config.get("hidden_act", "gelu")
-  if act not in MMJAX_ACTIVATIONS:
-    found.append(f"{what} uses hidden_act={act!r}; the mmjax Transformer MLP computes flax "
-                 f"nn.gelu (tanh approximation, HF {MMJAX_ACTIVATIONS})")
-  eps = config.get("layer_norm_eps", 1e-12)
-  if not np.isclose(eps, MMJAX_LAYER_NORM_EPS, rtol=1e-3, atol=0):
-    found.append(f"{what} uses layer_norm_eps={eps}; mmjax LayerNorms use "
-                 f"{MMJAX_LAYER_NORM_EPS}")
-  return found
+def numerics(config: Mapping[str, Any], family: str) -> Tuple[str, Optional[str], float]:
+  """(HF hidden_act, its mmjax activation or None, layer_norm_eps) of a (tower) config."""
+  act, eps = _DEFAULT_NUMERICS[family]
+  act = config.get("hidden_act", act)
+  return act, HF_ACTIVATIONS.get(act), float(config.get("layer_norm_eps", eps))
+
+
+def _numerics_fields(config: Mapping[str, Any], family: str) -> Dict[str, Any]:
+  """{activation, layer_norm_epsilon} computing `config`'s (mmjax's default activation
+  when it has none; `load` then refuses)."""
+  _, activation, eps = numerics(config, family)
+  return dict(activation=activation or "gelu_tanh", layer_norm_epsilon=eps)
+
+
+def approximations(config: Mapping[str, Any], model_config, family: str, what: str
+                   ) -> List[str]:
+  """What `model_config` computes differently from the HF (tower) `config`."""
+  hf_act, activation, eps = numerics(config, family)
+  return common.numerics_differences(model_config, activation, eps, what, hf_act)
 
 
 def vit_model_config(config: Mapping[str, Any], weights: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -167,11 +180,16 @@ def vit_model_config(config: Mapping[str, Any], weights: Mapping[str, Any]) -> m
       depth=int(config["num_hidden_layers"]), num_heads=int(config["num_attention_heads"]),
       mlp_dim=int(config["intermediate_size"]), pool_type="cls", variant=None,
       representation_size=int(config.get("pooler_output_size") or width)
-      if "pooler.dense.weight" in weights else None))
+      if "pooler.dense.weight" in weights else None, **_numerics_fields(config, "vit")))
 
 
 def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The mmjax "two_tower" config with the architecture of an HF CLIP config.json."""
+  """The mmjax "two_tower" config with the architecture of an HF CLIP config.json.
+
+  The logit scale keeps mmjax's cap of 100 (max_logit_scale), as OpenAI's training clamps
+  it; HF's forward does not, so a released 4.6052 (ln 100 = 4.60517) scales the training
+  loss's logits by 100 where HF uses 100.003. Embeddings are unaffected.
+  """
   vision, text = config["vision_config"], config["text_config"]
   return ml_collections.ConfigDict(dict(
       name="two_tower", loss_type="softmax",
@@ -184,15 +202,9 @@ def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       text_heads=int(text["num_attention_heads"]), text_mlp_dim=int(text["intermediate_size"]),
       max_text_len=int(text["max_position_embeddings"]),
       # CLIP pools the end-of-text token, the largest id of its vocabulary.
-      text_pool="argmax", text_causal=True, **_clip_pre_norm_field()))
-
-
-def _clip_pre_norm_field() -> Dict[str, bool]:
-  """{"image_pre_norm": True} once the two-tower model has that option (CLIP's vision
-  tower applies a LayerNorm before its encoder); {} before, and `fill_clip` refuses."""
-  from mmjax.models import two_tower  # pylint: disable=g-import-not-at-top
-  return {"image_pre_norm": True} if "image_pre_norm" in two_tower.TwoTower.__dataclass_fields__ \
-      else {}
+      text_pool="argmax", text_causal=True, image_pre_norm=True,
+      # One activation / epsilon for both towers; `load` notes a text tower that differs.
+      **_numerics_fields(vision, "clip")))
 
 
 # ----------------------------------------------------------------------------- ViT
@@ -245,9 +257,8 @@ def _fill_clip_vision(m: common.Mapper, w, img: str, v: str) -> None:
   if img + layout.PRE_NORM + "/scale" not in m.target:
     raise common.ConversionError(
         "CLIP's vision tower normalises the embeddings before its first block "
-        "(vision_model.pre_layrnorm); the mmjax ViT has no pre-encoder LayerNorm "
-        f"('{layout.PRE_NORM}'), so this checkpoint cannot be loaded exactly. Load the text "
-        "tower alone with skip=['img/.*', 'img_proj/.*'] (--skip).")
+        "(vision_model.pre_layrnorm); this model config has no such LayerNorm: set "
+        "image_pre_norm=True.")
   m.move(v + "pre_layrnorm.weight", img + layout.PRE_NORM + "/scale")
   m.move(v + "pre_layrnorm.bias", img + layout.PRE_NORM + "/bias")
   for i in range(_num_layers(w, r"vision_model\.encoder\.layers\.(\d+)\.")):
@@ -285,7 +296,8 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
     image_size: the image size the mmjax model runs at; default: the checkpoint's. The
       position grid is resampled when they differ.
     skip: regexes of mmjax parameters to leave out (e.g. "head/.*" for a new head).
-    allow_approximate: accept an activation / LayerNorm epsilon mmjax does not compute.
+    allow_approximate: accept a model computing another activation / LayerNorm epsilon
+      than the checkpoint (an activation mmjax lacks, or a given `model_config`'s).
     strict: raise when a source tensor is unused or an mmjax parameter is not filled.
   Returns:
     (params, model_config, report).
@@ -298,7 +310,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
       if not config:
         raise ValueError(f"{path} has no config.json: pass the mmjax model config.")
       model_config = vit_model_config(config, weights)
-    towers = [(config, "the ViT")]
+    towers = [(config, "vit", "the ViT")]
     image_size = image_size or config.get("image_size")
     fill = fill_vit
   else:
@@ -307,11 +319,12 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
       if not config:
         raise ValueError(f"{path} has no config.json: pass the mmjax model config.")
       model_config = clip_model_config(config)
-    towers = [(config.get("vision_config", {}), "CLIP's vision tower"),
-              (config.get("text_config", {}), "CLIP's text tower")]
+    towers = [(config.get("vision_config", {}), "clip", "CLIP's vision tower"),
+              (config.get("text_config", {}), "clip", "CLIP's text tower")]
     image_size = image_size or config.get("vision_config", {}).get("image_size")
     fill = fill_clip
-  approximate = [a for tower_config, what in towers for a in approximations(tower_config, what)]
+  approximate = [a for tower_config, family, what in towers
+                 for a in approximations(tower_config, model_config, family, what)]
   if approximate and not allow_approximate:
     raise ValueError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
                      "allow_approximate=True (--allow-approximate) to accept the difference.")

@@ -8,6 +8,7 @@ ViT (`mmjax.models.vit.ViT`, registered as "vit"), names at the top of its tree:
   embedding/{kernel [p, p, 3, D], bias}   patch embedding
   cls [1, 1, D]                           class token (class_token / pool_type "cls")
   pos_embedding [1, prefix + N, D]        learned; its first row belongs to the class token
+  pre_norm/{scale, bias}                  LayerNorm before the encoder (pre_norm=True)
   encoder/encoderblock_{i}/...            the encoder (or encoder/encoderblock, scanned)
   encoder/encoder_norm                    final LayerNorm
   MAPHead/{probe, attention, norm, mlp}   attention pooling (pool_type "map")
@@ -36,7 +37,7 @@ PATCH_KERNEL = "embedding/kernel"
 PATCH_BIAS = "embedding/bias"
 CLS = "cls"
 POSEMB = "pos_embedding"
-PRE_NORM = "pre_norm"        # not in the mmjax ViT yet: CLIP's LayerNorm before the encoder
+PRE_NORM = "pre_norm"        # ViT(pre_norm=True): CLIP's pre_layrnorm, timm's norm_pre
 ENCODER = "encoder"
 BLOCK_PREFIX = "encoderblock"
 ENCODER_NORM = "encoder/encoder_norm"

@@ -9,9 +9,12 @@ names (timm/models/vision_transformer.py):
   blocks.{i}.attn.proj, blocks.{i}.norm2, blocks.{i}.mlp.fc1, blocks.{i}.mlp.fc2
   norm, head                                   (class-token pooling: global_pool="token")
 
-The patch grid of the position embedding is resampled to the model's image size. Features mmjax's ViT does not have
-(layer scale `ls1/ls2`, register tokens, `norm_pre`, q/k norms, `fc_norm` average
-pooling) are refused by name rather than dropped.
+  norm_pre                                     (optional: CLIP-style LayerNorm before blocks)
+
+timm ViTs compute exact GELU (torch nn.GELU) and LayerNorm epsilon 1e-6, which the derived
+model config sets. The patch grid of the position embedding is resampled to the model's
+image size. Features mmjax's ViT does not have (layer scale `ls1/ls2`, register tokens,
+q/k norms, `fc_norm` average pooling) are refused by name rather than dropped.
 """
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -44,8 +47,11 @@ BLOCK = {
 }
 layout.check_block_table(BLOCK)
 
+# What every timm VisionTransformer computes: nn.GELU (exact) and LayerNorm(eps=1e-6).
+NUMERICS = dict(activation="gelu", layer_norm_epsilon=1e-6)
+
 _UNSUPPORTED = re.compile(
-    r"(^reg_token$|^norm_pre\.|^fc_norm\.|^attn_pool\.|\.ls[12]\.|\.q_norm\.|\.k_norm\.|"
+    r"(^reg_token$|^fc_norm\.|^attn_pool\.|\.ls[12]\.|\.q_norm\.|\.k_norm\.|"
     r"^patch_embed\.norm\.)")
 
 
@@ -83,7 +89,8 @@ def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int
       else 0, patch_size=int(patch), width=int(width), depth=depth, num_heads=int(num_heads),
       mlp_dim=int(weights["blocks.0.mlp.fc1.weight"].shape[0]), variant=None,
       pool_type="cls" if "cls_token" in weights else "gap",
-      class_token="cls_token" in weights, representation_size=None))
+      class_token="cls_token" in weights, representation_size=None,
+      pre_norm="norm_pre.weight" in weights, **NUMERICS))
 
 
 def fill(m: common.Mapper) -> None:
@@ -92,6 +99,9 @@ def fill(m: common.Mapper) -> None:
   m.move("patch_embed.proj.bias", layout.PATCH_BIAS)
   m.move("cls_token", layout.CLS)
   common.move_posemb(m, "pos_embed", "", source_prefix_tokens=int(m.has("cls_token")))
+  if m.has("norm_pre.weight"):
+    m.move("norm_pre.weight", layout.PRE_NORM + "/scale")
+    m.move("norm_pre.bias", layout.PRE_NORM + "/bias")
   depth = len({k.split(".")[1] for k in m.source if k.startswith("blocks.")})
   for i in range(depth):
     common.move_block(m, f"blocks.{i}.", layout.block(layout.ENCODER, i), BLOCK)
@@ -108,26 +118,26 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   """Imports a timm ViT state dict (.pth/.bin/.safetensors).
 
   `model_config` or `num_heads` must be given (timm files do not record the head count);
-  `image_size` defaults to the checkpoint's grid times the patch size. timm ViTs compute
-  exact GELU and mmjax the tanh approximation (outputs differ at the 1e-3 level), so
-  `allow_approximate=True` must acknowledge it.
+  `image_size` defaults to the checkpoint's grid times the patch size. A given
+  `model_config` computing another activation / LayerNorm epsilon than timm's is refused
+  unless `allow_approximate=True`.
   Returns (params, model_config, report).
   """
-  if not allow_approximate:
-    raise ValueError(
-        "timm ViTs use exact GELU (nn.GELU); the mmjax Transformer MLP computes flax "
-        "nn.gelu (tanh approximation), so outputs differ at the 1e-3 level. Pass "
-        "allow_approximate=True (--allow-approximate) to accept the difference.")
   weights = normalize(common.read_checkpoint(path))
   if model_config is None:
     if not num_heads:
       raise ValueError("A timm state dict does not record the number of attention heads: "
                        "pass the mmjax model config (--model-config) or num_heads.")
     model_config = vit_model_config(weights, num_heads)
+  approximate = common.numerics_differences(
+      model_config, NUMERICS["activation"], NUMERICS["layer_norm_epsilon"], "timm's ViT")
+  if approximate and not allow_approximate:
+    raise ValueError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
+                     "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
     patches = weights["pos_embed"].shape[1] - ("cls_token" in weights)
     image_size = int(round(np.sqrt(patches))) * weights["patch_embed.proj.weight"].shape[-1]
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
-  report.notes.append("approximate: timm's exact GELU runs as mmjax's tanh-approximate GELU")
+  report.notes.extend(f"approximate: {a}" for a in approximate)
   return params, model_config, report

@@ -24,6 +24,7 @@ seeds, ...); every dataset declares them with defaults in `builder_defaults()`, 
 unknown keys are an error. Sections named after other datasets are ignored, so switching
 datasets is one field: `--config.data.name=cifar10`.
 """
+import abc
 import dataclasses
 import fcntl
 import os
@@ -89,7 +90,7 @@ def check_record(record: Mapping[str, Any], fields: Mapping[str, Field], where: 
       raise ValueError(f"Field kind {field.kind!r} of {key!r}: expected array/text/index.")
 
 
-class Dataset:
+class Dataset(abc.ABC):
   """Base class of registered datasets (see the module docstring for the contract)."""
 
   default_eval_split: str = "test"
@@ -114,20 +115,25 @@ class Dataset:
 
   spm_path: Optional[str] = None
 
+  @abc.abstractmethod
   def prepare(self) -> None:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def source(self, split: str) -> Sequence[Mapping[str, Any]]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def splits(self) -> Dict[str, int]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def fields(self) -> Dict[str, Field]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def default_preprocess(self, train: bool) -> str:
-    raise NotImplementedError
+    ...
 
   def info(self) -> Dict[str, Any]:
     return {}
@@ -161,8 +167,9 @@ class TfdsDataset(Dataset):
     super().__init__(data_config)
     self.builder = self.make_builder()
 
+  @abc.abstractmethod
   def make_builder(self):
-    raise NotImplementedError
+    ...
 
   def prepare(self) -> None:
     if not self.builder.data_path.exists():

@@ -12,6 +12,7 @@ so that id 0 stays free for padding; `vocab_size` accounts for the shift.
 
 Tokenizers are plain picklable objects, so grain worker processes can carry them.
 """
+import abc
 import io
 import os
 from typing import Iterable, List, Optional
@@ -20,17 +21,19 @@ import numpy as np
 import sentencepiece as spm
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Interface: `encode` a string to ids (no padding), `vocab_size`, `pad_id` = 0."""
 
   pad_id = 0
   vocab_size: int
 
+  @abc.abstractmethod
   def encode(self, text: str) -> List[int]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def decode(self, ids: Iterable[int]) -> str:
-    raise NotImplementedError
+    ...
 
   def encode_padded(self, text: str, max_len: int) -> np.ndarray:
     """int32 [max_len] ids, truncated to `max_len` and padded with 0."""

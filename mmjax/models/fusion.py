@@ -33,10 +33,11 @@ Parameter names: per-modality layers `{modality}_block{i}` (shared: `block{i}`),
 co-attention layers `{modality}_cross_block{i}` (shared: `cross_block{i}`), joint layers
 `joint_block{i}`, final norms `{modality}_norm` (shared: `norm`) or `joint_norm`,
 bottleneck tokens `bottleneck` [1, K, D]; blocks use nn.transformer's names
-(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}). A fork adds a strategy by subclassing
-`FusionEncoder` in its own file and decorating it with `@FUSIONS.register("name")`.
+(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}).
+A fork adds a strategy by subclassing `FusionEncoder` in its own file and decorating it
+with `@FUSIONS.register("name")`.
 """
-import math
+import functools
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
+from mmjax.nn.attention import _Projection as Projection  # MultiHeadAttention's projections
 from mmjax.nn.transformer import EncoderBlock, Mlp
 from mmjax.registry import FUSIONS
 
@@ -294,21 +296,6 @@ class CrossFusion(FusionEncoder):
     return self.final_norms(modules, x)
 
 
-def _einsum(equation: str, shape, axes, fan_in_dims: int, bias_axes, dtype, name: str):
-  """A projection with a multi-dimensional kernel, initialised exactly like the equivalent
-  DenseGeneral (xavier over the flattened [fan_in, fan_out] shape). Unlike DenseGeneral,
-  it creates the kernel at its final shape, so the logical-axis constraint of the boxed
-  initialiser always sees matching ranks (DenseGeneral reshapes a 2-D kernel after it)."""
-  xavier = nn.initializers.xavier_uniform()
-
-  def kernel_init(rng, kernel_shape, param_dtype=jnp.float32):
-    flat = (math.prod(kernel_shape[:fan_in_dims]), math.prod(kernel_shape[fan_in_dims:]))
-    return xavier(rng, flat, param_dtype).reshape(kernel_shape)
-  return nn.Einsum(shape, equation, dtype=dtype, name=name,
-                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes))
-
-
 class FusionInTransformerAttention(nn.Module):
   """Multi-head attention that attends to each modality separately and mixes the results.
 
@@ -337,9 +324,12 @@ class FusionInTransformerAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"Width {width} must be divisible by num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
-    heads = (self.num_heads, head_dim)
-    projection = lambda name: _einsum("btd,dhk->bthk", (width,) + heads, ("embed", "heads", "kv"),
-                                      1, ("heads", "kv"), self.dtype, name)(x)
+    # The same projections (names, shapes, init) as nn.attention.MultiHeadAttention.
+    dense = functools.partial(
+        Projection, use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
+    projection = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"),
+                                    name=name)(x)
     query, key, value = projection("query"), projection("key"), projection("value")
 
     dropout_rate = 0.0 if deterministic else self.dropout_rate
@@ -369,8 +359,7 @@ class FusionInTransformerAttention(nn.Module):
     if not self.is_initializing():  # init would return it as a variable collection
       self.sow("intermediates", "fusion_weights", weights)
     mixed = jnp.einsum("bthm,mbthd->bthd", weights.astype(query.dtype), jnp.stack(results))
-    out = _einsum("bthk,hkd->btd", heads + (width,), ("heads", "kv", "embed"), 2, ("embed",),
-                  self.dtype, "out")(mixed)
+    out = dense((width,), ("heads", "kv", "embed"), name="out")(mixed)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
@@ -413,6 +402,7 @@ class FusionInTransformer(FusionEncoder):
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, weights=self.fit_weights,
           dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
           droppath_rate=self.droppath_rate, dtype=self.dtype,
-          implementation=self.implementation, name=f"joint_block{i}")(joint, mask, segments, deterministic=deterministic)
+          implementation=self.implementation, name=f"joint_block{i}")(
+              joint, mask, segments, deterministic=deterministic)
     joint = nn.LayerNorm(dtype=self.dtype, name="joint_norm")(joint)
     return _split(joint, names, sizes)

@@ -11,8 +11,8 @@ retrieval and zero-shot scoring.
 
 Parameter names: Combine has `gate` (Dense, gating only); ClassifierHead has `pre_logits`
 (Dense, only with hidden_dim) and `head` (Dense, zero-initialised by default so training
-starts from uniform predictions, as big_vision's head_zeroinit); ContrastiveHead has `logit_scale` (log of the
-inverse temperature) and, for the sigmoid loss, `logit_bias`.
+starts from uniform predictions, as big_vision's head_zeroinit); ContrastiveHead has
+`logit_scale` (log of the inverse temperature) and, for the sigmoid loss, `logit_bias`.
 """
 import math
 from typing import Any, Optional, Sequence, Tuple
@@ -123,13 +123,14 @@ class ContrastiveHead(nn.Module):
 
   Takes L2-normalised embeddings [N, D] of N matching pairs (row i of each is a pair);
   returns (loss, logits [N, N]). The logit scale starts at `scale_init` (CLIP: 1 / 0.07,
-  SigLIP: 10) and is capped at `max_scale` (CLIP's 100) for stability; the SigLIP bias
+  SigLIP: 10) and is capped at `max_scale` (CLIP's 100, as OpenAI's training clamps it;
+  None: no cap, as big_vision's SigLIP) for stability; the SigLIP bias
   starts at `bias_init` = -10 so that the many negatives do not dominate early training.
   """
   loss: str = "softmax"
   scale_init: float = 10.0
   bias_init: float = -10.0
-  max_scale: float = 100.0
+  max_scale: Optional[float] = 100.0
 
   @nn.compact
   def __call__(self, zimg: Array, ztxt: Array) -> Tuple[Array, Array]:
@@ -137,7 +138,8 @@ class ContrastiveHead(nn.Module):
       raise ValueError(f"Unknown contrastive loss {self.loss!r}; expected one of "
                        f"{CONTRASTIVE_LOSSES}.")
     scale = self.param("logit_scale", nn.initializers.constant(math.log(self.scale_init)), ())
-    scale = jnp.minimum(scale, math.log(self.max_scale))
+    if self.max_scale is not None:
+      scale = jnp.minimum(scale, math.log(self.max_scale))
     if self.loss == "softmax":
       return losses.clip_loss(zimg, ztxt, scale)
     bias = self.param("logit_bias", nn.initializers.constant(self.bias_init), ())

@@ -329,7 +329,8 @@ class MultimodalModel(Model):
       if objective in weights:
         logged[f"{objective}_accuracy"] = jnp.mean(outputs[f"{objective}_correct"])
     if "itc" in weights or "itm" in weights:
-      logged["logit_scale"] = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
+      scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
+      logged["logit_scale"] = jnp.minimum(scale, self.contrastive.max_scale)  # in effect
     return total, logged
 
   def evaluate(self, batch: Batch) -> Dict[str, Array]:

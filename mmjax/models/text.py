@@ -46,6 +46,8 @@ class TextTransformer(nn.Module):
   remat_policy: str = "none"
   dtype: Any = jnp.float32
   implementation: Optional[str] = None
+  activation: str = "gelu_tanh"       # MLP activation, see mmjax.nn.transformer
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, tokens: Array, *, train: bool = False) -> Tuple[Array, Array]:
@@ -61,6 +63,7 @@ class TextTransformer(nn.Module):
                 mlp_dim=self.mlp_dim or 4 * self.width, dropout_rate=self.dropout_rate,
                 scan_layers=self.scan_layers, remat_policy=self.remat_policy,
                 dtype=self.dtype, implementation=self.implementation,
+                activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
                 name="encoder")(x, mask=mask, deterministic=not train)
     if self.pool == "argmax":
       pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]

@@ -195,7 +195,7 @@ class SensorTokenizer(nn.Module):
       raise ValueError(f"'sensor' length {steps} must be a multiple of the window "
                        f"{self.window}.")
     windows = series.reshape(batch, steps // self.window, self.window * channels)
-    x = nn.Dense(self.width, dtype=self.dtype, name="proj", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("patch", "embed")))(windows)
+    kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("patch", "embed"))
+    x = nn.Dense(self.width, dtype=self.dtype, name="proj", kernel_init=kernel_init)(windows)
     x = _Embeddings(self.dtype, name="embeddings")(x)
     return x, jnp.ones(x.shape[:2], bool)

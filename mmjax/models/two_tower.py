@@ -46,6 +46,7 @@ class TwoTower(Model):
   loss_type: str = "softmax"          # "softmax" (CLIP) or "sigmoid" (SigLIP)
   scale_init: Optional[float] = None  # None: 1 / 0.07 for softmax (CLIP), 10 for sigmoid
   bias_init: float = -10.0
+  max_logit_scale: Optional[float] = 100.0  # cap on exp(logit_scale); None: none (SigLIP)
   # Image tower (ViT).
   patch_size: int = 8
   image_width: int = 64
@@ -53,6 +54,7 @@ class TwoTower(Model):
   image_heads: int = 4
   image_mlp_dim: Optional[int] = None
   image_pool: str = "cls"             # CLIP: the class token; SigLIP: "map"
+  image_pre_norm: bool = False        # CLIP: LayerNorm before the image encoder (pre_layrnorm)
   # Text tower.
   text_width: int = 64
   text_depth: int = 2
@@ -62,6 +64,8 @@ class TwoTower(Model):
   text_pool: str = "last"
   text_causal: bool = True
   dropout_rate: float = 0.0
+  activation: str = "gelu_tanh"       # both towers' MLPs; CLIP: "quick_gelu"
+  layer_norm_epsilon: float = 1e-6    # both towers; CLIP: 1e-5
   dtype: str = "float32"
   implementation: Optional[str] = None
 
@@ -70,19 +74,23 @@ class TwoTower(Model):
     self.img = ViT(variant=None, width=self.image_width, depth=self.image_depth,
                    mlp_dim=self.image_mlp_dim or 4 * self.image_width,
                    num_heads=self.image_heads, patch_size=self.patch_size, num_classes=0,
-                   pool_type=self.image_pool, dropout_rate=self.dropout_rate, dtype=dtype,
+                   pool_type=self.image_pool, pre_norm=self.image_pre_norm,
+                   activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
+                   dropout_rate=self.dropout_rate, dtype=dtype,
                    implementation=self.implementation)
     self.txt = TextTransformer(
         self.vocab_size, width=self.text_width, depth=self.text_depth,
         num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_len=self.max_text_len,
         causal=self.text_causal, pool=self.text_pool, dropout_rate=self.dropout_rate,
+        activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
         dtype=dtype, implementation=self.implementation)
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None))
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     scale_init = self.scale_init or (1 / 0.07 if self.loss_type == "softmax" else 10.0)
     self.contrastive = heads.ContrastiveHead(self.loss_type, scale_init=scale_init,
-                                             bias_init=self.bias_init)
+                                             bias_init=self.bias_init,
+                                             max_scale=self.max_logit_scale)
 
   def embed_image(self, image: Array, *, train: bool = False) -> Array:
     """Images [B, H, W, 3] -> L2-normalised embeddings [B, embed_dim] (float32)."""
@@ -121,9 +129,12 @@ class TwoTower(Model):
     zimg, ztxt = self._embeddings(batch, train)
     loss, logits = self.contrastive(zimg, ztxt)
     labels = jnp.arange(logits.shape[0])
+    scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
+    if self.max_logit_scale is not None:
+      scale = jnp.minimum(scale, self.max_logit_scale)  # in effect
     logged = {"contrastive_loss": loss,
               "i2t_batch_accuracy": jnp.mean(metrics.correct(logits, labels)),
-              "logit_scale": jnp.exp(self.contrastive.variables["params"]["logit_scale"])}
+              "logit_scale": scale}
     if self.loss_type == "sigmoid":
       logged["logit_bias"] = self.contrastive.variables["params"]["logit_bias"]
     return loss, logged

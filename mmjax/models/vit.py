@@ -2,7 +2,8 @@
 
   image [B, H, W, C] -> PatchEmbed ("embedding") -> [class token ("cls")]
     -> + position embedding ("pos_embedding", learned; or fixed 2-D sin-cos)
-    -> Dropout -> Encoder ("encoder", pre-LN, final LayerNorm)
+    -> Dropout -> [LayerNorm ("pre_norm"; CLIP's pre_layrnorm, timm's norm_pre)]
+    -> Encoder ("encoder", pre-LN, final LayerNorm)
     -> pool: "cls" token | "gap" mean of patch tokens | "map" attention pooling ("MAPHead")
              | "none" (all tokens)
     -> [pre-logits Dense + tanh ("pre_logits")] -> [classifier ("head")]
@@ -20,6 +21,9 @@ variant; or `variant=None` with all five given, for tiny test models:
 The learned position embedding covers the class token too (as in the original ViT), so
 parameter counts match the published ones; `resample_vit_posemb` moves it to a new image
 size (train at 224, fine-tune or evaluate at 384).
+
+`activation` / `layer_norm_epsilon` (mmjax.nn.transformer) default to big_vision's
+tanh-GELU and 1e-6; checkpoint importers set their source's (e.g. exact GELU, 1e-12).
 
 Model contract (mmjax/models/base.py): `loss(batch, train)` is the softmax cross-entropy of
 `batch["label"]` given `batch["image"]`, with metric "accuracy"; `evaluate(batch)` returns
@@ -79,6 +83,8 @@ class MAPHead(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  activation: str = "gelu_tanh"
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -88,8 +94,10 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
     x = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                            implementation=self.implementation, name="attention")(probe, x)
-    y = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-    x = x + Mlp(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(y)
+    y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="norm")(x)
+    x = x + Mlp(self.mlp_dim, activation=self.activation, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="mlp")(y)
     return x[:, 0]
 
 
@@ -108,6 +116,9 @@ class ViT(Model):
   posemb: str = "learn"
   representation_size: Optional[int] = None
   head_zeroinit: bool = True
+  pre_norm: bool = False                  # LayerNorm between the embeddings and the encoder
+  activation: str = "gelu_tanh"           # MLP activation, see mmjax.nn.transformer
+  layer_norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   droppath_rate: float = 0.0
@@ -176,6 +187,9 @@ class ViT(Model):
       posemb = jnp.pad(posemb_sincos_2d(*grid, width), ((0, 0), (prefix, 0), (0, 0)))
     x = x + posemb.astype(x.dtype)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="pre_norm")(x)
 
     x = Encoder(sizes["depth"], sizes["num_heads"], sizes["mlp_dim"],
                 dropout_rate=self.dropout_rate,
@@ -183,6 +197,7 @@ class ViT(Model):
                 droppath_rate=self.droppath_rate, scan_layers=self.scan_layers,
                 remat_policy=self.remat_policy, dtype=self.dtype,
                 param_dtype=self.param_dtype, implementation=self.implementation,
+                activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
                 name="encoder")(x, deterministic=deterministic)
 
     if self.pool_type == "cls":
@@ -192,6 +207,7 @@ class ViT(Model):
     elif self.pool_type == "map":
       x = MAPHead(sizes["num_heads"], sizes["mlp_dim"], dtype=self.dtype,
                   param_dtype=self.param_dtype, implementation=self.implementation,
+                  activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
                   name="MAPHead")(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(

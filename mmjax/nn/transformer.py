@@ -15,10 +15,14 @@ compute exactly the same function as the plain stack.
 
 Stochastic depth (`droppath_rate`) drops a block's residual branch per example with the
 same rate in every layer, which keeps scanned layers identical.
+
+`activation` (a name in `ACTIVATIONS`) and `layer_norm_epsilon` default to big_vision's
+tanh-approximate GELU and 1e-6; imported checkpoints set what they were trained with
+(Hugging Face ViT: exact GELU and 1e-12, CLIP: quick GELU and 1e-5).
 """
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -38,6 +42,28 @@ REMAT_POLICIES = {
 }
 
 
+
+def _quick_gelu(x: Array) -> Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Name -> MLP activation. "gelu_tanh" is flax's `nn.gelu` default (= HF "gelu_pytorch_tanh").
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),   # erf; torch nn.GELU()
+    "quick_gelu": _quick_gelu,                               # OpenAI CLIP
+}
+
+
+def activation_fn(activation: Union[str, Callable[[Array], Array]]) -> Callable[[Array], Array]:
+  """An activation given by name (see `ACTIVATIONS`) or as a function."""
+  if callable(activation):
+    return activation
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[activation]
+
+
 def _remat_policy(name: str):
   if name not in REMAT_POLICIES:
     raise ValueError(f"Unknown remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}.")
@@ -51,11 +77,11 @@ def _check_tokens(module: str, x: Array):
 
 
 class Mlp(nn.Module):
-  """Dense(mlp_dim) -> GELU -> Dropout -> Dense(out_dim or input width)."""
+  """Dense(mlp_dim) -> activation -> Dropout -> Dense(out_dim or input width)."""
   mlp_dim: int
   dropout_rate: float = 0.0
   out_dim: Optional[int] = None
-  activation: Callable[[Array], Array] = nn.gelu
+  activation: Union[str, Callable[[Array], Array]] = "gelu_tanh"   # see ACTIVATIONS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -68,7 +94,7 @@ class Mlp(nn.Module):
     x = dense(self.mlp_dim, name="fc1",
               kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
               bias_init=nn.with_logical_partitioning(bias_init, ("mlp",)))(x)
-    x = nn.with_logical_constraint(self.activation(x), ("batch", "length", "mlp"))
+    x = nn.with_logical_constraint(activation_fn(self.activation)(x), ("batch", "length", "mlp"))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     return dense(width, name="fc2",
                  kernel_init=nn.with_logical_partitioning(kernel_init, ("mlp", "embed")),
@@ -100,12 +126,15 @@ class EncoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  activation: str = "gelu_tanh"
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     _check_tokens("EncoderBlock", x)
-    norm = functools.partial(nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     residual = functools.partial(_Residual, self.dropout_rate, self.droppath_rate)
     y = norm(name="attention_norm")(x)
     y = MultiHeadAttention(
@@ -115,8 +144,8 @@ class EncoderBlock(nn.Module):
         name="attention")(y, mask=mask, deterministic=deterministic)
     x = residual()(x, y, deterministic)
     y = norm(name="mlp_norm")(x)
-    y = Mlp(self.mlp_dim, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="mlp")(y, deterministic=deterministic)
+    y = Mlp(self.mlp_dim, self.dropout_rate, activation=self.activation, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="mlp")(y, deterministic=deterministic)
     return residual()(x, y, deterministic)
 
 
@@ -134,6 +163,8 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  activation: str = "gelu_tanh"
+  layer_norm_epsilon: float = 1e-6
   decode: bool = False
 
   @nn.compact
@@ -141,7 +172,8 @@ class DecoderBlock(nn.Module):
                self_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
     _check_tokens("DecoderBlock", x)
     _check_tokens("DecoderBlock (encoded)", encoded)
-    norm = functools.partial(nn.LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     residual = functools.partial(_Residual, self.dropout_rate, self.droppath_rate)
     attention = functools.partial(
         MultiHeadAttention, self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -156,8 +188,8 @@ class DecoderBlock(nn.Module):
         y, encoded, mask=cross_mask, deterministic=deterministic)
     x = residual()(x, y, deterministic)
     y = norm(name="mlp_norm")(x)
-    y = Mlp(self.mlp_dim, self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="mlp")(y, deterministic=deterministic)
+    y = Mlp(self.mlp_dim, self.dropout_rate, activation=self.activation, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="mlp")(y, deterministic=deterministic)
     return residual()(x, y, deterministic)
 
 
@@ -169,7 +201,8 @@ def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fi
   the Python bool `deterministic`. Called from the stack's compact `__call__`.
   """
   shared = ("num_heads", "mlp_dim", "num_kv_heads", "dropout_rate", "attention_dropout_rate",
-            "droppath_rate", "dtype", "param_dtype", "implementation")
+            "droppath_rate", "dtype", "param_dtype", "implementation", "activation",
+            "layer_norm_epsilon")
   fields = {name: getattr(stack, name) for name in shared} | extra_fields
   policy = _remat_policy(stack.remat_policy)
   if stack.remat_policy != "none":
@@ -210,6 +243,8 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  activation: str = "gelu_tanh"
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Optional[Array] = None,
@@ -217,8 +252,8 @@ class Encoder(nn.Module):
     _check_tokens("Encoder", x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = _stack(self, EncoderBlock, "encoderblock", x, mask, deterministic)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="encoder_norm")(x)
+    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="encoder_norm")(x)
 
 
 class Decoder(nn.Module):
@@ -241,6 +276,8 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  activation: str = "gelu_tanh"
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, *, cross_mask: Optional[Array] = None,
@@ -251,5 +288,5 @@ class Decoder(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = _stack(self, DecoderBlock, "decoderblock", x, encoded, cross_mask, self_mask,
                deterministic, decode=decode)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="decoder_norm")(x)
+    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name="decoder_norm")(x)

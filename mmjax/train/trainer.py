@@ -316,8 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                             train_step, eval_step, model, mesh, writer, checkpointer,
                             preemption, flops_per_step, peak)
   finally:
+    checkpointer.close()  # first: SIGTERM must not kill the process while the last save runs
     preemption.close()
-    checkpointer.close()
     writer.close()
   if is_chief:
     print(format_summary(results), flush=True)
