@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
-from mmjax.nn.attention import _Projection as Projection  # MultiHeadAttention's projections
+from mmjax.nn.attention import Projection  # the same projections as MultiHeadAttention
 from mmjax.nn.transformer import EncoderBlock, Mlp
 from mmjax.registry import FUSIONS
 

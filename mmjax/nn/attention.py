@@ -346,7 +346,7 @@ def _flat_init(init: Callable, num_in: int) -> Callable:
   return init_fn
 
 
-class _Projection(nn.Module):
+class Projection(nn.Module):
   """Contracts the last `len(kernel_axes) - len(features)` input axes into `features`.
 
   Like nn.DenseGeneral, but the kernel is created in its final shape, so its logical
@@ -427,7 +427,7 @@ class MultiHeadAttention(nn.Module):
     head_dim = features // self.num_heads
 
     projection = functools.partial(
-        _Projection, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        Projection, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, bias_init=self.bias_init)
     heads_axes = ("embed", "heads", "kv")
     query = projection((self.num_heads, head_dim), heads_axes, name="query")(inputs_q)
