@@ -27,6 +27,15 @@ def test_trained_sentencepiece_is_deterministic_and_reserves_zero(tmp_path):
   assert 0 not in ids and tok.decode(ids) == "what color is the circle?"
 
 
+def test_sentencepiece_trains_where_stderr_has_no_file_descriptor(tmp_path, monkeypatch):
+  # As in a notebook: sys.stderr is a Python stream whose fileno() raises.
+  monkeypatch.setattr("sys.stderr", io.StringIO())
+  path = tokenizer_lib.train_sentencepiece(["a red circle", "a blue square"] * 20,
+                                           str(tmp_path / "m.model"), vocab_size=32)
+  assert tokenizer_lib.build_tokenizer(path).decode(
+      tokenizer_lib.build_tokenizer(path).encode("a red square")) == "a red square"
+
+
 def test_user_model_without_padding_id_is_shifted(tmp_path):
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(

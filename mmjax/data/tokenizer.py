@@ -104,12 +104,13 @@ def train_sentencepiece(sentences: Iterable[str], path: str, *, vocab_size: int)
   a small closed vocabulary (as in procedural datasets) gives fewer pieces.
   """
   model = io.BytesIO()
-  with open(os.devnull, "w") as devnull:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(sentences)), model_writer=model,
-        vocab_size=vocab_size, hard_vocab_limit=False, model_type="unigram",
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, num_threads=1,
-        character_coverage=1.0, logstream=devnull)
+  # minloglevel quiets the trainer; its `logstream` redirect needs sys.stderr.fileno(),
+  # which notebooks and captured test output do not have.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(list(sentences)), model_writer=model,
+      vocab_size=vocab_size, hard_vocab_limit=False, model_type="unigram",
+      pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, num_threads=1,
+      character_coverage=1.0, minloglevel=2)
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
