@@ -8,29 +8,17 @@ the demo (a `multimodal` model on `shapes` with retrieval and VQA metrics) it pr
     caption -> image recall@1   0.xxx   chance 0.001
     VQA accuracy                0.xxx   chance 0.252 (best answer from the question alone)
 
-and where the checkpoints, TensorBoard logs and metrics.jsonl are. Hooks only receive
-the final metrics, so the data config and workdir come from the command line
-(`--config`, `--workdir` of `python -m mmjax.main`); without them (e.g. a run started
-from Python) the hook adds nothing.
+and where the checkpoints, TensorBoard logs and metrics.jsonl are. Runs without these
+metrics get nothing added.
 """
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
-
-from absl import flags
+from typing import Any, Dict, Mapping, Optional
 
 from mmjax.train import trainer
 
 RETRIEVAL = (("image -> caption recall@1", "eval/i2t_recall@1"),
              ("caption -> image recall@1", "eval/t2i_recall@1"))
 VQA = ("VQA accuracy", "eval/vqa_accuracy")
-
-
-def _command_line() -> Optional[Tuple[Any, str]]:
-  """(config, workdir) of the running `python -m mmjax.main`, or None."""
-  try:
-    return flags.FLAGS["config"].value, flags.FLAGS["workdir"].value
-  except (KeyError, flags.UnparsedFlagAccessError):
-    return None
 
 
 def chance_levels(data_config) -> Dict[str, float]:
@@ -63,12 +51,11 @@ def format_demo_summary(results: Mapping[str, Any], chance: Mapping[str, Optiona
   return "\n".join(lines)
 
 
-def demo_summary_hook(results: Mapping[str, Any]) -> str:
-  run = _command_line()
-  if run is None or run[0] is None or run[1] is None:
-    return ""
-  config, workdir = run
-  if not hasattr(config, "get") or config.get("data") is None:  # e.g. a sweep config
+def demo_summary_hook(results: Mapping[str, Any], config, workdir: str) -> str:
+  # Once imported, the hook sees every later run in the process: only speak for runs
+  # with the demo's metrics.
+  keys = [key for _, key in RETRIEVAL] + [VQA[1]]
+  if not any(key in results for key in keys) or config.get("data") is None:
     return ""
   return format_demo_summary(results, chance_levels(config.data), os.path.abspath(workdir))
 

@@ -131,9 +131,14 @@ def test_every_config_has_tiny_overrides():
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_config_trains_one_step(name, data_dir, tmp_path, random_av_pipeline):
+def test_config_trains_one_step(name, data_dir, tmp_path, random_av_pipeline, capsys):
   config = load_config_file(os.path.join(ROOT, "configs", name))
   _check_one_step(train_and_evaluate(_tiny(config, TINY[name], data_dir), str(tmp_path)))
+  if name == "demo.py":  # its summary hook states what was learned next to chance
+    summary = capsys.readouterr().out.split("=== mmjax run summary ===")[-1]
+    for line in ("image -> caption recall@1", "caption -> image recall@1", "VQA accuracy"):
+      assert line in summary and "chance" in summary.split(line)[1].splitlines()[0]
+    assert str(tmp_path / "checkpoints") in summary
 
 
 @pytest.mark.parametrize("name", sorted(ABLATION_TINY))

@@ -3,6 +3,7 @@ import json
 import types
 
 import jax
+import ml_collections
 import numpy as np
 
 from mmjax.train import trainer
@@ -34,10 +35,12 @@ def test_inactive_writer_writes_nothing(tmp_path):
 
 
 def test_summary_lists_results_and_runs_hooks():
-  trainer.SUMMARY_HOOKS.append(lambda r: f"best accuracy: {r['eval/accuracy']:.0%}")
+  config = ml_collections.ConfigDict({"name": "run-a"})
+  trainer.SUMMARY_HOOKS.append(
+      lambda r, c, w: f"{c.name} in {w}: best accuracy {r['eval/accuracy']:.0%}")
   try:
-    text = trainer.format_summary({"step": 10, "eval/accuracy": 0.875})
+    text = trainer.format_summary({"step": 10, "eval/accuracy": 0.875}, config, "/tmp/run-a")
   finally:
     trainer.SUMMARY_HOOKS.pop()
   assert "eval/accuracy  0.875" in text and "step" in text
-  assert text.endswith("best accuracy: 88%")
+  assert text.endswith("run-a in /tmp/run-a: best accuracy 88%")

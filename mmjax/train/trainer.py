@@ -216,10 +216,12 @@ def apply_init_from(state: TrainState, init_config,
 # ---------------------------------------------------------------------------------------
 # Summary printing (extend by appending to SUMMARY_HOOKS).
 
-SUMMARY_HOOKS: List[Callable[[Dict[str, Any]], str]] = []
+# hook(results, config, workdir) -> text appended to the summary ("" adds nothing).
+SUMMARY_HOOKS: List[Callable[[Dict[str, Any], ml_collections.ConfigDict, str], str]] = []
 
 
-def format_summary(results: Mapping[str, Any]) -> str:
+def format_summary(results: Mapping[str, Any], config: ml_collections.ConfigDict,
+                   workdir: str) -> str:
   """The end-of-run summary: one aligned `name: value` line per result, then each hook's text."""
   lines = ["=== mmjax run summary ==="]
   width = max((len(k) for k in results), default=0)
@@ -227,8 +229,8 @@ def format_summary(results: Mapping[str, Any]) -> str:
     value = results[key]
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
     lines.append(f"{key:<{width}}  {text}")
-  lines += [hook(dict(results)) for hook in SUMMARY_HOOKS]
-  return "\n".join(lines)
+  lines += [hook(dict(results), config, workdir) for hook in SUMMARY_HOOKS]
+  return "\n".join(line for line in lines if line)
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     preemption.close()
     writer.close()
   if is_chief:
-    print(format_summary(results), flush=True)
+    print(format_summary(results, config, workdir), flush=True)
   return results
 
 
