@@ -509,9 +509,11 @@ def markdown_report(results: Dict[str, Any]) -> str:
   lines = [f"Measured {env['time_utc']} on {env['cpu_count']} {env['backend']} cores "
            f"({env['device']}), jax {env['jax']}: "
            f"`python experiments/benchmark.py {' '.join(env['argv'])}`.",
-           f"MFU is against {peak / 1e9:.1f} GFLOP/s, the best float32 matmul seen in the run. "
-           "Step time: median after warm-up; speed ratios: medians of the same interleaved "
-           "rounds (> 1 = mmjax faster).", "", ""]
+           f"MFU is against {peak / 1e9:.1f} GFLOP/s, "
+           + ("the given accelerator peak. " if results.get("peak_tflops_given")
+              else "the best float32 matmul seen in the run. ")
+           + "Step time: median after warm-up; speed ratios: medians of the same "
+           "interleaved rounds (> 1 = mmjax faster).", "", ""]
   return "\n".join(lines) + markdown_table(results["records"])
 
 
