@@ -37,7 +37,7 @@ def get_config(arg=None):
          for k in (1, 4, 16)]
       + [{"label": "cross", "model.fusion": "cross", "model.fusion_layer": num_layers // 2},
          {"label": "fusion-in-transformer", "model.fusion": "fusion_in_transformer"}])
-  sweep.num_seeds = 2
+  sweep.num_seeds = 3
   sweep.table = ("eval/vqa_accuracy", "train/vqa_accuracy", "train/loss")
   sweep.plot = ml_collections.ConfigDict(dict(
       x="gflops", y=("eval/vqa_accuracy",), title="Fusion strategies on shapes VQA"))
