@@ -285,19 +285,20 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: str, x: str, ys: Sequenc
   if missing:
     raise ValueError(f"Plot columns {missing} are not in the results; available: "
                      f"{_columns(rows)} and overridden fields {sorted(rows[0]['config'])}.")
-  fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys) + 1.8, 4), squeeze=False)
   for ax, y in zip(axes[0], ys):
-    for r in rows:
-      if x in r and y in r:
-        ax.errorbar(r[x][0], r[y][0], xerr=r[x][1], yerr=r[y][1], fmt="o", capsize=3)
-        ax.annotate(r["label"], (r[x][0], r[y][0]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+    for i, r in enumerate(rows):
+      if x in r and y in r:  # the colour cycle has 10 colours: the marker changes after
+        ax.errorbar(r[x][0], r[y][0], xerr=r[x][1], yerr=r[y][1], capsize=3,
+                    fmt="osD^v"[i // 10 % 5], label=r["label"])
     xs = [r[x][0] for r in rows if x in r]
     if min(xs) > 0 and max(xs) / min(xs) > 10:
       ax.set_xscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
+  # A legend, not labels at the points: close points' labels would overlap.
+  axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
   if title:
     fig.suptitle(title)
   fig.tight_layout()
