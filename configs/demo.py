@@ -12,9 +12,8 @@ some questions need the image alone, others image + audio, image + sensor or all
   VQA        image + question + audio + sensor fused by `model.fusion` (here: MBT
              bottleneck fusion from the middle layer) and classified over 31 answers.
 
-About 6.5 minutes on 2 CPU cores (391 s measured, +~25 s to generate the data the first
-time), ending with a summary of both tasks next to their chance
-levels. Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|
+About 5 minutes on 2 CPU cores (306 s measured on an idle machine, the first run's data
+generation included), ending with a summary of both tasks next to their chance levels. Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|
 fusion_in_transformer`; `configs/ablations/fusion.py` compares them all.
 
 `get_config("ablation")` is the cheaper variant the fusion ablation sweeps over.

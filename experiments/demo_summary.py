@@ -6,7 +6,7 @@ the demo (a `multimodal` model on `shapes` with retrieval and VQA metrics) it pr
 
     image -> caption recall@1   0.xxx   chance 0.001 (1 in 1,000 validation captions)
     caption -> image recall@1   0.xxx   chance 0.001
-    VQA accuracy                0.xxx   chance 0.252 (best answer from the question alone)
+    VQA accuracy                0.xxx   chance 0.255 (best answer from the question alone)
 
 and where the checkpoints, TensorBoard logs and metrics.jsonl are. Runs without these
 metrics get nothing added.
