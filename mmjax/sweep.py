@@ -279,6 +279,7 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: str, x: str, ys: Sequenc
   overridden numeric config field (e.g. "batch_size")."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = [{**r.get("config", {}), **r} for r in rows]
   missing = [c for c in [x, *ys] if not any(c in r for r in rows)]
@@ -294,6 +295,9 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: str, x: str, ys: Sequenc
     xs = [r[x][0] for r in rows if x in r]
     if min(xs) > 0 and max(xs) / min(xs) > 10:
       ax.set_xscale("log")
+      if len(set(xs)) <= 8:  # few values (e.g. batch sizes): label them, not powers of 10
+        ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
