@@ -13,8 +13,9 @@ some questions need the image alone, others image + audio, image + sensor or all
              bottleneck fusion from the middle layer) and classified over 31 answers.
 
 About 5 minutes on 2 CPU cores (306 s measured on an idle machine, the first run's data
-generation included), ending with a summary of both tasks next to their chance levels. Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|
-fusion_in_transformer`; `configs/ablations/fusion.py` compares them all.
+generation included), ending with a summary of both tasks next to their chance levels.
+Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|fusion_in_transformer`;
+`configs/ablations/fusion.py` compares them all.
 
 `get_config("ablation")` is the cheaper variant the fusion ablation sweeps over.
 """

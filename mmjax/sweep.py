@@ -295,8 +295,9 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: str, x: str, ys: Sequenc
     xs = [r[x][0] for r in rows if x in r]
     if min(xs) > 0 and max(xs) / min(xs) > 10:
       ax.set_xscale("log")
-      if len(set(xs)) <= 8:  # few values (e.g. batch sizes): label them, not powers of 10
-        ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+      values = sorted(set(xs))
+      if len(values) <= 8:  # few values (e.g. batch sizes): label them, not powers of 10
+        ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(x)
     ax.set_ylabel(y)
