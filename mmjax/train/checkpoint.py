@@ -1,19 +1,24 @@
 """Orbax checkpoints of the train state together with the data iterator, and `init_from`.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data}`, written asynchronously by an
+Layout: `WORKDIR/checkpoints/<step>/{state,data,checksums}`, written asynchronously by an
 `ocp.CheckpointManager` that keeps the newest `keep` steps. `state` is the whole
 `TrainState` (restorable onto any mesh: the restore target carries the new shardings);
 `data` is the grain iterator state of every process, so a resumed run continues with
-exactly the next batch.
+exactly the next batch; `checksums` holds two 32-bit checksums of every array's bits.
 
-Robustness (issue 8 builds on this):
-  * `restore_latest` walks steps newest first. A step that fails to load (truncated or
-    zeroed array file, empty directory, missing iterator file) is logged, moved aside to
-    `WORKDIR/checkpoints.corrupt/<step>-<n>` (orbax would otherwise keep listing it, and a
-    later save of that step would silently be skipped) and the previous step is tried.
-  * A checkpoint whose shapes disagree with the model is *not* corrupt: it is a config
-    error, raised with the list of mismatched parameters.
-  * `save` refuses a state with non-finite values.
+What `restore_latest` does with each step, newest first:
+  * its arrays' names, shapes and dtypes differ from the model's (a config change): a user
+    error, `CheckpointShapeError` listing the differences; nothing is moved;
+  * it is damaged (unreadable files, empty directory, missing iterator file, a checksum
+    mismatch, non-finite values): the error is kept and the previous step is tried. Once a
+    good step is found, the damaged newer ones are moved aside to
+    `WORKDIR/checkpoints.corrupt/<step>-<n>` (orbax would otherwise keep listing them, and
+    a later save of that step would silently be skipped);
+  * no step is good: `NoReadableCheckpointError` naming each step's error, nothing moved
+    (unless `start_over=True`, which moves them all aside and starts from scratch).
+
+`save` refuses a state with non-finite values; a background save that fails is reported
+by `check()` (called every step) as `CheckpointSaveError`, the previous steps kept.
 
 `load_params` reads only the params of another run for fine-tuning; `merge_params` maps
 them onto a new model (rename, include / exclude, position-embedding resampling) and
@@ -40,6 +45,14 @@ class CheckpointShapeError(ValueError):
   """The checkpoint is readable but does not fit the model the config builds."""
 
 
+class NoReadableCheckpointError(RuntimeError):
+  """Every step in the checkpoint directory is damaged; the message names each one's error."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A (background) save failed; the steps saved before it are kept."""
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -47,6 +60,40 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 _all_finite_jit = jax.jit(_all_finite)
+
+CHECKSUM_ALGORITHM = "mmjax-u32-sum-and-odd-weighted-sum"
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """[2] uint32: the sum of the array's 32-bit words and their sum weighted by 2 * i + 1
+  (i = word index), both mod 2**32. Any change of one word changes both; computed where
+  the array lives (sharded arrays reduce in place: wrapping sums do not depend on order)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size < 4:
+    words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+  else:  # 8-byte types gain a trailing axis of 2 words
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):  # flat word index, without reshaping (no resharding)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
+    stride = (stride * words.shape[axis]) % 2**32
+  weights = index * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def checksums(tree: Any) -> Dict[str, List[int]]:
+  """{'path/of/leaf': [sum, weighted sum]} for every array of `tree` (see `_checksum`)."""
+  sums = jax.device_get(_checksums_jit(tree))
+  return {_path_name(path): [int(v) for v in value]
+          for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
 class Checkpointer:
@@ -61,82 +108,155 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()})
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "checksums": ocp.JsonCheckpointHandler()})
+    self._in_flight: Optional[int] = None  # step of the save not yet confirmed on disk
 
   def steps(self) -> List[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: Any) -> None:
-    """Starts an (async) save of `state` and the iterator position at `step`."""
+    """Starts an (async) save of `state`, its checksums and the iterator position at `step`."""
+    self.check(wait=True)  # a failed previous save stops the run before another starts
     if not bool(_all_finite_jit(state)):
       raise FloatingPointError(f"Refusing to checkpoint step {step}: the train state has "
                                "non-finite values.")
     if step in self._manager.all_steps():
       self._move_aside(step, "a checkpoint of this step already exists (from a crashed run)")
-    saved = self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    sums = {"algorithm": CHECKSUM_ALGORITHM, "arrays": checksums(state)}
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          checksums=ocp.args.JsonSave(sums)), force=True)
+    except Exception as e:  # a synchronous part failed (e.g. no space for the directory)
+      raise self._save_error(step, e) from e
     if not saved:
       raise RuntimeError(f"Orbax declined to save step {step} in {self.directory}.")
+    self._in_flight = step
+
+  def check(self, wait: bool = False) -> None:
+    """Raises CheckpointSaveError if the last save failed. Without `wait` it only looks
+    (cheap enough for every step): a save still running is checked next time."""
+    if self._in_flight is None:
+      return
+    if wait:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        step, self._in_flight = self._in_flight, None
+        raise self._save_error(step, e) from e
+    elif self._manager.is_saving_in_progress():
+      return
+    step, self._in_flight = self._in_flight, None
+    error = None
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if error is not None or not os.path.isdir(os.path.join(self.directory, str(step))):
+      raise self._save_error(step, error)
+
+  def _save_error(self, step: int, error: Optional[BaseException]) -> CheckpointSaveError:
+    kept = [s for s in self._manager.all_steps(read=True) if s != step]
+    cause = f"{type(error).__name__}: {error}" if error is not None else (
+        "the step directory was not finalized (see the orbax error logged above)")
+    return CheckpointSaveError(
+        f"Saving checkpoint step {step} in {self.directory} failed: {cause}. Steps kept: "
+        f"{sorted(kept) or 'none'}; fix the cause (disk space, permissions) and rerun to resume.")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self.check(wait=True)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save; raises CheckpointSaveError if it failed."""
+    try:
+      self.check(wait=True)
+    finally:
+      self._manager.close()
 
-  def restore_latest(self, target: Any, data_iterator: Any) -> Tuple[Optional[Any], Optional[int]]:
-    """(state, step) from the newest readable step, or (None, None) if there is none.
+  def restore_latest(self, target: Any, data_iterator: Any, *,
+                     start_over: bool = False) -> Tuple[Optional[Any], Optional[int]]:
+    """(state, step) from the newest good step, or (None, None) if there are no steps.
 
     `target` is the abstract state with the shardings to restore onto (any mesh);
-    `data_iterator` is rewound in place to the saved position; if no step is readable it
-    is left where it was (a failed restore may already have rewound it).
+    `data_iterator` is rewound in place to the saved position; if no step is restored it
+    is left where it was (a failed restore may already have rewound it). Raises
+    CheckpointShapeError (a config change) or NoReadableCheckpointError (every step
+    damaged, unless `start_over`); see the module docstring.
     """
     initial_position = data_iterator.get_state()
+    damaged: List[Tuple[int, str]] = []
     for step in reversed(self.steps()):
       self._check_shapes(step, target)
-      error = None
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      except Exception as e:  # orbax raises bare Exceptions for damaged files
-        error = f"{type(e).__name__}: {e}"
-      if _on_every_process(error is None):
-        return restored.state, step
-      logging.warning("Checkpoint step %d in %s is unreadable (%s); moving it aside and trying "
-                      "the previous one.", step, self.directory, error or "on another process")
-      self._move_aside(step, error or "unreadable on another process")
+      error = self._restore_verified(step, target, data_iterator)
+      if _on_every_process(not isinstance(error, str)):
+        for bad, why in damaged:
+          self._move_aside(bad, why)
+        return error, step
+      error = error if isinstance(error, str) else "unreadable on another process"
+      logging.warning("Checkpoint step %d in %s is damaged (%s); trying the previous one.",
+                      step, self.directory, error)
+      damaged.append((step, error))
     data_iterator.set_state(initial_position)
+    if damaged and not start_over:
+      raise NoReadableCheckpointError(
+          f"No checkpoint in {self.directory} is readable; nothing was moved:\n  "
+          + "\n  ".join(f"step {s}: {why}" for s, why in damaged)
+          + "\nTo train from step 0 anyway (moving these steps to "
+          f"{self.corrupt_directory}), rerun with --start_over.")
+    for bad, why in damaged:
+      self._move_aside(bad, why)
     return None, None
 
+  def _restore_verified(self, step: int, target: Any, data_iterator: Any) -> Any:
+    """The restored state, or a string saying why the step is damaged."""
+    has_sums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
+    items = dict(state=ocp.args.StandardRestore(target),
+                 data=grain.checkpoint.CheckpointRestore(data_iterator))
+    if has_sums:
+      items["checksums"] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions)
+      return f"{type(e).__name__}: {str(e)[:500]}"
+    if has_sums:
+      saved = restored.checksums["arrays"]
+      now = checksums(restored.state)
+      differ = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
+      if differ:
+        return (f"checksum mismatch in {len(differ)} array(s): {differ[:10]} (the files "
+                "changed after they were written)")
+    else:
+      logging.warning("Checkpoint step %d in %s has no checksums (written by an older mmjax); "
+                      "its contents are not verified.", step, self.directory)
+    if not bool(_all_finite_jit(restored.state)):
+      return "the restored state has non-finite values (never saved that way: damaged)"
+    return restored.state
+
   def _check_shapes(self, step: int, target: Any) -> None:
-    """Raises CheckpointShapeError listing every leaf whose shape differs from `target`."""
+    """Raises CheckpointShapeError listing every array whose name or shape differs from
+    `target` (a changed model, optimizer or clipping changes the state's structure)."""
     try:
       saved = self._manager.item_metadata(step)["state"]
       saved = getattr(saved, "tree", saved)
-    except Exception:  # unreadable metadata: let restore fail and move the step aside
+    except Exception:  # unreadable metadata: damage, which the restore that follows reports
       return
     if saved is None:
       return
     saved_flat = _flat_shapes(saved)
     target_flat = _flat_shapes(target)
-    # Shapes are compared wherever names agree; missing / extra entries only for params
-    # (optimizer-state containers may be named differently in metadata and in memory).
     problems = [f"{name}: checkpoint {saved_flat[name]} vs model {shape}"
                 for name, shape in target_flat.items()
                 if name in saved_flat and saved_flat[name] != shape]
     problems += [f"{name}: missing in checkpoint, model has {shape}"
-                 for name, shape in target_flat.items()
-                 if name.startswith("params/") and name not in saved_flat]
+                 for name, shape in target_flat.items() if name not in saved_flat]
     problems += [f"{name}: in checkpoint {shape}, not in model"
-                 for name, shape in saved_flat.items()
-                 if name.startswith("params/") and name not in target_flat]
+                 for name, shape in saved_flat.items() if name not in target_flat]
     if problems:
       raise CheckpointShapeError(
-          f"Checkpoint step {step} in {self.directory} does not match the model built from the "
-          f"config ({len(problems)} mismatches):\n  " + "\n  ".join(problems[:50]))
+          f"Checkpoint step {step} in {self.directory} does not match the model and optimizer "
+          f"built from the config ({len(problems)} mismatches):\n  " + "\n  ".join(problems[:50]))
 
   def _move_aside(self, step: int, reason: str) -> None:
     """Renames a bad step out of the manager's sight (process 0; all processes wait)."""

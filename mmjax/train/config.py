@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3           # newest N checkpoints kept
   c.async_checkpointing = True     # save in a background thread while training goes on
   c.on_nonfinite = "error"         # non-finite loss/grads: "error" stops, "skip" drops the update
+  c.max_skipped_steps = 20        # "skip": this many skipped steps in a row stop the run (0: never)
   c.imports = ()                   # modules imported first (a fork registering models)
   c.progress_bar = True            # console bar with steps/s and ETA (process 0)
 
@@ -136,7 +137,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   check_keys(config)
   _check_positive(config, ("total_steps", "batch_size", "eval_batch_size", "grad_accum_steps",
                            "log_every", "keep_checkpoints"))
-  _check_nonnegative(config, ("eval_every", "checkpoint_every"))
+  _check_nonnegative(config, ("eval_every", "checkpoint_every", "max_skipped_steps"))
   if not config.model.get("name"):
     raise ValueError("config.model.name is empty; set it to a registered model name.")
   if config.on_nonfinite not in ON_NONFINITE:

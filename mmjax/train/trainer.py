@@ -36,9 +36,11 @@ from mmjax.models.base import build_model
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import config as config_lib
 from mmjax.train import evaluate as evaluate_lib
+from mmjax.train import lock as lock_lib
 from mmjax.train import optim
 from mmjax.train import sharding as sharding_lib
 from mmjax.train import state as state_lib
+from mmjax.train import workdir as workdir_lib
 from mmjax.train import writers
 from mmjax.train.state import TrainState
 
@@ -151,18 +153,34 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
 
 
 class PreemptionWatcher:
-  """True at the step every process should save and stop (SIGTERM or a TPU maintenance event).
+  """True at the step every process should save and stop (SIGTERM, Ctrl-C or a TPU
+  maintenance event).
 
   Multi-process runs use JAX's preemption sync point, so all hosts agree on the step;
-  a single process installs its own SIGTERM handler (only from the main thread).
+  a single process installs its own SIGTERM handler (only from the main thread). Ctrl-C
+  (SIGINT) is a SIGTERM to this process: the current step is saved and the run exits
+  cleanly. A second Ctrl-C exits at once, without waiting for anything.
   """
 
   def __init__(self):
     self._signalled = threading.Event()
     self._multi = jax.process_count() > 1
-    self._previous = None
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      if not self._multi:
+        self._previous[signal.SIGTERM] = signal.signal(
+            signal.SIGTERM, lambda *_: self._signalled.set())
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
+
+  def _on_interrupt(self, *_):
+    if self._signalled.is_set():
+      os.write(2, b"\nSecond Ctrl-C: exiting now, without saving.\n")
+      os._exit(130)  # pylint: disable=protected-access
+    os.write(2, b"\nCtrl-C: saving the current step, then stopping (Ctrl-C again to exit "
+                b"at once).\n")
+    self._signalled.set()
+    if self._multi:  # JAX's preemption service listens for SIGTERM and tells every host
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def should_stop(self, step: int) -> bool:
     if self._multi:
@@ -173,8 +191,9 @@ class PreemptionWatcher:
     return self._signalled.is_set()
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,17 +272,26 @@ def import_models(extra_modules=()) -> None:
     importlib.import_module(module)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       start_over: bool = False) -> Dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
+
+  Refuses (raising, with nothing in the workdir moved or overwritten) a workdir in use by
+  another run, a checkpoint the config's state does not fit, and a workdir whose every
+  checkpoint is damaged; `start_over=True` trains from step 0 in that last case.
+  """
   import_models(config.imports)
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  workdir = os.path.abspath(workdir)
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  workdir = workdir_lib.resolve(workdir)
+  lock = lock_lib.acquire(workdir)  # before orbax, which cleans other runs' temporary saves
+  try:
+    return _train_and_evaluate_locked(config, workdir, start_over)
+  finally:
+    lock.release()
 
+
+def _train_and_evaluate_locked(config, workdir, start_over) -> Dict[str, Any]:
+  is_chief = jax.process_index() == 0
   mesh = sharding_lib.make_mesh(config.mesh)
   sharding_lib.check_batch_size(config.batch_size // config.grad_accum_steps, mesh,
                                 "config.batch_size / config.grad_accum_steps")
@@ -274,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   first_batch = next(train_iter)  # used as step 1's batch unless a checkpoint rewinds the iterator
   example = _example_batch(first_batch, sharding_lib.data_parallel_size(mesh))
 
-  writer = writers.MetricWriter(workdir, active=is_chief)
+  writer = None  # opened once the checkpoint is known to fit: a refused run writes nothing
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
@@ -286,11 +314,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
     init, abstract, shardings = state_lib.create_train_state(
         model, tx, example, config.seed, mesh, rules)
-    state, start_step = checkpointer.restore_latest(
-        state_lib.abstract_with_shardings(abstract, shardings), train_iter)
+    try:
+      state, start_step = checkpointer.restore_latest(
+          state_lib.abstract_with_shardings(abstract, shardings), train_iter,
+          start_over=start_over)
+    except checkpoint_lib.CheckpointShapeError as e:
+      raise workdir_lib.resume_mismatch(e, workdir, config) from None
+    if is_chief:
+      if state is not None:
+        changes = workdir_lib.describe_changes(workdir, config)
+        print(f"Resumed from step {start_step} of {checkpointer.directory}"
+              + (" with config changes:\n  " + "\n  ".join(changes) if changes else "."),
+              flush=True)
+      workdir_lib.write_config(workdir, config)  # validated: the checkpoint fits it
+    writer = writers.MetricWriter(workdir, active=is_chief)
     if state is not None:
-      if is_chief:
-        print(f"Resumed from step {start_step} of {checkpointer.directory}.", flush=True)
       pending = None
     else:
       start_step, pending = 0, first_batch
@@ -324,9 +362,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                             train_step, eval_step, model, mesh, writer, checkpointer,
                             preemption, flops_per_step, peak)
   finally:
-    checkpointer.close()  # first: SIGTERM must not kill the process while the last save runs
-    preemption.close()
-    writer.close()
+    try:
+      checkpointer.close()  # first: SIGTERM must not kill the process while the last save runs
+    finally:
+      preemption.close()
+      if writer is not None:
+        writer.close()
   if is_chief:
     print(format_summary(results, config, workdir), flush=True)
   return results
@@ -340,18 +381,30 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
   bar = writers.ProgressBar(total, start_step, active=is_chief and config.progress_bar)
   results: Dict[str, Any] = {"step": start_step}
   unchecked = []  # (step, finite flag, per-parameter flags) not yet read on the host
+  skipped = {"total": 0, "in_a_row": 0}  # on_nonfinite="skip": steps whose update was dropped
   last_log_time, last_log_step = time.perf_counter(), start_step
 
   def check_finite():
-    if config.on_nonfinite == "error":
-      for step_, finite, grads_finite in unchecked:
-        if not bool(finite):
-          bad = sorted(n for n, ok in jax.device_get(grads_finite).items() if not ok)
-          raise NonFiniteError(
-              f"Non-finite loss or gradient at step {step_}; parameters with non-finite "
-              f"gradients: {bad or 'none (the loss itself)'}. The update was not applied; "
-              "set config.on_nonfinite='skip' to skip such steps, or lower the lr.")
+    for step_, finite, grads_finite in unchecked:
+      if bool(finite):
+        skipped["in_a_row"] = 0
+        continue
+      if config.on_nonfinite == "error":
+        bad = sorted(n for n, ok in jax.device_get(grads_finite).items() if not ok)
+        raise NonFiniteError(
+            f"Non-finite loss or gradient at step {step_}; parameters with non-finite "
+            f"gradients: {bad or 'none (the loss itself)'}. The update was not applied; "
+            "set config.on_nonfinite='skip' to skip such steps, or lower the lr.")
+      skipped["total"] += 1
+      skipped["in_a_row"] += 1
+      if config.max_skipped_steps and skipped["in_a_row"] >= config.max_skipped_steps:
+        raise NonFiniteError(
+            f"{skipped['in_a_row']} steps in a row (up to step {step_}) had a non-finite loss "
+            f"or gradient and were skipped (config.max_skipped_steps="
+            f"{config.max_skipped_steps}): the run is no longer training. Lower the lr or "
+            "check the data; the last checkpoint holds the state before the skips began.")
     unchecked.clear()
+    results["skipped_steps"] = skipped["total"]
 
   step = start_step
   try:
@@ -366,10 +419,12 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
         jax.block_until_ready(metrics)
         last_log_time, last_log_step = time.perf_counter(), step
 
+      checkpointer.check()  # a failed background save stops the run here, not a save later
       if step % config.log_every == 0 or step == total:
         check_finite()
         host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != GRADS_FINITE}
         host["finite"] = host["finite"] > 0
+        host["skipped_steps"] = skipped["total"]
         if not first_step:
           now = time.perf_counter()
           steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
