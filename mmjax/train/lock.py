@@ -8,7 +8,7 @@ over when its holder is gone:
   * same host: the pid no longer exists (or is now another process: its start differs);
   * another host (a shared filesystem): the lease was not renewed for `LEASE_SECONDS`.
 Multi-host runs hold one lock, taken by process 0; every process learns the outcome.
-Reading, judging and replacing the lock happen under an flock on `lock.json.guard`, so
+Reading, judging and replacing the lock happen under an flock on `.lock.guard`, so
 two launches at the same moment cannot both win.
 """
 import datetime
@@ -27,6 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 LOCK_FILE = "lock.json"
+GUARD_FILE = ".lock.guard"  # flock'ed while the lock is read, judged and replaced
 LEASE_SECONDS = 120.0
 RENEW_SECONDS = 15.0
 
@@ -74,7 +75,7 @@ class WorkdirLock:
               "started": datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
                          .strftime("%Y-%m-%d %H:%M:%S UTC"),
               "renewed": now, "lease_seconds": self.lease_seconds, "token": uuid.uuid4().hex}
-    with open(self.path + ".guard", "a") as guard:
+    with open(os.path.join(os.path.dirname(self.path), GUARD_FILE), "a") as guard:
       fcntl.flock(guard, fcntl.LOCK_EX)
       holder = self._read()
       if holder is not None:

@@ -404,7 +404,7 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
             f"{config.max_skipped_steps}): the run is no longer training. Lower the lr or "
             "check the data; the last checkpoint holds the state before the skips began.")
     unchecked.clear()
-    results["skipped_steps"] = skipped["total"]
+    results["train/skipped_steps"] = skipped["total"]
 
   step = start_step
   try:

@@ -90,10 +90,13 @@ def resume_mismatch(error: checkpoint_lib.CheckpointShapeError, workdir: str,
     changes = ("\n  ".join(["config changes since the checkpoint was written "
                             f"({CONFIG_FILE} -> this run):"] + diff)
                if diff else "(config.json equals this config: the model code changed)")
+  lines = str(error).splitlines()
+  mismatches = "\n".join(lines[:13] + (["  ..."] if len(lines) > 13 else []))
   return ResumeMismatchError(
-      f"Refusing to resume: {error}\n{changes}\n"
+      f"Refusing to resume from {workdir}: its checkpoint cannot hold the state this config "
+      f"builds.\n{changes}\n{mismatches}\n"
       "Nothing was moved or overwritten. To train the changed config, use a new --workdir "
-      "(with --config.init_from.checkpoint=" + workdir + " to start from these weights); to "
+      f"(with --config.init_from.checkpoint={workdir} to start from these weights); to "
       "resume this run, revert the change.")
 
 
