@@ -49,12 +49,17 @@ a (deterministic) function of num_workers too: resume with the same num_workers.
                     threads); evaluation always reads with threads
   read_threads      threads reading and preprocessing examples in each process
   prefetch          examples buffered by the read threads / batches per worker
-  drop_bad_records  False: a bad record raises an error naming record and field;
-                    True: it is skipped (train) or masked as padding (eval), logged, and
-                    counted in `DROPPED`
+  drop_bad_records  what happens to a bad record: one that breaks the dataset's
+                    `fields()` checks, or that cannot be read at all (a damaged shard:
+                    I/O, Riegeli or decode errors). False: an error naming the record
+                    (dataset/split[index]), the field or the file; True: the record is
+                    skipped (train) or masked as padding (eval), logged, and counted in
+                    `DROPPED`. A record that reads and checks fine but fails in
+                    preprocessing always raises (that is a bug in the preprocessing).
 """
 import collections
 import math
+import os
 from typing import Any, Dict, Iterable, Optional
 
 from absl import flags
@@ -156,8 +161,13 @@ class _ExampleMaker:
   def __call__(self, index: int, epoch: int = 0) -> Optional[Dict[str, np.ndarray]]:
     """The preprocessed example `index` of the split, or None if bad and dropped."""
     where = f"{self.name}/{self.split}[{index}]"
-    record = self.source[int(index)]
     try:
+      try:
+        record = self.source[int(index)]
+      except Exception as e:  # a damaged shard: I/O, Riegeli, decode errors
+        raise dataset_lib.BadRecordError(
+            f"Unreadable record {where} in {_record_file(self.source, int(index))}: "
+            f"{type(e).__name__}: {e}") from e
       dataset_lib.check_record(record, self.fields, where)
     except dataset_lib.BadRecordError as e:
       if not self.drop_bad:
@@ -174,6 +184,19 @@ class _ExampleMaker:
     example = {k: _to_contract(k, v, where) for k, v in example.items()}
     example["index"] = np.int32(index)
     return example
+
+
+def _record_file(source: Any, index: int) -> str:
+  """The file holding record `index` of a TFDS source (its split's file instructions)."""
+  try:
+    info = source.dataset_info
+    for instruction in info.splits[source.split].file_instructions:
+      if index < instruction.take:
+        return os.path.join(info.data_dir, os.path.basename(instruction.filename))
+      index -= instruction.take
+  except Exception:  # pylint: disable=broad-except  (not a TFDS source: no file to name)
+    pass
+  return "an unknown file"
 
 
 def _tokenizer(data_config, ds: dataset_lib.Dataset) -> tokenizer_lib.Tokenizer:
