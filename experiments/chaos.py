@@ -3,8 +3,9 @@
   python experiments/chaos.py --cycles=5 --seed=0 --workdir=/tmp/chaos
 
 Each cycle launches the user-facing command, `python -m mmjax.main --config=... --workdir=...`,
-and stops it at a random moment with SIGKILL (a crash: no chance to save) or SIGTERM (a
-preemption notice: the trainer should save the current step and exit 0). The moments:
+and stops it at a random moment with SIGKILL (a crash: no chance to save), SIGTERM (a
+preemption notice) or SIGINT (Ctrl-C); on the last two the trainer should save the current
+step and exit 0. The moments:
 
   startup   a random time before the first step (imports, restore, compilation);
   training  a random step between the first one of this launch and 60% of the way to the end;
@@ -12,11 +13,22 @@ preemption notice: the trainer should save the current step and exit 0). The mom
             flight (its `*.orbax-checkpoint-tmp*` directory exists): where a crash is most
             likely to leave a half-written step.
 
-In one cycle the newest checkpoint is then damaged (a truncated or zeroed array file, an
-emptied step directory or a deleted data-iterator file). The next launch must warn about that
-step, move it to `checkpoints.corrupt/` and resume from the previous good one. A final launch
-runs to the end. Meanwhile a reference run of the same command trains uninterrupted in its
-own workdir (in parallel, same device count, so the same mesh).
+In one cycle the newest checkpoint is then damaged (a truncated or zeroed array file, 64
+flipped bytes inside the array data, an emptied step directory or a deleted data-iterator
+file). The next launch must warn about that step, move it to `checkpoints.corrupt/` and
+resume from the previous good one. A final launch runs to the end; while it trains, a second
+launch on the same workdir must be refused at once (the workdir lock). Meanwhile a reference
+run of the same command trains uninterrupted in its own workdir (in parallel, same device
+count, so the same mesh).
+
+Then the scenarios (`--scenarios`), each on a copy of the finished run, each judged:
+  config_change   relaunch with --config.optimizer.name=sgd: refused (exit != 0) with the
+                  config diff, every file of the workdir unchanged;
+  all_corrupt     every step damaged: refused naming each step, every file unchanged; then
+                  --start_over trains from step 0 to params bit-identical to the reference;
+  disk_full       (where a user namespace may mount a tmpfs) a fresh run whose disk fills
+                  after its first checkpoint: it stops with the save's error (exit != 0),
+                  and a relaunch of a copy resumes from the newest step it kept.
 
 Reported (printed, and written to WORKDIR/chaos.json):
   cycles_survived  cycles whose next launch resumed from the newest intact checkpoint the kill
@@ -50,9 +62,12 @@ from absl import app, flags, logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python experiments/chaos.py` from anywhere imports this mmjax
   sys.path.insert(0, ROOT)
-SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+SAVING_SIGNALS = ("TERM", "INT")  # the trainer saves the current step and exits 0
 MOMENTS = ("startup", "training", "save")
-CORRUPTIONS = ("truncated_array", "zeroed_array", "empty_step_dir", "missing_data_iterator")
+CORRUPTIONS = ("truncated_array", "zeroed_array", "bit_flip", "empty_step_dir",
+               "missing_data_iterator")
+SCENARIOS = ("config_change", "all_corrupt", "disk_full")
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "vit_digits.py")
 # Shrink configs/vit_digits.py to a run of seconds.
@@ -74,6 +89,7 @@ class Options:
   plan: Optional[Sequence[str]] = None  # "SIGNAL:MOMENT" per cycle instead of random ones
   corrupt_cycle: Optional[int] = None   # cycle whose kill is followed by damage; -1: none
   corruption: Optional[str] = None      # one of CORRUPTIONS (default: a random one)
+  scenarios: Sequence[str] = SCENARIOS  # run after the drill (see the module docstring)
   timeout: float = 600.0             # seconds any one launch may take
 
 
@@ -207,18 +223,31 @@ def _wait_for_moment(opts: Options, launch: Launch, workdir: str, moment: str,
 # Damage.
 
 
-def corrupt_newest_step(checkpoint_dir: str, kind: str) -> Optional[int]:
-  """Damages the newest step in `checkpoint_dir` as `kind` says; returns that step."""
+def corrupt_newest_step(checkpoint_dir: str, kind: str,
+                        step: Optional[int] = None) -> Optional[int]:
+  """Damages the newest step (or `step`) in `checkpoint_dir` as `kind` says; returns it."""
   steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
   if not steps:
     return None
-  step_dir = os.path.join(checkpoint_dir, str(steps[-1]))
+  step = steps[-1] if step is None else step
+  step_dir = os.path.join(checkpoint_dir, str(step))
   if kind == "empty_step_dir":
     shutil.rmtree(step_dir)
     os.makedirs(step_dir)
   elif kind == "missing_data_iterator":
     for path in glob.glob(os.path.join(step_dir, "data", "process_*.json")):
       os.remove(path)
+  elif kind == "bit_flip":
+    # Array bytes live in the OCDBT data files (`d/`); their b-tree nodes carry CRCs that
+    # tensorstore checks, the chunk data they point to does not: flip 64 bytes mid-file.
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
+                                  recursive=True) if os.path.isfile(p)]
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      data = bytearray(f.read(64))
+      f.seek(-len(data), os.SEEK_CUR)
+      f.write(bytes(b ^ 0xFF for b in data))
   else:
     # The merged OCDBT store (state/d/) holds the array data that restore reads; the
     # per-process stores beside it are write-side leftovers, so damage the biggest file there.
@@ -232,7 +261,7 @@ def corrupt_newest_step(checkpoint_dir: str, kind: str) -> Optional[int]:
         f.truncate(size // 2)
       else:
         f.write(b"\0" * size)
-  return steps[-1]
+  return step
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,6 +337,7 @@ def run_chaos(opts: Options) -> Dict[str, Any]:
       break  # the run finished before the kill: nothing left to interrupt
 
   final = launch_in(chaos_dir, "final")
+  concurrent = _concurrent_start(opts, final, chaos_dir, launch_in)
   final_code = final.wait(opts.timeout)
   reference_code = reference.wait(opts.timeout)
   if reference_code != 0:
@@ -328,7 +358,7 @@ def run_chaos(opts: Options) -> Dict[str, Any]:
     cycle["next_resumed_from"] = resumed
     cycle["steps_lost"] = max(0, trained - resumed)
     ok = resumed == max(intact, default=0) and (later is not final or final_code == 0)
-    if cycle["signal"] == "TERM" and cycle["newest_step_trained"] is not None:
+    if cycle["signal"] in SAVING_SIGNALS and cycle["newest_step_trained"] is not None:
       ok = ok and cycle["exit_code"] == 0 and trained in cycle["saved_steps"]
     if bad is not None:
       cycle["corrupted"]["warned"] = f"Checkpoint step {bad} in" in later.stderr()
@@ -354,13 +384,163 @@ def run_chaos(opts: Options) -> Dict[str, Any]:
       "losses_identical": bool(chaos_losses) and all(
           reference_losses.get(s) == loss for s, loss in chaos_losses),
       "cycles": cycles,
+      "concurrent_start": concurrent,
       "command": " ".join(_command(opts, chaos_dir)),
   }
   if final_code != 0:
     summary["final_stderr_tail"] = final.stderr()[-3000:]
+  scenarios = {}
+  for name in opts.scenarios:
+    scenarios[name] = SCENARIO_FUNCTIONS[name](opts, root, chaos_dir, reference_dir, env)
+    print(f"scenario {name}: {'ok' if scenarios[name]['ok'] else 'FAILED'} "
+          f"{ {k: v for k, v in scenarios[name].items() if k not in ('ok', 'stderr_tail')} }",
+          flush=True)
+  summary["scenarios"] = scenarios
+  summary["scenarios_ok"] = sum(s["ok"] for s in scenarios.values())
   with open(os.path.join(root, "chaos.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Faults judged on their own: a second launch, a changed config, all steps damaged, disk full.
+
+
+def workdir_listing(workdir: str) -> Dict[str, str]:
+  """{relative path: sha256} of every file under `workdir` (what a refused launch must not
+  touch); the lock's flock guard file is left out."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  listing = {}
+  for folder, _, names in os.walk(workdir):
+    for name in names:
+      if name != ".lock.guard":
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+          listing[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return listing
+
+
+def _concurrent_start(opts: Options, running: Launch, workdir: str, launch_in) -> Dict[str, Any]:
+  """Once `running` trains, a second launch on its workdir must be refused, naming it."""
+  deadline = running.started + opts.timeout
+  while (_newest_step(workdir, running.metrics_offset) is None and running.proc.poll() is None
+         and time.time() < deadline):
+    time.sleep(0.01)
+  if running.proc.poll() is not None:
+    return {"ok": False, "why": "the run finished before a second launch could start"}
+  intruder = launch_in(workdir, "concurrent")
+  code = intruder.wait(opts.timeout)
+  still_running = running.proc.poll() is None
+  message = intruder.stderr()
+  return {"ok": code != 0 and "is in use by host" in message and f"pid {running.proc.pid}"
+                in message,
+          "exit_code": code, "seconds_to_refusal": round(time.time() - intruder.started, 1),
+          "first_run_still_running": still_running,
+          "message": next((l for l in message.splitlines() if "is in use by" in l), "")[:300]}
+
+
+def _scenario_copy(root: str, chaos_dir: str, name: str) -> str:
+  workdir = os.path.join(root, "scenarios", name)
+  shutil.rmtree(workdir, ignore_errors=True)
+  shutil.copytree(chaos_dir, workdir)
+  return workdir
+
+
+def _launch_and_wait(opts, root, workdir, name, env, extra=()) -> Launch:
+  launch = Launch(_command(opts, workdir) + list(extra), workdir,
+                  os.path.join(root, "logs", name), env)
+  launch.wait(opts.timeout)
+  return launch
+
+
+def _scenario_config_change(opts, root, chaos_dir, reference_dir, env) -> Dict[str, Any]:
+  workdir = _scenario_copy(root, chaos_dir, "config_change")
+  before = workdir_listing(workdir)
+  launch = _launch_and_wait(opts, root, workdir, "config_change", env,
+                            ["--config.optimizer.name=sgd"])
+  message = launch.stderr()
+  result = {"exit_code": launch.proc.returncode,
+            "refused": "Refusing to resume" in message,
+            "diff_shown": 'optimizer.name: "adamw" -> "sgd"' in message,
+            "nothing_changed": workdir_listing(workdir) == before}
+  result["ok"] = result["exit_code"] != 0 and all(result.values())
+  return result
+
+
+def _scenario_all_corrupt(opts, root, chaos_dir, reference_dir, env) -> Dict[str, Any]:
+  workdir = _scenario_copy(root, chaos_dir, "all_corrupt")
+  steps = _saved_steps(workdir)
+  for step in steps:
+    corrupt_newest_step(os.path.join(workdir, "checkpoints"), "zeroed_array", step)
+  before = workdir_listing(workdir)
+  refused = _launch_and_wait(opts, root, workdir, "all_corrupt", env)
+  message = refused.stderr()
+  result = {"steps": steps, "exit_code": refused.proc.returncode,
+            "each_step_named": all(f"step {s}: " in message for s in steps),
+            "nothing_changed": workdir_listing(workdir) == before}
+  os.remove(os.path.join(workdir, "metrics.jsonl"))  # compare the fresh run's losses alone
+  again = _launch_and_wait(opts, root, workdir, "all_corrupt_start_over", env, ["--start_over"])
+  result["start_over_exit_code"] = again.proc.returncode
+  result["start_over_bit_identical"] = (again.proc.returncode == 0
+                                        and _params_equal(reference_dir, workdir)[0])
+  result["ok"] = (result["exit_code"] != 0 and result["each_step_named"]
+                  and result["nothing_changed"] and result["start_over_exit_code"] == 0
+                  and result["start_over_bit_identical"])
+  return result
+
+
+def _can_mount_tmpfs() -> bool:
+  probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                         capture_output=True)
+  return probe.returncode == 0
+
+
+def _scenario_disk_full(opts, root, chaos_dir, reference_dir, env) -> Dict[str, Any]:
+  """A fresh run on a tmpfs (in a user namespace) that fills up after its first checkpoint,
+  leaving half a checkpoint's size free so that the next save, not a metrics line, fails."""
+  if not _can_mount_tmpfs():
+    return {"ok": True, "skipped": "mounting a tmpfs in a user namespace is not permitted here"}
+  scratch = os.path.join(root, "scenarios", "disk_full")
+  mount_point, copy = os.path.join(scratch, "mnt"), os.path.join(scratch, "copy")
+  os.makedirs(mount_point, exist_ok=True)
+  run = os.path.join(mount_point, "run")
+  first = os.path.join(run, "checkpoints", str(opts.checkpoint_every))
+  log = os.path.join(root, "logs", "disk_full")
+  command = " ".join(f"'{c}'" for c in _command(opts, run))
+  script = f"""
+mount -t tmpfs -o size=64m tmpfs '{mount_point}' || exit 97
+{command} > '{log}.out' 2> '{log}.err' &
+pid=$!
+while [ ! -d '{first}' ] && kill -0 $pid 2>/dev/null; do sleep 0.01; done
+half=$(( $(du -sk '{first}' | cut -f1) / 2 ))
+dd if=/dev/zero of='{mount_point}/filler' bs=1k count=$(( $(df -k --output=avail '{mount_point}' | tail -1) - half )) 2>/dev/null
+wait $pid
+echo $? > '{log}.exit'
+rm -f '{mount_point}/filler'
+cp -a '{run}' '{copy}'
+"""
+  shutil.rmtree(copy, ignore_errors=True)
+  subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=env, cwd=ROOT,
+                 timeout=opts.timeout)
+  with open(log + ".exit") as f:
+    code = int(f.read())
+  with open(log + ".err") as f:
+    message = f.read()
+  kept = _saved_steps(copy)
+  resumed = _launch_and_wait(opts, root, copy, "disk_full_resume", env)
+  result = {"exit_code": code, "save_error_named": "Saving checkpoint step" in message
+            and "No space left on device" in message,
+            "steps_kept": kept, "resume_exit_code": resumed.proc.returncode,
+            "resumed_from": resumed.resumed_from()}
+  result["ok"] = (code != 0 and result["save_error_named"] and bool(kept)
+                  and result["resume_exit_code"] == 0 and result["resumed_from"] == max(kept))
+  if not result["ok"]:
+    result["stderr_tail"] = message[-2000:]
+  return result
+
+
+SCENARIO_FUNCTIONS = {"config_change": _scenario_config_change,
+                      "all_corrupt": _scenario_all_corrupt, "disk_full": _scenario_disk_full}
 
 
 def _define_flags() -> None:
@@ -380,6 +560,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("corrupt_cycle", None, "Cycle whose kill is followed by damage to the "
                        "newest checkpoint (default: a random one; -1: none).")
   flags.DEFINE_enum("corruption", None, CORRUPTIONS, "Kind of damage (default: random).")
+  flags.DEFINE_list("scenarios", list(d.scenarios), "Faults judged after the drill, each on a "
+                    "copy of the run: " + ", ".join(SCENARIOS) + " (empty: none).")
   flags.DEFINE_float("timeout", d.timeout, "Seconds any one launch may take.")
 
 
@@ -394,15 +576,18 @@ def main(argv):
       workdir=f.workdir, config=f.config, overrides=tuple(f.override), cycles=f.cycles,
       seed=f.seed, total_steps=f.total_steps, checkpoint_every=f.checkpoint_every,
       devices=f.devices, plan=f.plan, corrupt_cycle=f.corrupt_cycle, corruption=f.corruption,
-      timeout=f.timeout))
+      scenarios=tuple(f.scenarios), timeout=f.timeout))
   print(f"=== chaos: {summary['cycles_survived']}/{summary['cycles_run']} cycles survived, "
         f"steps lost {summary['steps_lost']} (total {summary['steps_lost_total']}), final step "
         f"{summary['final_step']}/{summary['total_steps']}, params bit-identical to the "
         f"uninterrupted run: {summary['bit_identical']}, losses identical: "
-        f"{summary['losses_identical']}")
+        f"{summary['losses_identical']}; second launch refused: "
+        f"{summary['concurrent_start'].get('ok')}; scenarios ok: {summary['scenarios_ok']}/"
+        f"{len(summary['scenarios'])}")
   print(f"details: {os.path.join(os.path.abspath(f.workdir), 'chaos.json')}")
   ok = (summary["cycles_survived"] == summary["cycles_run"] and summary["bit_identical"]
-        and summary["final_exit_code"] == 0)
+        and summary["final_exit_code"] == 0 and summary["concurrent_start"].get("ok")
+        and summary["scenarios_ok"] == len(summary["scenarios"]))
   sys.exit(0 if ok else 1)
 
 

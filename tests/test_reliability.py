@@ -1,4 +1,5 @@
-"""Reliability (issue 8): crashes, preemption and damaged checkpoints lose nothing.
+"""Reliability (issues 8, 15): crashes, preemption, damaged checkpoints, config changes and
+concurrent runs lose nothing: each case survives or stops with a named cause, nothing moved.
 
 Already covered elsewhere, not repeated here: SIGTERM to one process -> exit 0 with the
 current step saved and the rerun continuing (test_train_preemption), damaged steps at the Checkpointer level and
@@ -25,7 +26,9 @@ from test_train_fixtures import losses, read_metrics, subprocess_env, tiny_confi
 
 from experiments import chaos
 from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import lock as lock_lib
 from mmjax.train import trainer
+from mmjax.train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,17 +94,94 @@ def test_damaged_newest_checkpoint_is_moved_aside_resaved_and_run_ends_bit_ident
   _assert_same_params(workdir, uninterrupted[1])
 
 
-def test_every_checkpoint_damaged_restarts_from_scratch_with_the_same_data_order(
+def test_every_checkpoint_damaged_is_refused_naming_each_step_and_moving_nothing(
     uninterrupted, tmp_path):
+  workdir = _copy(uninterrupted, tmp_path)
+  chaos.corrupt_newest_step(str(workdir / "checkpoints"), "zeroed_array")
+  (workdir / "checkpoints" / "3" / "data" / "process_0-of-1.json").unlink()
+  before = chaos.workdir_listing(str(workdir))
+  with pytest.raises(checkpoint_lib.NoReadableCheckpointError) as error:
+    trainer.train_and_evaluate(CONFIG, str(workdir))
+  message = str(error.value)
+  assert "step 6: " in message and "step 3: " in message and "--start_over" in message
+  assert chaos.workdir_listing(str(workdir)) == before  # nothing moved, written or overwritten
+
+
+def test_start_over_trains_from_scratch_with_the_same_data_order(uninterrupted, tmp_path):
   workdir = _copy(uninterrupted, tmp_path)
   shutil.rmtree(workdir / "checkpoints" / "3")
   # The state is unreadable but the iterator file is fine: a failed restore must not leave
   # the data iterator rewound to the damaged step's position.
   chaos.corrupt_newest_step(str(workdir / "checkpoints"), "zeroed_array")
   os.remove(workdir / "metrics.jsonl")
-  trainer.train_and_evaluate(CONFIG, str(workdir))
+  trainer.train_and_evaluate(CONFIG, str(workdir), start_over=True)
   assert sorted(losses(workdir)) == [1, 2, 3, 4, 5, 6]
+  assert [d[:2] for d in os.listdir(workdir / "checkpoints.corrupt")] == ["6-"]
   _assert_same_params(workdir, uninterrupted[1])
+
+
+@pytest.mark.parametrize("override,diff", [
+    ({"optimizer.name": "sgd"}, 'optimizer.name: "adamw" -> "sgd"'),
+    ({"optimizer.clip_grad_norm": 0.0}, "optimizer.clip_grad_norm: 1.0 -> 0.0"),
+])
+def test_config_change_the_checkpoint_cannot_hold_is_refused_with_a_diff(
+    uninterrupted, tmp_path, override, diff):
+  workdir = _copy(uninterrupted, tmp_path)
+  before = chaos.workdir_listing(str(workdir))
+  with pytest.raises(workdir_lib.ResumeMismatchError) as error:
+    trainer.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=3, **override),
+                               str(workdir))
+  message = str(error.value)
+  assert diff in message and "opt_state/" in message
+  assert "new --workdir" in message and "init_from" in message and "revert" in message
+  assert chaos.workdir_listing(str(workdir)) == before  # config.json included: written only once validated
+
+
+def test_raising_total_steps_resumes_and_keeps_the_old_config_as_history(
+    uninterrupted, tmp_path):
+  workdir = _copy(uninterrupted, tmp_path)
+  old_config = (workdir / "config.json").read_text()
+  longer = tiny_config(total_steps=8, checkpoint_every=3)
+  results = trainer.train_and_evaluate(longer, str(workdir))
+  assert results["step"] == 8
+  assert sorted(losses(workdir)) == list(range(1, 9))
+  assert (workdir / "config_history" / "0.json").read_text() == old_config
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 8
+
+
+def test_flipped_bytes_in_array_data_fail_the_checksum_and_the_previous_step_is_used(
+    tmp_path, caplog):
+  """64 random bytes in the middle of the biggest array file (data that tensorstore does
+  not checksum): the step is damaged, named, moved aside; the previous one restores."""
+  config = tiny_config(total_steps=4, checkpoint_every=2, **{"model.width": 128})
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, str(workdir))
+  chaos.corrupt_newest_step(str(workdir / "checkpoints"), "bit_flip")
+  with caplog.at_level(logging.WARNING):
+    results = trainer.train_and_evaluate(config, str(workdir))
+  assert "Checkpoint step 4 in" in caplog.text and "checksum mismatch" in caplog.text
+  assert [d[:2] for d in os.listdir(workdir / "checkpoints.corrupt")] == ["4-"]
+  assert results["step"] == 4
+  assert sorted(r["step"] for r in read_metrics(str(workdir)) if "loss" in r) == [1, 2, 3, 3,
+                                                                                 4, 4]
+
+
+def test_workdir_in_use_is_refused_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  holder = lock_lib.WorkdirLock(str(workdir)).acquire()
+  try:
+    with pytest.raises(lock_lib.WorkdirLockedError, match=r"in use by host .*, pid \d+, started"):
+      trainer.train_and_evaluate(CONFIG, str(workdir))
+  finally:
+    holder.release()
+  assert sorted(os.listdir(workdir)) == [".lock.guard"]
+
+
+def test_gs_workdir_is_refused_without_creating_a_local_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(workdir_lib.UnsupportedWorkdirError, match="gs:// workdirs are not"):
+    trainer.train_and_evaluate(CONFIG, "gs://bucket/run")
+  assert os.listdir(tmp_path) == []
 
 
 def test_checkpoint_of_another_model_size_is_an_error_listing_parameters(
