@@ -489,41 +489,55 @@ def _scenario_all_corrupt(opts, root, chaos_dir, reference_dir, env) -> Dict[str
   return result
 
 
-def _can_mount_tmpfs() -> bool:
-  probe = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                         capture_output=True)
+def can_mount_tmpfs() -> bool:
+  """Whether this machine lets an unprivileged user namespace mount a tmpfs."""
+  try:
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c",
+                            "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+  except OSError:
+    return False
   return probe.returncode == 0
 
 
-def _scenario_disk_full(opts, root, chaos_dir, reference_dir, env) -> Dict[str, Any]:
-  """A fresh run on a tmpfs (in a user namespace) that fills up after its first checkpoint,
-  leaving half a checkpoint's size free so that the next save, not a metrics line, fails."""
-  if not _can_mount_tmpfs():
-    return {"ok": True, "skipped": "mounting a tmpfs in a user namespace is not permitted here"}
-  scratch = os.path.join(root, "scenarios", "disk_full")
-  mount_point, copy = os.path.join(scratch, "mnt"), os.path.join(scratch, "copy")
+def run_until_disk_full(command: Sequence[str], run_dir: str, first_save: int, log_prefix: str,
+                        copy_to: str, env: Dict[str, str], timeout: float) -> int:
+  """Runs `command` (its --workdir must be `run_dir`, under a fresh directory) on a 64 MiB
+  tmpfs mounted in a user namespace; once checkpoint `first_save` exists, fills the disk but
+  for half that checkpoint's size, so the next save (not a metrics line) runs out of space.
+  Copies the run to `copy_to` afterwards; returns the run's exit status."""
+  mount_point = os.path.dirname(run_dir)
   os.makedirs(mount_point, exist_ok=True)
-  run = os.path.join(mount_point, "run")
-  first = os.path.join(run, "checkpoints", str(opts.checkpoint_every))
-  log = os.path.join(root, "logs", "disk_full")
-  command = " ".join(f"'{c}'" for c in _command(opts, run))
+  first = os.path.join(run_dir, "checkpoints", str(first_save))
+  quoted = " ".join(f"'{c}'" for c in command)
   script = f"""
 mount -t tmpfs -o size=64m tmpfs '{mount_point}' || exit 97
-{command} > '{log}.out' 2> '{log}.err' &
+{quoted} > '{log_prefix}.out' 2> '{log_prefix}.err' &
 pid=$!
 while [ ! -d '{first}' ] && kill -0 $pid 2>/dev/null; do sleep 0.01; done
 half=$(( $(du -sk '{first}' | cut -f1) / 2 ))
-dd if=/dev/zero of='{mount_point}/filler' bs=1k count=$(( $(df -k --output=avail '{mount_point}' | tail -1) - half )) 2>/dev/null
+free=$(df -k --output=avail '{mount_point}' | tail -1)
+dd if=/dev/zero of='{mount_point}/filler' bs=1k count=$(( free - half )) 2>/dev/null
 wait $pid
-echo $? > '{log}.exit'
+code=$?
 rm -f '{mount_point}/filler'
-cp -a '{run}' '{copy}'
+cp -a '{run_dir}' '{copy_to}'
+exit $code
 """
-  shutil.rmtree(copy, ignore_errors=True)
-  subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=env, cwd=ROOT,
-                 timeout=opts.timeout)
-  with open(log + ".exit") as f:
-    code = int(f.read())
+  shutil.rmtree(copy_to, ignore_errors=True)
+  return subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=env, cwd=ROOT,
+                        timeout=timeout).returncode
+
+
+def _scenario_disk_full(opts, root, chaos_dir, reference_dir, env) -> Dict[str, Any]:
+  """A fresh run whose disk fills up after its first checkpoint: it must stop with the
+  save's error, and a relaunch of what it left must resume from the newest step kept."""
+  if not can_mount_tmpfs():
+    return {"ok": True, "skipped": "mounting a tmpfs in a user namespace is not permitted here"}
+  scratch = os.path.join(root, "scenarios", "disk_full")
+  run_dir, copy = os.path.join(scratch, "mnt", "run"), os.path.join(scratch, "copy")
+  log = os.path.join(root, "logs", "disk_full")
+  code = run_until_disk_full(_command(opts, run_dir), run_dir, opts.checkpoint_every, log,
+                             copy, env, opts.timeout)
   with open(log + ".err") as f:
     message = f.read()
   kept = _saved_steps(copy)
@@ -532,7 +546,7 @@ cp -a '{run}' '{copy}'
             and "No space left on device" in message,
             "steps_kept": kept, "resume_exit_code": resumed.proc.returncode,
             "resumed_from": resumed.resumed_from()}
-  result["ok"] = (code != 0 and result["save_error_named"] and bool(kept)
+  result["ok"] = (code not in (0, 97) and result["save_error_named"] and bool(kept)
                   and result["resume_exit_code"] == 0 and result["resumed_from"] == max(kept))
   if not result["ok"]:
     result["stderr_tail"] = message[-2000:]

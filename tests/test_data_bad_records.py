@@ -89,3 +89,35 @@ def test_text_left_untokenized_is_an_error():
   it = pipeline.create_train_iterator(config, global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match="batch key 'caption' holds .* tokenize"):
     next(it)
+
+
+def test_damaged_array_record_shard_names_dataset_split_record_and_file(tmp_path):
+  """Garbage in the middle of a real (TFDS array_record) shard: reading the records there
+  fails in Riegeli; the error names the record and the file, and drop_bad_records skips it."""
+  options = {"num_train": 64, "num_validation": 8, "num_test": 8, "image_size": 24}
+  config = pipeline.default_config("shapes", data_dir=str(tmp_path), shapes=options,
+                                   read_threads=0, prefetch=0)
+  pipeline.get_dataset(config).prepare()
+  (shard,) = tmp_path.rglob("*-train.array_record-*")
+  data = bytearray(shard.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+  shard.write_bytes(bytes(data))
+
+  maker = pipeline._ExampleMaker(config, "train", train=False)
+  bad = []
+  for index in range(len(maker.source)):
+    try:
+      maker(index)
+    except dataset_lib.BadRecordError as e:
+      bad.append((index, str(e)))
+  assert bad, "the damage hit no record"
+  index, message = bad[0]
+  assert f"Unreadable record shapes/train[{index}] in {shard}" in message
+  assert "Riegeli" in message
+
+  config.drop_bad_records = True
+  pipeline.DROPPED.clear()
+  dropping = pipeline._ExampleMaker(config, "train", train=False)
+  assert all(dropping(i) is None for i, _ in bad)
+  assert pipeline.DROPPED["shapes/train"] == len(bad)

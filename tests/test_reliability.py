@@ -258,3 +258,27 @@ def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both_and_both_exit_0(
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
   for error in errors:
     assert f"Preemption requested: saved step {last_logged}" in error
+
+
+@pytest.mark.skipif(not chaos.can_mount_tmpfs(), reason="cannot mount a tmpfs here")
+def test_disk_full_stops_the_run_with_the_save_error_and_keeps_the_previous_step(tmp_path):
+  config_file = tmp_path / "c.py"
+  config_file.write_text("from tests.test_train_fixtures import tiny_config\n"
+                         "def get_config(arg=None):\n"
+                         "  return tiny_config(total_steps=100000, checkpoint_every=4, "
+                         "**{'schedule.name': 'constant'})\n")
+  run_dir, copy = tmp_path / "mnt" / "run", tmp_path / "copy"
+  command = [sys.executable, "-m", "mmjax.main", f"--config={config_file}",
+             f"--workdir={run_dir}"]
+  code = chaos.run_until_disk_full(command, str(run_dir), 4, str(tmp_path / "log"), str(copy),
+                                   subprocess_env(1, tmp_path / "cache"), timeout=240)
+  stderr = (tmp_path / "log.err").read_text()
+  assert code == 1, stderr[-3000:]
+  assert "error: Saving checkpoint step " in stderr and "No space left on device" in stderr
+  assert "Steps kept: [4" in stderr
+  saved = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
+  failed = int(stderr.split("error: Saving checkpoint step ")[1].split()[0])
+  assert saved and max(saved) < failed
+  last_logged = max(r["step"] for r in read_metrics(str(copy)) if "loss" in r)
+  assert last_logged < failed + 4  # stopped before the save after the failed one
+  checkpoint_lib.load_params(str(copy))  # the newest step it kept reads back
