@@ -1,7 +1,7 @@
 """MBT: audio-visual classification with attention bottlenecks (Nagrani et al. 2021,
 "Attention Bottlenecks for Multimodal Fusion"), the VGGSound setup.
 
-  python -m mmjax.main --config configs/mbt_audiovisual.py --workdir gs://BUCKET/mbt
+  python -m mmjax.main --config configs/mbt_audiovisual.py --workdir /gcs/BUCKET/mbt
 
 One ViT-B encoder (12 layers, 768 wide, 12 heads) over RGB frame patches and log-mel
 spectrogram patches. Layers 0-7 see one modality each; from layer 8 on the two streams

@@ -16,10 +16,10 @@ step and exit 0. The moments:
 In one cycle the newest checkpoint is then damaged (a truncated or zeroed array file, 64
 flipped bytes inside the array data, an emptied step directory or a deleted data-iterator
 file). The next launch must warn about that step, move it to `checkpoints.corrupt/` and
-resume from the previous good one. A final launch runs to the end; while it trains, a second
-launch on the same workdir must be refused at once (the workdir lock). Meanwhile a reference
-run of the same command trains uninterrupted in its own workdir (in parallel, same device
-count, so the same mesh).
+resume from the previous good one. A final launch runs to the end. Meanwhile a reference run
+of the same command trains uninterrupted in its own workdir (in parallel, same device count,
+so the same mesh); once it trains, a second launch on its workdir must be refused, naming
+it (the workdir lock), and leave its results untouched.
 
 Then the scenarios (`--scenarios`), each on a copy of the finished run, each judged:
   config_change   relaunch with --config.optimizer.name=sgd: refused (exit != 0) with the
@@ -310,6 +310,7 @@ def run_chaos(opts: Options) -> Dict[str, Any]:
                                            os.path.join(root, "logs", name), env)
 
   reference = launch_in(reference_dir, "reference")
+  intruder = _start_intruder(opts, reference, reference_dir, launch_in)
   cycles, launches, startup_seconds = [], [], 5.0
   for index, (signal_name, moment) in enumerate(plan):
     launch = launch_in(chaos_dir, f"cycle{index}")
@@ -337,8 +338,8 @@ def run_chaos(opts: Options) -> Dict[str, Any]:
       break  # the run finished before the kill: nothing left to interrupt
 
   final = launch_in(chaos_dir, "final")
-  concurrent = _concurrent_start(opts, final, chaos_dir, launch_in)
   final_code = final.wait(opts.timeout)
+  concurrent = _judge_intruder(intruder, reference, opts.timeout)
   reference_code = reference.wait(opts.timeout)
   if reference_code != 0:
     raise RuntimeError(f"The reference run failed (exit {reference_code}):\n"
@@ -420,22 +421,26 @@ def workdir_listing(workdir: str) -> Dict[str, str]:
   return listing
 
 
-def _concurrent_start(opts: Options, running: Launch, workdir: str, launch_in) -> Dict[str, Any]:
-  """Once `running` trains, a second launch on its workdir must be refused, naming it."""
+def _start_intruder(opts: Options, running: Launch, workdir: str, launch_in) -> Optional[Launch]:
+  """Once `running` (the reference run) trains, a second launch on its workdir."""
   deadline = running.started + opts.timeout
   while (_newest_step(workdir, running.metrics_offset) is None and running.proc.poll() is None
          and time.time() < deadline):
     time.sleep(0.01)
-  if running.proc.poll() is not None:
-    return {"ok": False, "why": "the run finished before a second launch could start"}
-  intruder = launch_in(workdir, "concurrent")
-  code = intruder.wait(opts.timeout)
-  still_running = running.proc.poll() is None
+  return launch_in(workdir, "concurrent") if running.proc.poll() is None else None
+
+
+def _judge_intruder(intruder: Optional[Launch], running: Launch, timeout: float
+                    ) -> Dict[str, Any]:
+  """It must have been refused (exit != 0) naming the running launch's pid; the running
+  one's results are judged with the rest (its losses and params are the reference)."""
+  if intruder is None:
+    return {"ok": False, "why": "the reference run ended before a second launch started"}
+  code = intruder.wait(timeout)
   message = intruder.stderr()
-  return {"ok": code != 0 and "is in use by host" in message and f"pid {running.proc.pid}"
-                in message,
-          "exit_code": code, "seconds_to_refusal": round(time.time() - intruder.started, 1),
-          "first_run_still_running": still_running,
+  return {"ok": code != 0 and "is in use by host" in message
+                and f"pid {running.proc.pid}," in message,
+          "exit_code": code,
           "message": next((l for l in message.splitlines() if "is in use by" in l), "")[:300]}
 
 

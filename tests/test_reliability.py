@@ -209,7 +209,7 @@ def test_chaos_drill_kill9_mid_save_sigterm_and_damage_end_bit_identical(tmp_pat
       [sys.executable, os.path.join("experiments", "chaos.py"), f"--config={config_file}",
        "--override=seed=0", "--devices=1", "--cycles=2", "--total_steps=120",
        "--plan=TERM:training,KILL:save", "--corrupt_cycle=0", "--corruption=zeroed_array",
-       f"--workdir={workdir}"],
+       "--scenarios=", f"--workdir={workdir}"],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
       text=True, timeout=400)
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -217,6 +217,7 @@ def test_chaos_drill_kill9_mid_save_sigterm_and_damage_end_bit_identical(tmp_pat
   summary = json.loads((workdir / "chaos.json").read_text())
   assert summary["bit_identical"] and summary["losses_identical"]
   assert summary["final_step"] == 120
+  assert summary["concurrent_start"]["ok"]  # a second launch on the reference was refused
   term, kill = summary["cycles"]
   # SIGTERM: exit 0 with the step it was at saved; that step was then damaged, so the next
   # launch warned, moved it aside and went back to the previous checkpoint.

