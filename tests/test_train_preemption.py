@@ -23,11 +23,8 @@ def _command(config_file, workdir, *extra):
           f"--workdir={workdir}", *extra]
 
 
-def test_sigterm_saves_current_step_and_rerun_continues(tmp_path):
-  config_file = tmp_path / "c.py"
-  config_file.write_text(CONFIG)
-  workdir = tmp_path / "run"
-  env = subprocess_env(1, tmp_path / "cache")
+def _start_training(config_file, workdir, env):
+  """A `python -m mmjax.main` process, returned once it has logged a few steps."""
   proc = subprocess.Popen(_command(config_file, workdir), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
@@ -35,6 +32,15 @@ def test_sigterm_saves_current_step_and_rerun_continues(tmp_path):
     if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir))) > 3:
       break
     time.sleep(0.2)
+  return proc
+
+
+def test_sigterm_saves_current_step_and_rerun_continues(tmp_path):
+  config_file = tmp_path / "c.py"
+  config_file.write_text(CONFIG)
+  workdir = tmp_path / "run"
+  env = subprocess_env(1, tmp_path / "cache")
+  proc = _start_training(config_file, workdir, env)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-3000:]
@@ -58,14 +64,7 @@ def test_ctrl_c_saves_current_step_and_exits_0(tmp_path):
   config_file = tmp_path / "c.py"
   config_file.write_text(CONFIG)
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_command(config_file, workdir), cwd=ROOT,
-                          env=subprocess_env(1, tmp_path / "cache"), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None:
-    if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir))) > 3:
-      break
-    time.sleep(0.2)
+  proc = _start_training(config_file, workdir, subprocess_env(1, tmp_path / "cache"))
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-3000:]

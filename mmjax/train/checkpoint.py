@@ -171,12 +171,16 @@ class Checkpointer:
   def wait(self) -> None:
     self.check(wait=True)
 
-  def close(self) -> None:
-    """Waits for the last save; raises CheckpointSaveError if it failed."""
+  def close(self, quiet: bool = False) -> None:
+    """Waits for the last save and closes; raises CheckpointSaveError if it failed (only
+    logs it if `quiet`: when another error is already on its way out)."""
     try:
       self.check(wait=True)
-    finally:
       self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not quiet:
+        raise
+      logging.error("Closing the checkpointer of %s: %s", self.directory, e)
 
   def restore_latest(self, target: Any, data_iterator: Any, *,
                      start_over: bool = False) -> Tuple[Optional[Any], Optional[int]]:

@@ -307,6 +307,7 @@ def _train_and_evaluate_locked(config, workdir, start_over) -> Dict[str, Any]:
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
   preemption = PreemptionWatcher()
+  failed = True  # until the loop returns: then a failed last save is the error to raise
   try:
     # State creation and restore need no mesh context (shardings are explicit); see
     # state.create_train_state for why init must even run outside it.
@@ -361,9 +362,11 @@ def _train_and_evaluate_locked(config, workdir, start_over) -> Dict[str, Any]:
       results = _train_loop(config, state, start_step, pending, train_iter, make_eval_iter,
                             train_step, eval_step, model, mesh, writer, checkpointer,
                             preemption, flops_per_step, peak)
+    failed = False
   finally:
     try:
-      checkpointer.close()  # first: SIGTERM must not kill the process while the last save runs
+      # First: SIGTERM must not kill the process while the last save runs.
+      checkpointer.close(quiet=failed)
     finally:
       preemption.close()
       if writer is not None:
