@@ -196,12 +196,12 @@ class Checkpointer:
     damaged: List[Tuple[int, str]] = []
     for step in reversed(self.steps()):
       self._check_shapes(step, target)
-      error = self._restore_verified(step, target, data_iterator)
-      if _on_every_process(not isinstance(error, str)):
+      state, error = self._restore_verified(step, target, data_iterator)
+      if _on_every_process(error is None):
         for bad, why in damaged:
           self._move_aside(bad, why)
-        return error, step
-      error = error if isinstance(error, str) else "unreadable on another process"
+        return state, step
+      error = error or "unreadable on another process"
       logging.warning("Checkpoint step %d in %s is damaged (%s); trying the previous one.",
                       step, self.directory, error)
       damaged.append((step, error))
@@ -216,8 +216,9 @@ class Checkpointer:
       self._move_aside(bad, why)
     return None, None
 
-  def _restore_verified(self, step: int, target: Any, data_iterator: Any) -> Any:
-    """The restored state, or a string saying why the step is damaged."""
+  def _restore_verified(self, step: int, target: Any,
+                        data_iterator: Any) -> Tuple[Optional[Any], Optional[str]]:
+    """(restored state, None), or (None, why the step is damaged)."""
     has_sums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
     items = dict(state=ocp.args.StandardRestore(target),
                  data=grain.checkpoint.CheckpointRestore(data_iterator))
@@ -226,20 +227,20 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions)
-      return f"{type(e).__name__}: {str(e)[:500]}"
-    if has_sums:
+      return None, f"{type(e).__name__}: {str(e)[:500]}"
+    if has_sums and restored.checksums.get("algorithm") == CHECKSUM_ALGORITHM:
       saved = restored.checksums["arrays"]
       now = checksums(restored.state)
       differ = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
       if differ:
-        return (f"checksum mismatch in {len(differ)} array(s): {differ[:10]} (the files "
-                "changed after they were written)")
+        return None, (f"checksum mismatch in {len(differ)} array(s): {differ[:10]} (the "
+                      "files changed after they were written)")
     else:
-      logging.warning("Checkpoint step %d in %s has no checksums (written by an older mmjax); "
-                      "its contents are not verified.", step, self.directory)
+      logging.warning("Checkpoint step %d in %s has no checksums this mmjax knows (written "
+                      "by an older one); its contents are not verified.", step, self.directory)
     if not bool(_all_finite_jit(restored.state)):
-      return "the restored state has non-finite values (never saved that way: damaged)"
-    return restored.state
+      return None, "the restored state has non-finite values (never saved that way: damaged)"
+    return restored.state, None
 
   def _check_shapes(self, step: int, target: Any) -> None:
     """Raises CheckpointShapeError listing every array whose name or shape differs from
