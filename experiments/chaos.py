@@ -123,7 +123,8 @@ class Launch:
     self.first_step_at = None  # when its first step was seen (startup time for later cycles)
     self.metrics_offset = _metrics_size(workdir)  # records this launch appends start here
     with open(log_prefix + ".out", "w") as out, open(log_prefix + ".err", "w") as err:
-      self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
+      self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err,
+                                   preexec_fn=default_sigint)
 
   def wait(self, timeout: float) -> int:
     try:
@@ -144,6 +145,12 @@ class Launch:
   def resumed_from(self) -> int:
     match = re.search(r"Resumed from step (\d+)", self.stdout())
     return int(match.group(1)) if match else 0
+
+
+def default_sigint() -> None:
+  """In a launched process: Ctrl-C as at a terminal (a drill started in the background
+  would otherwise hand its launches an ignored SIGINT)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _metrics_size(workdir: str) -> int:

@@ -10,6 +10,7 @@ import time
 
 from test_train_fixtures import read_metrics, subprocess_env
 
+from experiments import chaos
 from mmjax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,8 @@ def _command(config_file, workdir, *extra):
 def _start_training(config_file, workdir, env):
   """A `python -m mmjax.main` process, returned once it has logged a few steps."""
   proc = subprocess.Popen(_command(config_file, workdir), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=chaos.default_sigint)  # Ctrl-C as at a terminal
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
     if (workdir / "metrics.jsonl").exists() and len(read_metrics(str(workdir))) > 3:
@@ -78,6 +80,7 @@ def test_second_ctrl_c_exits_at_once(monkeypatch):
   """In-process: the first SIGINT asks for a save; the second calls os._exit(130) at once."""
   exits = []
   monkeypatch.setattr(os, "_exit", exits.append)
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
   watcher = trainer.PreemptionWatcher()
   try:
     assert not watcher.should_stop(1)
@@ -89,4 +92,6 @@ def test_second_ctrl_c_exits_at_once(monkeypatch):
     assert exits == [130]
   finally:
     watcher.close()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    restored = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, outer)
+  assert restored is signal.default_int_handler

@@ -91,7 +91,8 @@ class PreemptionWatcher:
       if not self._multi:
         self._previous[signal.SIGTERM] = signal.signal(
             signal.SIGTERM, lambda *_: self._signalled.set())
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
+      if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # e.g. under nohup: leave it
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
   def _on_interrupt(self, *_):
     if self._signalled.is_set():
