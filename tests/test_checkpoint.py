@@ -108,3 +108,23 @@ def test_init_from_loads_a_subset_into_a_bigger_model(tmp_path):
   np.testing.assert_array_equal(after["hidden/kernel"], before["hidden/kernel"])  # loaded, frozen
   assert after["pos_embedding"].shape == (1, 64, 16)                             # resampled
   assert after["head/kernel"].shape == (32, 3)                                   # new
+
+
+def test_restored_state_is_checked_finite(tmp_path, monkeypatch):
+  """A step holding NaN (saved here by switching the save-side guard off, as damage that
+  the checksums match would look): restore names it, moves it aside, uses the step before."""
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=5)
+  it = _iterator()
+  checkpointer.save(1, _state(1.0), it)
+  checkpointer.wait()
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint_lib, "_all_finite_jit", lambda tree: True)
+    checkpointer.save(2, _state(float("nan")), it)
+    checkpointer.close()
+  state, step = checkpoint_lib.Checkpointer(str(tmp_path), keep=5).restore_latest(
+      _target(), _iterator())
+  assert step == 1
+  np.testing.assert_array_equal(state["params"]["dense"]["kernel"], 1.0)
+  (moved,) = os.listdir(str(tmp_path) + ".corrupt")
+  why = (tmp_path.parent / (tmp_path.name + ".corrupt") / moved / "WHY_MOVED.txt").read_text()
+  assert moved.startswith("2-") and "non-finite" in why
