@@ -232,8 +232,10 @@ def _wait_for_moment(opts: Options, launch: Launch, workdir: str, moment: str,
 
 def corrupt_newest_step(checkpoint_dir: str, kind: str,
                         step: Optional[int] = None) -> Optional[int]:
-  """Damages the newest step (or `step`) in `checkpoint_dir` as `kind` says; returns it."""
-  steps = sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+  """Damages the newest step (or `step`) in `checkpoint_dir` as `kind` says; returns it
+  (None if there is no step yet)."""
+  steps = (sorted(int(d) for d in os.listdir(checkpoint_dir) if d.isdigit())
+           if os.path.isdir(checkpoint_dir) else [])
   if not steps:
     return None
   step = steps[-1] if step is None else step
@@ -333,9 +335,11 @@ def run_chaos(opts: Options) -> Dict[str, Any]:
     if launch.first_step_at is not None:
       startup_seconds = launch.first_step_at - launch.started
     if index == corrupt_cycle:
-      cycle["corrupted"] = {"kind": corruption,
-                            "step": corrupt_newest_step(os.path.join(chaos_dir, "checkpoints"),
-                                                        corruption)}
+      damaged = corrupt_newest_step(os.path.join(chaos_dir, "checkpoints"), corruption)
+      if damaged is None:  # killed before its first checkpoint: damage after the next kill
+        corrupt_cycle += 1
+      else:
+        cycle["corrupted"] = {"kind": corruption, "step": damaged}
     cycles.append(cycle)
     print(f"cycle {index}: {signal_name} at {happened} -> exit {code}, trained up to step "
           f"{cycle['newest_step_trained']}" + (f", then {corruption} on step "
