@@ -205,13 +205,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   program_lib.check(config, jax.devices())  # before any data is prepared
   workdir = workdir_lib.resolve(workdir)
   lock = lock_lib.acquire(workdir)  # before orbax, which cleans other runs' temporary saves
+  # From here on SIGTERM / Ctrl-C mean "save a step and stop" (during start-up: the first).
+  preemption = PreemptionWatcher()
   try:
-    return _train_and_evaluate_locked(config, workdir, start_over)
+    return _train_and_evaluate_locked(config, workdir, start_over, preemption)
   finally:
+    preemption.close()
     lock.release()
 
 
-def _train_and_evaluate_locked(config, workdir, start_over) -> Dict[str, Any]:
+def _train_and_evaluate_locked(config, workdir, start_over, preemption) -> Dict[str, Any]:
   is_chief = jax.process_index() == 0
   train_iter, make_eval_iter = create_data(config)
   first_batch = next(train_iter)  # used as step 1's batch unless a checkpoint rewinds the iterator
@@ -223,7 +226,6 @@ def _train_and_evaluate_locked(config, workdir, start_over) -> Dict[str, Any]:
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
-  preemption = PreemptionWatcher()
   failed = True  # until the loop returns: then a failed last save is the error to raise
   try:
     try:
@@ -267,10 +269,8 @@ def _train_and_evaluate_locked(config, workdir, start_over) -> Dict[str, Any]:
     failed = False
   finally:
     try:
-      # First: SIGTERM must not kill the process while the last save runs.
-      checkpointer.close(quiet=failed)
+      checkpointer.close(quiet=failed)  # waits for the last save
     finally:
-      preemption.close()
       if writer is not None:
         writer.close()
   if is_chief:
