@@ -247,16 +247,7 @@ def corrupt_newest_step(checkpoint_dir: str, kind: str,
     for path in glob.glob(os.path.join(step_dir, "data", "process_*.json")):
       os.remove(path)
   elif kind == "bit_flip":
-    # Array bytes live in the OCDBT data files (`d/`); their b-tree nodes carry CRCs that
-    # tensorstore checks, the chunk data they point to does not: flip 64 bytes mid-file.
-    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
-                                  recursive=True) if os.path.isfile(p)]
-    path = max(files, key=os.path.getsize)
-    with open(path, "r+b") as f:
-      f.seek(os.path.getsize(path) // 2)
-      data = bytearray(f.read(64))
-      f.seek(-len(data), os.SEEK_CUR)
-      f.write(bytes(b ^ 0xFF for b in data))
+    _flip_array_bytes(step_dir)
   else:
     # The merged OCDBT store (state/d/) holds the array data that restore reads; the
     # per-process stores beside it are write-side leftovers, so damage the biggest file there.
@@ -271,6 +262,37 @@ def corrupt_newest_step(checkpoint_dir: str, kind: str,
       else:
         f.write(b"\0" * size)
   return step
+
+
+def _flip_array_bytes(step_dir: str) -> None:
+  """Inverts 64 bytes of the biggest parameter's data wherever they are stored in the step
+  (the OCDBT data files hold them raw; orbax also leaves unread per-process copies);
+  without such a copy found, 64 bytes in the middle of the biggest data file."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  params = checkpoint_lib.load_params(step_dir)
+  array = np.ascontiguousarray(max(params.values(), key=lambda a: a.nbytes))
+  middle = (array.nbytes // 2) & ~3
+  needle = array.tobytes()[middle:middle + 64]
+  files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+           if os.path.isfile(p)]
+  found = False
+  for path in files:
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = data.find(needle) if len(needle) == 64 else -1
+    if offset >= 0:
+      found = True
+      with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in needle))
+  if not found:
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      data = f.read(64)
+      f.seek(-len(data), os.SEEK_CUR)
+      f.write(bytes(b ^ 0xFF for b in data))
 
 
 # ---------------------------------------------------------------------------------------
