@@ -265,34 +265,37 @@ def corrupt_newest_step(checkpoint_dir: str, kind: str,
 
 
 def _flip_array_bytes(step_dir: str) -> None:
-  """Inverts 64 bytes of the biggest parameter's data wherever they are stored in the step
-  (the OCDBT data files hold them raw; orbax also leaves unread per-process copies);
-  without such a copy found, 64 bytes in the middle of the biggest data file."""
+  """Inverts 64 bytes of the biggest parameter's data where the step stores them raw.
+  Orbax also leaves unread per-process copies, and small arrays sit inside compressed
+  b-tree nodes: if the restored value did not change, 64 bytes in the middle of the
+  merged store's biggest file are inverted instead (which tensorstore's CRCs catch)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   params = checkpoint_lib.load_params(step_dir)
-  array = np.ascontiguousarray(max(params.values(), key=lambda a: a.nbytes))
+  name = max(params, key=lambda n: params[n].nbytes)
+  array = np.ascontiguousarray(params[name])
   middle = (array.nbytes // 2) & ~3
   needle = array.tobytes()[middle:middle + 64]
-  files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-           if os.path.isfile(p)]
-  found = False
-  for path in files:
+  for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
     with open(path, "rb") as f:
-      data = f.read()
-    offset = data.find(needle) if len(needle) == 64 else -1
+      offset = f.read().find(needle) if len(needle) == 64 else -1
     if offset >= 0:
-      found = True
-      with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(bytes(b ^ 0xFF for b in needle))
-  if not found:
-    path = max(files, key=os.path.getsize)
-    with open(path, "r+b") as f:
-      f.seek(os.path.getsize(path) // 2)
-      data = f.read(64)
-      f.seek(-len(data), os.SEEK_CUR)
-      f.write(bytes(b ^ 0xFF for b in data))
+      _invert(path, offset, 64)
+  try:
+    changed = not np.array_equal(checkpoint_lib.load_params(step_dir)[name], array)
+  except Exception:  # pylint: disable=broad-except  (unreadable now: damaged as intended)
+    changed = True
+  if not changed:
+    merged = max(glob.glob(os.path.join(step_dir, "state", "d", "*")), key=os.path.getsize)
+    _invert(merged, os.path.getsize(merged) // 2, 64)
+
+
+def _invert(path: str, offset: int, length: int) -> None:
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    data = f.read(length)
+    f.seek(offset)
+    f.write(bytes(b ^ 0xFF for b in data))
 
 
 # ---------------------------------------------------------------------------------------
