@@ -7,7 +7,8 @@ Builds the train and eval steps exactly as `python -m mmjax.main` would for that
 (`mmjax.train.program.build`: the same validation, mesh, logical rules, model, optimizer,
 state and batch shardings) over the devices of TPU topology TOPO, and compiles them with
 the TPU compiler in libtpu; no TPU and no data are needed (the batch comes from the
-dataset's declared shapes). `NxTOPO` (e.g. `2xv5e:16x16`) compiles for N slices.
+dataset's declared shapes). `NxTOPO` (e.g. `2xv5e:16x16`) compiles for N slices;
+`--topology local` compiles for this machine's own devices (per-GPU memory on a GPU host).
 
 Reports per-chip bytes (arguments, outputs, temporaries, aliased, peak) against the
 chip's HBM, whether it fits, compile seconds, XLA's FLOPs per chip and the analytic model
@@ -41,7 +42,8 @@ GIB = 2**30
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x2, "
-                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices.")
+                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices; 'local' for this "
+                                "machine's devices (e.g. GPUs).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 _FIND_MAX_BATCH = flags.DEFINE_bool("find-max-batch", False, "Bisect the largest global "
                                     "batch that fits (multiples of the data-parallel size).")
@@ -62,7 +64,11 @@ def _quiet_libtpu() -> None:
 
 
 def topology_devices(topology: str):
-  """The devices of TPU topology `topology` ("v5e:2x4", or "2xv5e:2x4" for 2 slices)."""
+  """The devices of TPU topology `topology` ("v5e:2x4", or "2xv5e:2x4" for 2 slices), or
+  this machine's own devices for "local" (e.g. to read per-GPU memory on a GPU host)."""
+  if topology == "local":
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.devices()
   if importlib.util.find_spec("libtpu") is None:
     raise AotError("mmjax.aot needs the TPU compiler (libtpu); install it with "
                    "`pip install -e \".[tpu]\"`.")
@@ -86,6 +92,12 @@ def topology_devices(topology: str):
 def hbm_bytes_per_device(devices) -> float:
   """HBM of one device: the chip's, divided among the devices a chip shows (v4 cores)."""
   kind = devices[0].device_kind
+  try:  # a real (not compile-only) device knows its own memory
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except  (compile-only devices have none)
+    limit = None
+  if limit:
+    return float(limit)
   per_chip = next((gib for name, gib in HBM_GIB_PER_CHIP if name.lower() in kind.lower()),
                   None)
   if per_chip is None:
@@ -112,6 +124,8 @@ class Report:
   global_batch: int
   compiled: bool = False
   error: Optional[str] = None
+  out_of_memory: bool = False       # the TPU compiler refused: it cannot fit in HBM
+  needed_bytes: int = 0             # what the refusing compiler said it needed
   fits: bool = False
   hbm_bytes: float = 0.0
   peak_bytes: int = 0
@@ -131,6 +145,8 @@ class Report:
   def summary(self) -> str:
     head = (f"{self.config} on {self.topology} ({self.devices} x {self.device_kind}, mesh "
             f"{self.mesh}), global batch {self.global_batch}")
+    if self.out_of_memory:
+      return f"{head}\n  DOES NOT FIT (the compiler ran out of HBM): {self.error}"
     if not self.compiled:
       return f"{head}\n  does not compile: {self.error}"
     g = lambda b: f"{b / GIB:.2f} GiB"
@@ -177,6 +193,10 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
       compiled = program.train_step.trace(state, train_batch).lower().compile()
   except Exception as e:  # the compiler's own words say why
     report.error = f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"
+    report.out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+    needed = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
+    if needed:  # the compiler says how much it would have needed
+      report.needed_bytes = int(float(needed.group(1)) * 1024 ** "KMGT".index(needed.group(2)) * 1024)
     return report
   report.compile_seconds = time.perf_counter() - start
   report.compiled = True
@@ -212,52 +232,56 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
   return report
 
 
-def find_max_batch(config, topology: str, devices, config_name: str,
-                   first: Report) -> int:
-  """The largest global batch, a multiple of data x fsdp, whose train step fits (0: none)."""
-  from mmjax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
+def find_max_batch(config, topology: str, devices, config_name: str, first: Report,
+                   tolerance: float = 0.02, max_compiles: int = 10) -> int:
+  """The largest global batch, a multiple of data x fsdp, whose train step fits (0: none).
 
-  def fits(batch: int) -> bool:
+  Peak memory is close to linear in the batch, so each guess is where the line through
+  the two measurements nearest the boundary meets the HBM; each guess is compiled, and the
+  search stops when a fitting and a non-fitting batch are within `tolerance` (or one
+  data-parallel step) of each other.
+  """
+  step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
+  peaks = {first.global_batch: first.peak_bytes if first.compiled else None}
+  fits = {first.global_batch: first.fits}
+
+  def measure(batch: int) -> None:
     trial = config.copy_and_resolve_references()
     trial.batch_size = batch
-    trial.eval_batch_size = min(config.eval_batch_size, batch)
-    trial.eval_batch_size -= trial.eval_batch_size % (step // config.grad_accum_steps)
     report = compile_config(trial, topology, devices, config_name)
-    print(f"  batch {batch}: " + ("fits" if report.fits else
-                                   "does not fit" if report.compiled else "does not compile")
+    peaks[batch], fits[batch] = (report.peak_bytes if report.compiled else None), report.fits
+    print(f"  batch {batch}: " + ("fits" if report.fits else "does not fit"
+                                   if report.compiled or report.out_of_memory
+                                   else "does not compile")
           + (f", peak {report.peak_bytes / GIB:.2f} GiB" if report.compiled else ""),
           flush=True)
-    return report.fits
-  del sharding_lib
-  low, high = 0, None  # low fits (0 = nothing known), high does not
-  batch = max(step, config.batch_size - config.batch_size % step)
-  if first.fits:
-    low = batch
-    while high is None:
-      batch *= 2
-      if fits(batch):
-        low = batch
-      else:
-        high = batch
-  else:
-    high = batch
-  while high - low > step:
-    middle = (low + high) // 2 // step * step
-    if middle <= low:
+
+  for _ in range(max_compiles):
+    low = max((b for b, ok in fits.items() if ok), default=0)
+    high = min((b for b, ok in fits.items() if not ok and b > low), default=None)
+    if high is not None and high - low <= max(step, tolerance * low):
       break
-    if fits(middle):
-      low = middle
+    known = sorted(b for b, peak in peaks.items() if peak)
+    near = sorted(known, key=lambda b: abs(peaks[b] - first.hbm_bytes))[:2]
+    if high is not None:  # bracketed: bisect (the compiler refuses what does not fit)
+      guess = (low + high) / 2
+    elif len(near) == 2 and peaks[near[0]] != peaks[near[1]]:
+      (b0, b1), (p0, p1) = near, (peaks[near[0]], peaks[near[1]])
+      guess = max(b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0), 2 * low)
     else:
-      high = middle
-  return low
+      guess = 2 * low
+    guess = max(int(guess) // step * step, low + step)
+    if high is not None and guess >= high:
+      break
+    measure(guess)
+  return max((b for b, ok in fits.items() if ok), default=0)
 
 
 def run(config, topology: str, config_name: str = "", json_path: Optional[str] = None,
         max_batch: bool = False) -> Report:
   devices = topology_devices(topology)
   report = compile_config(config, topology, devices, config_name)
-  if max_batch and report.compiled:
+  if max_batch and (report.compiled or report.out_of_memory):
     report.max_global_batch = find_max_batch(config, topology, devices, config_name, report)
   print(report.summary(), flush=True)
   if json_path:
@@ -275,6 +299,8 @@ def main(argv):
                  _FIND_MAX_BATCH.value)
   except (AotError, ValueError) as e:
     sys.exit(f"error: {e}")
+  if report.out_of_memory:
+    sys.exit(f"error: does not fit on {report.topology}: {report.error}")
   if not report.compiled:
     sys.exit(f"error: does not compile for {report.topology}: {report.error}")
   if not report.fits:
