@@ -39,17 +39,15 @@ ROWS = {
     "vit_b16": ("vit_b16_imagenet.py", "v5e:4x4", {**BF16, **SCAN},
                 [{}, REMAT, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "vit_l16": ("vit_b16_imagenet.py", "v5e:4x4", {**BF16, **SCAN, "model.variant": "L/16"},
-                [{}, REMAT, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
+                [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "clip_b16": ("clip_b16.py", "v5e:16x16", {**BF16, **SCAN},
-                 [{}, REMAT, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
+                 [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "siglip_b16": ("siglip_b16.py", "v5e:16x16", {**BF16, **SCAN},
-                   [{}, REMAT, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
+                   [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "siglip_so400m14": ("siglip_b16.py", "v5e:16x16", {**BF16, **SCAN, **SO400M_14},
-                        [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16},
-                         {**FULL_REMAT, "mesh.fsdp": 64}]),
+                        [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "mbt": ("mbt_audiovisual.py", "v5e:2x4", BF16, [{}, {"mesh.fsdp": 8}]),
 }
-
 
 def command(config: str, topology: str, overrides) -> str:
   flags = " ".join(f"--config.{k}={v}" for k, v in overrides.items())

@@ -7,8 +7,10 @@ Builds the train and eval steps exactly as `python -m mmjax.main` would for that
 (`mmjax.train.program.build`: the same validation, mesh, logical rules, model, optimizer,
 state and batch shardings) over the devices of TPU topology TOPO, and compiles them with
 the TPU compiler in libtpu; no TPU and no data are needed (the batch comes from the
-dataset's declared shapes). `NxTOPO` (e.g. `2xv5e:16x16`) compiles for N slices;
-`--topology local` compiles for this machine's own devices (per-GPU memory on a GPU host).
+dataset's declared shapes). `NxTOPO` (e.g. `2xv5e:16x16`) compiles for N slices.
+GPUs compile deviceless too, with JAX's CUDA plugin (`pip install -e ".[gpu]"`):
+`--topology h100:8` (one host of 8) or `h200:2x8` (2 hosts x 8), cuDNN attention
+included; `--topology local` compiles for this machine's own devices.
 
 Reports per-chip bytes (arguments, outputs, temporaries, aliased, peak) against the
 chip's HBM, whether it fits, compile seconds, XLA's FLOPs per chip and the analytic model
@@ -16,7 +18,7 @@ FLOPs per step, and parameter / optimizer-state bytes per chip. `--find-max-batc
 bisects the largest global batch (a multiple of the data-parallel size) that fits.
 Exits 1 when the program does not compile or does not fit, naming why.
 
-Needs the TPU compiler: `pip install -e ".[tpu]"`.
+Needs the TPU compiler for TPU topologies: `pip install -e ".[tpu]"`.
 """
 import dataclasses
 import importlib.util
@@ -39,11 +41,21 @@ HBM_GIB_PER_CHIP = (
 )
 GIB = 2**30
 
+# GPUs for deviceless compiles (`--topology h100:8`, `h200:2x8`): XLA's GpuTargetConfig of
+# each, from the vendor datasheets (SXM parts). The memory is what CUDA reports as usable.
+GPU_TARGETS = {
+    "h100": dict(description="NVIDIA H100 80GB HBM3", memory=84_942_979_072, cores=132,
+                 bandwidth=3_352_320_000_000, clock_ghz=1.755),
+    "h200": dict(description="NVIDIA H200", memory=149_250_113_536, cores=132,
+                 bandwidth=4_800_000_000_000, clock_ghz=1.755),
+}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x2, "
-                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices; 'local' for this "
-                                "machine's devices (e.g. GPUs).")
+                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices; GPUs as h100:8 or "
+                                "h200:2x8 (hosts x GPUs per host); 'local' for this "
+                                "machine's own devices.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 _FIND_MAX_BATCH = flags.DEFINE_bool("find-max-batch", False, "Bisect the largest global "
                                     "batch that fits (multiples of the data-parallel size).")
@@ -54,13 +66,48 @@ class AotError(Exception):
   """A user-facing reason the compile could not be attempted."""
 
 
-def _quiet_libtpu() -> None:
-  """libtpu expects to run on a TPU VM; these keep it from looking for one (and let
-  several processes, e.g. test workers, load it at once)."""
+def _compile_only_environment() -> None:
+  """Settings for compiling without the accelerators: libtpu expects a TPU VM (these keep
+  it from looking for one, and let several processes load it at once); set before JAX
+  starts its backends."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # The CUDA plugin checks the installed CUDA against a GPU; compiling needs none.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+def _gpu_target_config(gpu: Dict[str, Any]) -> str:
+  """A Hopper GpuTargetConfig (text proto) for the CUDA plugin's deviceless topology."""
+  return (
+      "gpu_device_info { cuda_compute_capability { major: 9 minor: 0 } "
+      "threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152 "
+      "shared_memory_per_core: 233472 threads_per_core_limit: 2048 "
+      f"core_count: {gpu['cores']} fpus_per_core: 128 block_dim_limit_x: 2147483647 "
+      "block_dim_limit_y: 65535 block_dim_limit_z: 65535 "
+      f"memory_bandwidth: {gpu['bandwidth']} l2_cache_size: 52428800 "
+      f"clock_rate_ghz: {gpu['clock_ghz']} device_memory_size: {gpu['memory']} "
+      "shared_memory_per_block_optin: 232448 registers_per_core_limit: 65536 "
+      "registers_per_block_limit: 65536 } platform_name: \"CUDA\" "
+      f"dnn_version_info {{ major: 9 minor: 1 }} device_description_str: \"{gpu['description']}\"")
+
+
+def _gpu_devices(gpu: str, hosts: int, per_host: int):
+  """Compile-only devices of `hosts` x `per_host` GPUs, from the CUDA plugin (no GPU needed)."""
+  import jax._src.xla_bridge as xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    raise AotError("GPU topologies need JAX's CUDA plugin; install it with "
+                   "`pip install -e \".[gpu]\"` (no GPU is needed to compile).")
+  xla_bridge._discover_and_register_pjrt_plugins()  # pylint: disable=protected-access
+  try:
+    return list(topologies.get_topology_desc(
+        platform="cuda", topology=f"1x{hosts}x{per_host}",
+        target_config=_gpu_target_config(GPU_TARGETS[gpu])).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise AotError(f"the CUDA plugin cannot describe {hosts}x{per_host} {gpu}: "
+                   f"{' '.join(str(e).split())[:300]}") from e
 
 
 def topology_devices(topology: str):
@@ -69,15 +116,19 @@ def topology_devices(topology: str):
   if topology == "local":
     import jax  # pylint: disable=g-import-not-at-top
     return jax.devices()
+  gpu = re.fullmatch(r"(%s):(?:(\d+)x)?(\d+)" % "|".join(GPU_TARGETS), topology.lower())
+  if gpu:
+    return _gpu_devices(gpu.group(1), int(gpu.group(2) or 1), int(gpu.group(3)))
   if importlib.util.find_spec("libtpu") is None:
     raise AotError("mmjax.aot needs the TPU compiler (libtpu); install it with "
                    "`pip install -e \".[tpu]\"`.")
-  _quiet_libtpu()
+  _compile_only_environment()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   match = re.fullmatch(r"(?:(\d+)x)?(v\w+:[\dx]+)", topology)
   if match is None:
     raise AotError(f"--topology={topology!r}; expected a TPU topology such as v5e:2x4, "
-                   "v4:2x2x2, v5p:4x4x4, v6e:8x8, or NxTOPO for N slices (2xv5e:16x16).")
+                   "v4:2x2x2, v5p:4x4x4, v6e:8x8, NxTOPO for N slices (2xv5e:16x16), GPUs as "
+                   "h100:8 or h200:2x8 (hosts x GPUs), or local.")
   slices, name = match.groups()
   kwargs = {"num_slices": int(slices)} if slices else {}
   try:
@@ -98,6 +149,9 @@ def hbm_bytes_per_device(devices) -> float:
     limit = None
   if limit:
     return float(limit)
+  gpu = next((g for g in GPU_TARGETS.values() if g["description"] == kind), None)
+  if gpu:
+    return float(gpu["memory"])
   per_chip = next((gib for name, gib in HBM_GIB_PER_CHIP if name.lower() in kind.lower()),
                   None)
   if per_chip is None:
@@ -309,5 +363,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _quiet_libtpu()
+  _compile_only_environment()
   app.run(main)
