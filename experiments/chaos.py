@@ -269,25 +269,36 @@ def _flip_array_bytes(step_dir: str) -> None:
   Orbax also leaves unread per-process copies, and small arrays sit inside compressed
   b-tree nodes: if the restored value did not change, 64 bytes in the middle of the
   merged store's biggest file are inverted instead (which tensorstore's CRCs catch)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mmjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  params = checkpoint_lib.load_params(step_dir)
-  name = max(params, key=lambda n: params[n].nbytes)
-  array = np.ascontiguousarray(params[name])
-  middle = (array.nbytes // 2) & ~3
-  needle = array.tobytes()[middle:middle + 64]
+  name, needle = _middle_bytes_of_biggest_param(step_dir)
   for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
     with open(path, "rb") as f:
-      offset = f.read().find(needle) if len(needle) == 64 else -1
+      offset = f.read().find(needle)
     if offset >= 0:
-      _invert(path, offset, 64)
-  try:
-    changed = not np.array_equal(checkpoint_lib.load_params(step_dir)[name], array)
-  except Exception:  # pylint: disable=broad-except  (unreadable now: damaged as intended)
-    changed = True
-  if not changed:
+      _invert(path, offset, len(needle))
+  after = _middle_bytes_of_biggest_param(step_dir, name)
+  if after is not None and after[1] == needle:
     merged = max(glob.glob(os.path.join(step_dir, "state", "d", "*")), key=os.path.getsize)
     _invert(merged, os.path.getsize(merged) // 2, 64)
+
+
+def _middle_bytes_of_biggest_param(step_dir: str, name: str = ""):
+  """(name, 64 bytes from the middle) of the biggest (or the named) parameter as a fresh
+  process restores it (in this one, tensorstore's cache could answer), or None if the step
+  no longer reads."""
+  code = ("import json, sys\n"
+          "import numpy as np\n"
+          "from mmjax.train.checkpoint import load_params\n"
+          "p = load_params(sys.argv[1])\n"
+          "n = sys.argv[2] or max(p, key=lambda k: p[k].nbytes)\n"
+          "a = np.ascontiguousarray(p[n]); m = (a.nbytes // 2) & ~3\n"
+          "print(json.dumps([n, a.tobytes()[m:m + 64].hex()]))\n")
+  run = subprocess.run([sys.executable, "-c", code, step_dir, name], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT,
+                                                     JAX_PLATFORMS="cpu"))
+  if run.returncode != 0:
+    return None
+  name, data = json.loads(run.stdout.strip().splitlines()[-1])
+  return name, bytes.fromhex(data)
 
 
 def _invert(path: str, offset: int, length: int) -> None:

@@ -151,12 +151,19 @@ def test_raising_total_steps_resumes_and_keeps_the_old_config_as_history(
 
 def test_flipped_bytes_in_array_data_fail_the_checksum_and_the_previous_step_is_used(
     tmp_path, caplog):
-  """64 random bytes in the middle of the biggest array file (data that tensorstore does
+  """64 inverted bytes in the middle of the biggest array file (data that tensorstore does
   not checksum): the step is damaged, named, moved aside; the previous one restores."""
   config = tiny_config(total_steps=4, checkpoint_every=2, **{"model.width": 128})
   workdir = tmp_path / "run"
   trainer.train_and_evaluate(config, str(workdir))
-  chaos.corrupt_newest_step(str(workdir / "checkpoints"), "bit_flip")
+  # The biggest file holds chunk data of the big arrays (tensorstore checks CRCs of its
+  # b-tree nodes, not of the chunks they point to).
+  biggest = max((p for p in (workdir / "checkpoints" / "4" / "state").rglob("*")
+                 if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+  biggest.write_bytes(bytes(data))
   with caplog.at_level(logging.WARNING):
     results = trainer.train_and_evaluate(config, str(workdir))
   assert "Checkpoint step 4 in" in caplog.text and "checksum mismatch" in caplog.text
@@ -281,5 +288,5 @@ def test_disk_full_stops_the_run_with_the_save_error_and_keeps_the_previous_step
   failed = int(stderr.split("error: Saving checkpoint step ")[1].split()[0])
   assert saved and max(saved) < failed
   last_logged = max(r["step"] for r in read_metrics(str(copy)) if "loss" in r)
-  assert last_logged < failed + 4  # stopped before the save after the failed one
+  assert last_logged <= failed + 4  # stopped at the latest before the next save
   checkpoint_lib.load_params(str(copy))  # the newest step it kept reads back
