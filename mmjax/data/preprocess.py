@@ -182,7 +182,11 @@ def normalize(mean=0.5, std=0.5, key: str = "image", *, ctx: Context) -> Op:
 
 @PP_OPS.register("tokenize")
 def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Context) -> Op:
-  """Text (bytes/str) -> int32 [max_len] ids with 0 padding, via the config's tokenizer."""
+  """Text (bytes/str) -> int32 [max_len] ids padded with the tokenizer's pad id.
+
+  When that pad id is also a real token (CLIP's BPE), the attention mask is written too,
+  as `<dst>_mask` (bool [max_len]): models then take padding from it, not from the ids.
+  """
   if ctx.tokenizer is None:
     raise ValueError("tokenize needs a tokenizer; set config.data.tokenizer.")
   dst = dst or src
@@ -194,7 +198,9 @@ def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Con
       text = text[0]  # e.g. several captions per image: take the first
     if isinstance(text, (bytes, np.bytes_)):
       text = text.decode("utf-8")
-    ex[dst] = ctx.tokenizer.encode_padded(str(text), max_len)
+    ex[dst], mask = ctx.tokenizer.encode_with_mask(str(text), max_len)
+    if ctx.tokenizer.pad_is_token:
+      ex[f"{dst}_mask"] = mask
     return ex
   return fn
 
@@ -259,10 +265,13 @@ def astype(key: str, dtype: str, *, ctx: Context) -> Op:
 
 @PP_OPS.register("keep")
 def keep(*keys: str, ctx: Context) -> Op:
-  """Keeps only `keys` (batch-contract keys); errors if one is missing."""
+  """Keeps only `keys` (batch-contract keys), and their `<key>_mask` if tokenize wrote one;
+  errors if a key is missing."""
   del ctx
 
   def fn(ex, rng):
     del rng
-    return {k: _need(ex, k, "keep") for k in keys}
+    out = {k: _need(ex, k, "keep") for k in keys}
+    out.update({f"{k}_mask": ex[f"{k}_mask"] for k in keys if f"{k}_mask" in ex})
+    return out
   return fn

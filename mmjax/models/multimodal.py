@@ -212,7 +212,10 @@ class MultimodalModel(Model):
     tokens, masks = {}, {}
     for m in modalities:
       inputs = overrides[m] if overrides and m in overrides else batch[m]
-      tokens[m], masks[m] = self.embed[m](inputs)
+      if MODALITY_KINDS[m] == "text":  # a tokenizer whose pad id is a real token sends a mask
+        tokens[m], masks[m] = self.embed[m](inputs, batch.get(f"{m}_mask"))
+      else:
+        tokens[m], masks[m] = self.embed[m](inputs)
     return self.fusion_encoder(tokens, masks, deterministic=not train), masks
 
   def pooled(self, batch: Batch, modalities: Sequence[str], *, train: bool = False,
