@@ -17,7 +17,7 @@ setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
         "importlib_resources",  # tfds needs it when TensorFlow is absent
-        "regex",  # Unicode classes (\\p{L}) in CLIP's BPE pre-tokenizer
+        "regex",  # Unicode classes (\p{L}) in CLIP's BPE pre-tokenizer
         "ml-collections>=1.0",
         "chex>=0.1.90",
         "sentencepiece>=0.2",

@@ -205,6 +205,22 @@ def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Con
   return fn
 
 
+@PP_OPS.register("pick")
+def pick(src: str, dst: Optional[str] = None, *, ctx: Context) -> Op:
+  """One entry of a list (e.g. one of an image's captions): drawn at random in training,
+  the first at evaluation, so every caption is trained on and evaluation is fixed."""
+  del ctx
+  dst = dst or src
+
+  def fn(ex, rng):
+    values = _need(ex, src, "pick")
+    if len(values) == 0:
+      raise ValueError(f"pick({src!r}): the list is empty.")
+    ex[dst] = values[int(rng.integers(len(values)))] if rng is not None else values[0]
+    return ex
+  return fn
+
+
 @PP_OPS.register("spectrogram")
 def spectrogram(frame: int = 256, hop: int = 128, key: str = "audio",
                 dst: str = "spectrogram", *, ctx: Context) -> Op:
