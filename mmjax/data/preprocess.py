@@ -34,6 +34,7 @@ Op = Callable[[Example, Optional[np.random.Generator]], Example]
 class Context:
   """What ops may need besides the example."""
   tokenizer: Any = None
+  answers: Optional[List[str]] = None  # the dataset's answer vocabulary (answer_text)
 
 
 def parse(spec: str) -> List[tuple]:
@@ -217,6 +218,26 @@ def pick(src: str, dst: Optional[str] = None, *, ctx: Context) -> Op:
     if len(values) == 0:
       raise ValueError(f"pick({src!r}): the list is empty.")
     ex[dst] = values[int(rng.integers(len(values)))] if rng is not None else values[0]
+    return ex
+  return fn
+
+
+@PP_OPS.register("answer_text")
+def answer_text(max_len: int = 8, src: str = "answer", dst: str = "answer_text", *,
+                ctx: Context) -> Op:
+  """Answer index -> its text's token ids int32 [max_len] (generative VQA targets)."""
+  if ctx.tokenizer is None or not ctx.answers:
+    raise ValueError("answer_text needs a tokenizer and a dataset with an answer vocabulary "
+                     "(dataset_info()['answers']).")
+
+  def fn(ex, rng):
+    del rng
+    index = int(_need(ex, src, "answer_text"))
+    if not 0 <= index < len(ctx.answers):
+      raise ValueError(f"answer_text: {src}={index} is outside the {len(ctx.answers)} answers.")
+    ex[dst], mask = ctx.tokenizer.encode_with_mask(ctx.answers[index], max_len)
+    if ctx.tokenizer.pad_is_token:
+      ex[f"{dst}_mask"] = mask
     return ex
   return fn
 

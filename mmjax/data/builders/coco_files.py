@@ -125,12 +125,3 @@ class CocoFiles(files.FilesDataset):
     return (f"decode|resize({size})|normalize(0.5, 0.5)|"
             f"pick('captions', 'caption')|tokenize('caption', 'text', {c.max_text_len})|"
             "keep('image', 'text')")
-
-  def references(self, split: str, task: str = "caption") -> List[List[str]]:
-    if task != "caption":
-      raise ValueError(f"coco_files has caption references only; got task {task!r}.")
-    return [[_text(c) for c in record["captions"]] for record in self.source(split)]
-
-
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)

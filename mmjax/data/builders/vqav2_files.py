@@ -136,9 +136,3 @@ class Vqav2Files(files.FilesDataset):
   def info(self) -> Dict[str, Any]:
     answers = list(self.metadata()["answers"])
     return {"num_answers": len(answers), "answers": answers}
-
-  def references(self, split: str, task: str = "vqa") -> List[List[str]]:
-    if task != "vqa":
-      raise ValueError(f"vqav2_files has answer references only; got task {task!r}.")
-    return [[a.decode("utf-8") if isinstance(a, bytes) else str(a) for a in record["answers"]]
-            for record in self.source(split)]
