@@ -47,10 +47,12 @@ def check_config(section: ml_collections.ConfigDict, defaults: ml_collections.Co
 
 
 def decode_ids(tokenizer, ids: np.ndarray) -> str:
-  """Generated ids (0 after the end) -> text."""
+  """Generated ids (0 after the end) -> text. Ids past the tokenizer's vocabulary (a model
+  may have more rows than the data's vocabulary; an untrained one emits them) are dropped."""
   ids = np.asarray(ids)
   end = np.flatnonzero(ids == 0)
-  return tokenizer.decode(ids[:end[0]] if end.size else ids)
+  ids = ids[:end[0]] if end.size else ids
+  return tokenizer.decode(ids[ids < tokenizer.vocab_size])
 
 
 def most_frequent(references: List[List[str]]) -> str:

@@ -1,0 +1,86 @@
+"""Evaluation that generates (captions, generative VQA) and zero-shot classification, run by
+the trainer on tiny models over the offline digits."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import caption_digits
+from mmjax import metrics
+from mmjax.data import pipeline
+from mmjax.train import trainer
+from mmjax.train.config import default_config
+
+TINY_RUN = dict(eval_every=0, checkpoint_every=0, progress_bar=False, log_every=1,
+                schedule=dict(warmup_steps=0, name="cosine", end_lr_fraction=0.0, timescale=0),
+                eval_batch_size=304)  # the 297 test digits in one batch (7 padding rows)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("datasets"))
+
+
+def test_generation_inside_evaluation_scores_and_writes_predictions(data_dir, tmp_path, capsys):
+  """Captions and generated answers in one run: the logged scores are the metrics of the
+  written predictions, next to the most-frequent-reference baseline."""
+  config = caption_digits.get_config("vqa")
+  config.update(total_steps=2, batch_size=16, **TINY_RUN)
+  config.data.data_dir = data_dir
+  config.model.update(loss_weights={"caption": 1.0, "vqa": 1.0}, width=16, num_layers=1,
+                      num_heads=2, mlp_dim=32, decoder_layers=1)
+  config.generation.decode = "greedy"  # beam search is tested in test_decoding.py
+  results = trainer.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "predictions" / "2.jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  for task in ("caption", "vqa"):
+    rows = [r for r in lines if r["task"] == task]
+    assert sorted(r["id"] for r in rows) == list(range(297))  # every example once, no padding
+    preds, refs = [r["prediction"] for r in rows], [r["references"] for r in rows]
+    if task == "caption":
+      want = metrics.caption_scores(preds, refs, java_metrics=False)
+      for k in ("cider", "bleu4", "rouge_l"):
+        assert results[f"eval/{k}"] == pytest.approx(want[k], rel=1e-9)
+    else:
+      assert results["eval/vqa_accuracy"] == pytest.approx(metrics.vqa_accuracy(preds, refs))
+  refs = pipeline.get_dataset(config.data).references("test", "caption")
+  common = max({r[0] for r in refs}, key=lambda c: sum(r[0] == c for r in refs))
+  baseline = metrics.caption_scores([common] * len(refs), refs, java_metrics=False)
+  assert results["eval/baseline_cider"] == pytest.approx(baseline["cider"], rel=1e-9)
+  assert results["eval/generation_seconds"] > 0
+  summary = capsys.readouterr().out
+  assert "generated text vs. a constant baseline" in summary and "VQA accuracy" in summary
+
+
+def test_generation_config_errors_are_named(data_dir, tmp_path):
+  config = caption_digits.get_config()
+  config.update(total_steps=1, batch_size=8, **TINY_RUN)
+  config.data.data_dir = data_dir
+  config.generation.decode = "sample"
+  with pytest.raises(ValueError, match="generation.decode='sample'"):
+    trainer.train_and_evaluate(config, str(tmp_path / "a"))
+  config.generation.decode = "greedy"
+  config.model = ml_collections.ConfigDict(dict(
+      name="multimodal", modalities=("image", "question"), loss_weights={"vqa": 1.0},
+      num_answers=12, vocab_size=256, width=16, num_layers=1, num_heads=2, mlp_dim=32,
+      max_text_len=12, patch_size=2))
+  with pytest.raises(ValueError, match="generates no text"):
+    trainer.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_zeroshot_two_tower_on_digits_beats_chance(data_dir, tmp_path):
+  """A tiny CLIP trained on digit captions classifies digits from class-name prompts."""
+  config = default_config()
+  config.update(total_steps=120, batch_size=64, **TINY_RUN)
+  config.data = pipeline.default_config("digits", data_dir=data_dir, max_text_len=8)
+  config.model = ml_collections.ConfigDict(dict(
+      name="two_tower", vocab_size=256, embed_dim=32, patch_size=4, image_width=32,
+      image_depth=1, image_heads=2, text_width=32, text_depth=1, text_heads=2, max_text_len=8))
+  config.optimizer.lr = 3e-3
+  config.schedule.warmup_steps = 10
+  config.zeroshot.update(enabled=True, prompts=("a handwritten {}", "the digit {}"))
+  results = trainer.train_and_evaluate(config, str(tmp_path))
+  assert results["eval/zeroshot_chance"] == 0.1
+  assert results["eval/zeroshot_accuracy"] > 0.2
