@@ -50,7 +50,7 @@ TINY = {
                       "model.mlp_dim": 32},
     "caption_digits.py": {"model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
                           "model.mlp_dim": 32, "model.decoder_layers": 1,
-                          "eval_batch_size": 304},
+                          "generation.decode": ""},  # generation: tests/test_text_eval.py
     "clip_b16.py": TINY_TWO_TOWER,
     "siglip_b16.py": TINY_TWO_TOWER,
     # VGGSound is not here: random clips (2 frames of 16x16, 0.5 s of audio) instead.

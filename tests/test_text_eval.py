@@ -10,7 +10,9 @@ import pytest
 from configs import caption_digits
 from mmjax import metrics
 from mmjax.data import pipeline
-from mmjax.train import trainer
+from mmjax.models import multimodal, two_tower  # noqa: F401  (register the models)
+from mmjax.models.base import build_model
+from mmjax.train import text_eval, trainer, zeroshot
 from mmjax.train.config import default_config
 
 TINY_RUN = dict(eval_every=0, checkpoint_every=0, progress_bar=False, log_every=1,
@@ -54,26 +56,32 @@ def test_generation_inside_evaluation_scores_and_writes_predictions(data_dir, tm
   assert "generated text vs. a constant baseline" in summary and "VQA accuracy" in summary
 
 
-def test_generation_config_errors_are_named(data_dir, tmp_path):
+def test_generation_and_zeroshot_config_errors_are_named():
   config = caption_digits.get_config()
-  config.update(total_steps=1, batch_size=8, **TINY_RUN)
-  config.data.data_dir = data_dir
+  model = build_model(config.model)
   config.generation.decode = "sample"
   with pytest.raises(ValueError, match="generation.decode='sample'"):
-    trainer.train_and_evaluate(config, str(tmp_path / "a"))
-  config.generation.decode = "greedy"
-  config.model = ml_collections.ConfigDict(dict(
+    text_eval.GenerationEvaluator(config, model, None, None, "", None)
+  config.generation.update(decode="greedy", beam_width=2)
+  with pytest.raises(ValueError, match=r"Unknown config.generation keys \['beam_width'\]"):
+    text_eval.GenerationEvaluator(config, model, None, None, "", None)
+  del config.generation["beam_width"]
+  vqa = build_model(ml_collections.ConfigDict(dict(
       name="multimodal", modalities=("image", "question"), loss_weights={"vqa": 1.0},
-      num_answers=12, vocab_size=256, width=16, num_layers=1, num_heads=2, mlp_dim=32,
-      max_text_len=12, patch_size=2))
+      num_answers=12)))
   with pytest.raises(ValueError, match="generates no text"):
-    trainer.train_and_evaluate(config, str(tmp_path / "b"))
+    text_eval.GenerationEvaluator(config, vqa, None, None, "", None)
+  with pytest.raises(ValueError, match="no class_embeddings"):
+    zeroshot.ZeroShotEvaluator(config, object(), None, None)  # e.g. a ViT classifier
+  config.zeroshot.prompts = ("a photo",)
+  with pytest.raises(ValueError, match="templates"):
+    zeroshot.ZeroShotEvaluator(config, vqa, None, None)
 
 
 def test_zeroshot_two_tower_on_digits_beats_chance(data_dir, tmp_path):
   """A tiny CLIP trained on digit captions classifies digits from class-name prompts."""
   config = default_config()
-  config.update(total_steps=120, batch_size=64, **TINY_RUN)
+  config.update(total_steps=150, batch_size=64, **TINY_RUN)
   config.data = pipeline.default_config("digits", data_dir=data_dir, max_text_len=8)
   config.model = ml_collections.ConfigDict(dict(
       name="two_tower", vocab_size=256, embed_dim=32, patch_size=4, image_width=32,
