@@ -40,7 +40,7 @@ def test_coco_captions_prepare_decode_and_references(tmp_path):
   batch = next(iter(pipeline.create_eval_iterator(config, global_batch_size=4)))
   assert batch["image"].shape == (4, 8, 8, 3) and batch["text"].shape == (4, 12)
   assert list(batch["valid"]) == [True, True, True, False]
-  refs = pipeline.get_dataset(config).references("val")
+  refs = pipeline.get_dataset(config).references("val", "caption")
   for row in range(3):  # each decoded JPEG sits with its own captions
     image_id = int(refs[batch["index"][row]][0].split()[1])
     np.testing.assert_allclose(batch["image"][row], 40 * image_id / 255 * 2 - 1, atol=0.05)
@@ -60,7 +60,7 @@ def test_coco_karpathy_split(tmp_path):
   config = _coco_config(tmp_path / "coco", tmp_path / "data", karpathy_split="dataset_coco.json")
   ds = pipeline.get_dataset(config)
   assert ds.splits() == {"train": 2, "test": 1}
-  assert ds.references("test") == [["k3 a", "k3 b"]]
+  assert ds.references("test", "caption") == [["k3 a", "k3 b"]]
 
 
 def test_coco_bad_files_are_named(tmp_path):
@@ -102,7 +102,7 @@ def test_vqav2_files_answers_and_vocabulary(tmp_path):
   info = pipeline.dataset_info(config)
   assert info["answers"] == ["2", "<other>"] and info["num_answers"] == 2
   batch = next(iter(pipeline.create_eval_iterator(config, global_batch_size=3)))
-  refs = pipeline.get_dataset(config).references("val")
+  refs = pipeline.get_dataset(config).references("val", "vqa")
   assert sorted(map(tuple, refs)) == sorted(map(tuple, answers))
   for row in range(3):  # "2" is class 0; "yes" is outside the 1 kept answer: "<other>"
     assert batch["answer"][row] == (1 if refs[batch["index"][row]][0] == "yes" else 0)

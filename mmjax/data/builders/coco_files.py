@@ -3,9 +3,9 @@
 Options (`config.data.coco_files`):
 
   root               folder the other paths are relative to (absolute paths also work)
-  annotations        {split: captions JSON}, e.g. {"train": "annotations/captions_train2017.json",
-                     "val": "annotations/captions_val2017.json"}
-  images             {split: image folder}, e.g. {"train": "train2017", "val": "val2017"}
+  annotations        {split: captions JSON}; default COCO 2017's {"train":
+                     "annotations/captions_train2017.json", "val": "annotations/captions_val2017.json"}
+  images             {split: image folder}; default {"train": "train2017", "val": "val2017"}
   karpathy_split     optional `dataset_coco.json` of Karpathy & Fei-Fei: when set, splits
                      are its train (+ restval), val and test, with its captions, and
                      images are found at root/<filepath>/<filename>
@@ -116,7 +116,12 @@ class CocoFiles(files.FilesDataset):
 
   @classmethod
   def builder_defaults(cls) -> Dict[str, Any]:
-    return {"root": "", "annotations": {}, "images": {}, "karpathy_split": ""}
+    # COCO 2017's own layout under `root`; override a path with e.g.
+    # --config.data.coco_files.annotations.val=annotations/captions_val2014.json
+    return {"root": "",
+            "annotations": {"train": "annotations/captions_train2017.json",
+                            "val": "annotations/captions_val2017.json"},
+            "images": {"train": "train2017", "val": "val2017"}, "karpathy_split": ""}
 
   def default_preprocess(self, train: bool) -> str:
     c = self.config

@@ -3,9 +3,10 @@
 Options (`config.data.vqav2_files`):
 
   root          folder the other paths are relative to
-  questions     {split: questions JSON}, e.g. {"train": "v2_OpenEnded_mscoco_train2014_questions.json"}
-  annotations   {split: annotations JSON}, e.g. {"train": "v2_mscoco_train2014_annotations.json"}
-  images        {split: COCO image folder}, e.g. {"train": "train2014"}
+  questions     {split: questions JSON}; default {"train":
+                "v2_OpenEnded_mscoco_train2014_questions.json", "val": ...val2014...}
+  annotations   {split: annotations JSON}; default v2_mscoco_{train,val}2014_annotations.json
+  images        {split: COCO image folder}; default {"train": "train2014", "val": "val2014"}
   num_answers   size of the answer vocabulary for classification: the most frequent
                 `multiple_choice_answer`s of the train split (3129 in most papers); an
                 answer outside it gets the last class, "<other>"
@@ -123,7 +124,13 @@ class Vqav2Files(files.FilesDataset):
 
   @classmethod
   def builder_defaults(cls) -> Dict[str, Any]:
-    return {"root": "", "questions": {}, "annotations": {}, "images": {}, "num_answers": 3129}
+    # The layout visualqa.org ships under `root`; override a path with e.g.
+    # --config.data.vqav2_files.images.val=/data/coco/val2014
+    return {"root": "",
+            "questions": {s: f"v2_OpenEnded_mscoco_{s}2014_questions.json"
+                          for s in ("train", "val")},
+            "annotations": {s: f"v2_mscoco_{s}2014_annotations.json" for s in ("train", "val")},
+            "images": {"train": "train2014", "val": "val2014"}, "num_answers": 3129}
 
   def default_preprocess(self, train: bool) -> str:
     del train
