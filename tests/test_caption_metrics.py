@@ -1,6 +1,4 @@
 """caption_scores against the COCO caption evaluation toolkit (pycocoevalcap) on the same inputs."""
-import shutil
-
 import numpy as np
 import pytest
 

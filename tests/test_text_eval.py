@@ -1,7 +1,6 @@
 """Evaluation that generates (captions, generative VQA) and zero-shot classification, run by
 the trainer on tiny models over the offline digits."""
 import json
-import os
 
 import ml_collections
 import numpy as np
@@ -92,3 +91,40 @@ def test_zeroshot_two_tower_on_digits_beats_chance(data_dir, tmp_path):
   results = trainer.train_and_evaluate(config, str(tmp_path))
   assert results["eval/zeroshot_chance"] == 0.1
   assert results["eval/zeroshot_accuracy"] > 0.2
+
+
+def test_zeroshot_evaluator_equals_direct_prompt_ensemble_multimodal(data_dir):
+  """eval/zeroshot_accuracy of the multimodal model equals CLIP's recipe written out."""
+  import flax.linen as nn
+  import jax
+  from mmjax.data import tokenizer as tokenizer_lib
+  from mmjax.train import sharding as sharding_lib
+  config = default_config()
+  config.eval_batch_size = 304
+  config.data = pipeline.default_config("digits", data_dir=data_dir, max_text_len=8)
+  config.model = ml_collections.ConfigDict(dict(
+      name="multimodal", loss_weights={"itc": 1.0}, vocab_size=256, width=16, num_layers=1,
+      num_heads=2, mlp_dim=32, embed_dim=16, max_text_len=8, patch_size=4))
+  prompts = ("a handwritten {}", "the digit {}")
+  config.zeroshot.update(enabled=True, prompts=prompts)
+  model = build_model(config.model)
+  batch = next(iter(pipeline.create_eval_iterator(config.data, global_batch_size=304)))
+  params = nn.meta.unbox(model.init(jax.random.key(0), {k: batch[k][:2] for k in ("image", "text")},
+                                    method="loss")["params"])
+  mesh = sharding_lib.make_mesh(config.mesh)
+  got = zeroshot.ZeroShotEvaluator(config, model, sharding_lib.replicated(mesh), mesh)(params, 0)
+
+  tok = pipeline.data_tokenizer(config.data)
+  names = pipeline.dataset_info(config.data)["classes"]
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  classes = []
+  for name in names:
+    ids = np.stack([tok.encode_padded(p.format(name), 8) for p in prompts])
+    text = np.asarray(model.apply({"params": params}, {"text": ids}, method="embed_text"))
+    classes.append(unit(unit(text).mean(0)))
+  image = np.asarray(model.apply({"params": params}, {"image": batch["image"]},
+                                 method="embed_image"))
+  valid = batch["valid"]
+  want = np.mean((np.argmax(image @ np.stack(classes).T, -1) == batch["label"])[valid])
+  assert isinstance(tok, tokenizer_lib.SentencePieceTokenizer)
+  assert got["zeroshot_accuracy"] == pytest.approx(want)

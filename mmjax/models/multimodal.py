@@ -300,11 +300,14 @@ class MultimodalModel(Model):
     targets = targets.at[jnp.arange(batch), length].set(eos)
     return inputs, targets
 
+  def _memory(self, batch: Batch, modalities: Sequence[str], train: bool) -> Tuple[Array, Array]:
+    encoded, masks = self.encode(batch, modalities, train=train)
+    return (jnp.concatenate([encoded[m] for m in modalities], axis=1),
+            jnp.concatenate([masks[m] for m in modalities], axis=1))
+
   def caption_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
     """The fused `caption_from` tokens the decoder attends to: ([B, N, D], mask [B, N])."""
-    encoded, masks = self.encode(batch, self.caption_from, train=train)
-    return (jnp.concatenate([encoded[m] for m in self.caption_from], axis=1),
-            jnp.concatenate([masks[m] for m in self.caption_from], axis=1))
+    return self._memory(batch, self.caption_from, train)
 
   def caption_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
                      train: bool = False, decode: bool = False) -> Array:
@@ -312,9 +315,7 @@ class MultimodalModel(Model):
 
   def vqa_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
     """The fused tokens of `modalities` the answer decoder attends to: ([B, N, D], [B, N])."""
-    encoded, masks = self.encode(batch, self.modalities, train=train)
-    return (jnp.concatenate([encoded[m] for m in self.modalities], axis=1),
-            jnp.concatenate([masks[m] for m in self.modalities], axis=1))
+    return self._memory(batch, self.modalities, train)
 
   def vqa_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
                  train: bool = False, decode: bool = False) -> Array:

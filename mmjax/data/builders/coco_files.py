@@ -44,9 +44,6 @@ class CocoFilesBuilder(files.FilesBuilder):
             for split, examples in splits.items()}
 
 
-def _path(source, path: str) -> str:
-  return os.path.join(os.path.expanduser(source["root"]), os.path.expanduser(path))
-
 
 def coco_examples(source) -> Dict[str, List[Tuple[int, str, List[str]]]]:
   """{split: [(image id, image path, captions)]} from captions_*.json + image folders."""
@@ -57,14 +54,14 @@ def coco_examples(source) -> Dict[str, List[Tuple[int, str, List[str]]]]:
                      f"'train2017'}}; got {sorted(annotations)} and {sorted(images)}.")
   out = {}
   for split, ann_file in annotations.items():
-    path = _path(source, ann_file)
+    path = files.source_path(source, ann_file)
     data = files.read_json(path, f"COCO captions ({split})")
     captions: Dict[int, List[str]] = {}
     for i, ann in enumerate(files.need(data, "annotations", path, "the file")):
       where = f"annotations[{i}]"
       captions.setdefault(int(files.need(ann, "image_id", path, where)), []).append(
           str(files.need(ann, "caption", path, where)).strip())
-    folder = _path(source, images[split])
+    folder = files.source_path(source, images[split])
     index = files.coco_image_index(folder)
     examples = []
     for image in files.need(data, "images", path, "the file"):
@@ -83,7 +80,7 @@ def coco_examples(source) -> Dict[str, List[Tuple[int, str, List[str]]]]:
 
 def karpathy_examples(source) -> Dict[str, List[Tuple[int, str, List[str]]]]:
   """{train (+restval), val, test: [(cocoid, path, captions)]} from dataset_coco.json."""
-  path = _path(source, source["karpathy_split"])
+  path = files.source_path(source, source["karpathy_split"])
   data = files.read_json(path, "Karpathy split")
   out = {"train": [], "val": [], "test": []}
   for i, image in enumerate(files.need(data, "images", path, "the file")):
@@ -93,7 +90,7 @@ def karpathy_examples(source) -> Dict[str, List[Tuple[int, str, List[str]]]]:
     if split not in out:
       raise files.BadFileError(f"{path!r}: {where} has split {split!r}; expected train, "
                                "restval, val or test.")
-    file = _path(source, os.path.join(image.get("filepath", ""),
+    file = files.source_path(source, os.path.join(image.get("filepath", ""),
                                       files.need(image, "filename", path, where)))
     sentences = files.need(image, "sentences", path, where)
     captions = [str(files.need(s, "raw", path, f"{where}.sentences")).strip() for s in sentences]

@@ -76,6 +76,11 @@ def coco_image_index(folder: str) -> Dict[int, str]:
   return index
 
 
+def source_path(source: Mapping[str, Any], path: str) -> str:
+  """`path` under the dataset's `root` option (absolute paths and ~ also work)."""
+  return os.path.join(os.path.expanduser(source["root"]), os.path.expanduser(path))
+
+
 def digest(options: Mapping[str, Any]) -> str:
   """Short stable hash of the source options (names the prepared copy)."""
   text = json.dumps({k: options[k] for k in sorted(options)}, sort_keys=True, default=str)

@@ -16,7 +16,6 @@ with the official VQAv2 accuracy), answer (class index), answer_type, question_i
 A split without annotations (test-dev) is not supported: it has no answers to score.
 """
 import collections
-import os
 from typing import Any, Dict, List
 
 import numpy as np
@@ -62,7 +61,7 @@ class Vqav2FilesBuilder(files.FilesBuilder):
 
   def _records(self, split):
     questions, annotations = _load(self.source, split)
-    folder = _path(self.source, self.source["images"][split])
+    folder = files.source_path(self.source, self.source["images"][split])
     index = files.coco_image_index(folder)
     answer_index = {a: i for i, a in enumerate(self.answer_vocabulary())}
     for q in questions:
@@ -87,9 +86,6 @@ class Vqav2FilesBuilder(files.FilesBuilder):
       }
 
 
-def _path(source, path: str) -> str:
-  return os.path.join(os.path.expanduser(source["root"]), os.path.expanduser(path))
-
 
 def _load(source, split: str):
   """(questions list, {question_id: annotation}) of a split, fields checked."""
@@ -97,8 +93,8 @@ def _load(source, split: str):
     if split not in source[key]:
       raise ValueError(f"vqav2_files.{key} has no entry for split {split!r}; got "
                        f"{sorted(source[key])}.")
-  qpath = _path(source, source["questions"][split])
-  apath = _path(source, source["annotations"][split])
+  qpath = files.source_path(source, source["questions"][split])
+  apath = files.source_path(source, source["annotations"][split])
   questions = files.need(files.read_json(qpath, f"VQAv2 questions ({split})"), "questions",
                          qpath, "the file")
   for i, q in enumerate(questions):
