@@ -16,7 +16,7 @@ import ml_collections
 from mmjax.data import pipeline
 from mmjax.train.config import default_config
 
-TEXT_LEN, QUESTION_LEN, ANSWER_LEN = 12, 12, 4
+TEXT_LEN, QUESTION_LEN, ANSWER_LEN = 24, 16, 4  # digits captions are up to ~20 pieces
 
 
 def get_config(arg=None):
