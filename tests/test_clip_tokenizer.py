@@ -109,3 +109,17 @@ def test_bad_vocabulary_files_are_named(tmp_path):
     ClipBpeTokenizer.from_dir(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="merges.txt"):
     ClipBpeTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "nope" / "merges.txt"))
+
+
+def test_caption_targets_take_padding_from_the_mask():
+  """With a mask (CLIP-style padding), the end token follows the last real token even when
+  id 0 occurs inside the text; without one, 0 is padding as before."""
+  import jax.numpy as jnp
+  from mmjax.models.multimodal import MultimodalModel
+  model = MultimodalModel(vocab_size=10, loss_weights={"caption": 1.0})
+  eos = 12
+  _, targets = model.caption_targets(jnp.array([[3, 0, 5, 9, 9]]),
+                                     jnp.array([[1, 1, 1, 0, 0]], bool))
+  np.testing.assert_array_equal(targets, [[3, 0, 5, eos, 0, 0]])
+  _, targets = model.caption_targets(jnp.array([[3, 4, 0, 0, 0]]))
+  np.testing.assert_array_equal(targets, [[3, 4, eos, 0, 0, 0]])

@@ -290,13 +290,20 @@ class MultimodalModel(Model):
     logits = self.token_embed.attend(encoded["text"]).astype(jnp.float32)
     return metrics.token_statistics(logits, targets)
 
-  def caption_targets(self, text: Array) -> Tuple[Array, Array]:
-    """Decoder inputs [BOS, t_1..t_L] and targets [t_1..t_L, 0] with EOS after the last token."""
+  def caption_targets(self, text: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
+    """Decoder inputs [BOS, t_1..t_L] and targets [t_1..t_L, 0] with EOS after the last token.
+
+    Padding is `mask` when the pipeline sends one (a tokenizer whose pad id is a real
+    token), else id 0; it becomes 0, the decoder's padding target, either way (so a real
+    id 0 inside a masked text, CLIP's "!", is not scored as a target).
+    """
     bos, eos = self.vocab_size + 1, self.vocab_size + 2
+    if mask is not None:
+      text = jnp.where(mask, text, 0)
     batch = text.shape[0]
     inputs = jnp.concatenate([jnp.full((batch, 1), bos, text.dtype), text], axis=1)
     targets = jnp.concatenate([text, jnp.zeros((batch, 1), text.dtype)], axis=1)
-    length = jnp.sum(text != 0, axis=1)
+    length = jnp.sum(text != 0 if mask is None else mask, axis=1)
     targets = targets.at[jnp.arange(batch), length].set(eos)
     return inputs, targets
 
@@ -324,7 +331,7 @@ class MultimodalModel(Model):
   def _generated_vqa(self, batch, train):
     """Teacher-forced answer tokens from the fused modalities; token statistics."""
     memory, memory_mask = self.vqa_memory(batch, train=train)
-    inputs, targets = self.caption_targets(batch["answer_text"])
+    inputs, targets = self.caption_targets(batch["answer_text"], batch.get("answer_text_mask"))
     return metrics.token_statistics(self.vqa_logits(inputs, memory, memory_mask, train=train),
                                     targets)
 
@@ -345,7 +352,7 @@ class MultimodalModel(Model):
 
   def _caption(self, batch, train):
     memory, memory_mask = self.caption_memory(batch, train=train)
-    inputs, targets = self.caption_targets(batch["text"])
+    inputs, targets = self.caption_targets(batch["text"], batch.get("text_mask"))
     logits = self.caption_logits(inputs, memory, memory_mask, train=train)
     return metrics.token_statistics(logits, targets)
 
