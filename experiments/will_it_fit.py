@@ -1,13 +1,14 @@
 """The README's "Will it fit?" table: every paper config on its intended TPU topology, at
 its real global batch, in bfloat16, compiled deviceless by `mmjax.aot`.
 
-  python experiments/will_it_fit.py [--rows NAME,NAME] [--max-compiles 4]
+  python experiments/will_it_fit.py [--rows NAME[:K],NAME] [--max-compiles 4]
 
 For each row the settings are tried in order (the config's default mesh first, then
 rematerialisation, then FSDP) until one fits; the rows of the table are the default's
 outcome and the first setting that fits, each with the `python -m mmjax.aot` command
 that reproduces it. The largest global batch that fits is then searched with that
-setting (`--find-max-batch`, at most --max-compiles extra compiles). Writes
+setting (`--find-max-batch`, at most --max-compiles extra compiles). `NAME:K` starts a
+row at its K-th setting (to skip settings already known not to fit). Writes
 experiments/results/will_it_fit.{json,md}.
 """
 import argparse
@@ -76,11 +77,13 @@ def main():
   json_path = os.path.join(args.out, "will_it_fit.json")
   if os.path.exists(json_path):
     with open(json_path) as f:
-      results = [r for r in json.load(f) if r["row"] not in args.rows.split(",")]
-  for name in args.rows.split(","):
+      rerun = {entry.partition(":")[0] for entry in args.rows.split(",")}
+      results = [r for r in json.load(f) if r["row"] not in rerun]
+  for entry in args.rows.split(","):
+    name, _, first = entry.partition(":")  # NAME:K starts at the row's K-th setting
     config_file, topology, base, settings = ROWS[name]
     devices = aot.topology_devices(topology)
-    for index, setting in enumerate(settings):
+    for index, setting in list(enumerate(settings))[int(first or 0):]:
       overrides = {**base, **setting}
       report = aot.compile_config(_configured(config_file, overrides), topology, devices,
                                   config_file)

@@ -40,6 +40,9 @@ HBM_GIB_PER_CHIP = (
     ("TPU v5p", 95), ("TPU v5", 95), ("TPU v4", 32), ("TPU v3", 32), ("TPU v2", 16),
 )
 GIB = 2**30
+# How fused kernels appear in compiled HLO.
+KERNEL_MARKERS = {"pallas (mosaic)": 'custom_call_target="tpu_custom_call"',
+                  "cudnn attention": 'custom_call_target="__cudnn$fmha'}
 
 # GPUs for deviceless compiles (`--topology h100:8`, `h200:2x8`): XLA's GpuTargetConfig of
 # each, from the vendor datasheets (SXM parts). The memory is what CUDA reports as usable.
@@ -195,6 +198,8 @@ class Report:
   xla_flops_per_device: float = float("nan")
   model_flops_per_step: float = float("nan")
   max_global_batch: Optional[int] = None
+  # Fused-kernel calls in the compiled train step: Pallas (Mosaic) on TPU, cuDNN on GPU.
+  kernels: Dict[str, int] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
     head = (f"{self.config} on {self.topology} ({self.devices} x {self.device_kind}, mesh "
@@ -212,6 +217,7 @@ class Report:
              f"  params {g(self.param_bytes)}, optimizer state {g(self.opt_state_bytes)} per chip",
              f"  eval step peak {g(self.eval_peak_bytes)} per chip"
              + ("" if self.eval_compiled else " (did not compile)"),
+             f"  fused kernels {self.kernels or 'none'}",
              f"  compile {self.compile_seconds:.1f} s; XLA FLOPs/step/chip "
              f"{self.xla_flops_per_device:.4g}; model FLOPs/step {self.model_flops_per_step:.4g}"]
     if self.max_global_batch is not None:
@@ -254,13 +260,19 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
     return report
   report.compile_seconds = time.perf_counter() - start
   report.compiled = True
+  hlo = compiled.as_text() or ""
+  report.kernels = {name: hlo.count(marker) for name, marker in KERNEL_MARKERS.items()
+                    if marker in hlo}
   memory = compiled.memory_analysis()
   report.argument_bytes = int(memory.argument_size_in_bytes)
   report.output_bytes = int(memory.output_size_in_bytes)
   report.temp_bytes = int(memory.temp_size_in_bytes)
   report.alias_bytes = int(memory.alias_size_in_bytes)
-  report.peak_bytes = int(getattr(memory, "peak_memory_in_bytes", 0) or (
-      report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes))
+  # Conservative: every argument, output and temporary live at once (XLA's own peak,
+  # from its buffer schedule, can be lower; the larger is reported).
+  report.peak_bytes = max(
+      int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
+      report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes)
   report.fits = report.peak_bytes <= report.hbm_bytes
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -51,6 +51,9 @@ TINY = {
         "data.image_size": None, "data.preprocess": None, "data.eval_preprocess": None},
     "vit_digits.py": {"model.width": 16, "model.depth": 1, "model.num_heads": 2,
                       "model.mlp_dim": 32},
+    "caption_digits.py": {"model.width": 16, "model.num_layers": 1, "model.num_heads": 2,
+                          "model.mlp_dim": 32, "model.decoder_layers": 1,
+                          "generation.decode": ""},  # generation: tests/test_text_eval.py
     "clip_b16.py": TINY_TWO_TOWER,
     "siglip_b16.py": TINY_TWO_TOWER,
     # VGGSound is not here: random clips (2 frames of 16x16, 0.5 s of audio) instead.

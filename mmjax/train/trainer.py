@@ -255,6 +255,8 @@ def _train_and_evaluate_locked(config, workdir, start_over, preemption) -> Dict[
     with program.context():
       flops_per_step = _flops(program.train_step, program.abstract_state,
                               program_lib.abstract_batch(spec, config.batch_size))
+      extra_evals = evaluate_lib.make_extra_evaluators(  # generation, zero-shot (if configured)
+          config, program.model, shardings.params, mesh, workdir, make_eval_iter)
       peak = writers.device_peak_flops() * jax.device_count()
 
       if start_step == 0:
@@ -265,7 +267,8 @@ def _train_and_evaluate_locked(config, workdir, start_over, preemption) -> Dict[
 
       results = _train_loop(config, state, start_step, pending, train_iter, make_eval_iter,
                             program.train_step, program.eval_step, program.model, mesh,
-                            writer, checkpointer, preemption, flops_per_step, peak)
+                            writer, checkpointer, preemption, flops_per_step, peak,
+                            extra_evals)
     failed = False
   finally:
     try:
@@ -280,7 +283,7 @@ def _train_and_evaluate_locked(config, workdir, start_over, preemption) -> Dict[
 
 def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, train_step,
                 eval_step, model, mesh, writer, checkpointer, preemption, flops_per_step,
-                peak) -> Dict[str, Any]:
+                peak, extra_evals=()) -> Dict[str, Any]:
   total = config.total_steps
   is_chief = jax.process_index() == 0
   bar = writers.ProgressBar(total, start_step, active=is_chief and config.progress_bar)
@@ -343,6 +346,8 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
       if (config.eval_every and step % config.eval_every == 0) or step == total:
         eval_start = time.perf_counter()
         eval_metrics = evaluate_lib.evaluate(model, eval_step, state.params, make_eval_iter(), mesh)
+        for extra in extra_evals:
+          eval_metrics.update(extra(state.params, step))
         eval_metrics["seconds"] = time.perf_counter() - eval_start
         last_log_time += eval_metrics["seconds"]  # throughput counts training time only
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
