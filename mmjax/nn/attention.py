@@ -179,7 +179,8 @@ def target_platform() -> str:
   The mesh set by `jax.set_mesh` names it (a TPU topology when `mmjax.aot` compiles on a
   CPU host); without a mesh, JAX's default backend.
   """
-  return getattr(jax.sharding.get_abstract_mesh(), "platform", None) or jax.default_backend()
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _mesh_axes_that_divide(logical: str, size: int) -> Tuple[str, ...]:
