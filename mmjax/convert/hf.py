@@ -26,6 +26,7 @@ import numpy as np
 from mmjax.convert import common
 from mmjax.convert import layout
 from mmjax.convert.common import LINEAR_IN, LINEAR_OUT, VECTOR, Flat
+from mmjax.errors import ConfigError
 
 # {mmjax name under the block: (HF name under the layer, rule)}.
 VIT_BLOCK = {
@@ -114,7 +115,7 @@ def kind(weights: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     return "clip"
   if any("patch_embeddings.projection" in k for k in weights):
     return "vit"
-  raise ValueError(f"Not a Hugging Face ViT or CLIP checkpoint (model_type {model_type!r}); "
+  raise ConfigError(f"Not a Hugging Face ViT or CLIP checkpoint (model_type {model_type!r}); "
                    f"tensor names look like {sorted(weights)[:6]}.")
 
 
@@ -141,7 +142,7 @@ def normalize_clip(weights: Mapping[str, np.ndarray]) -> Flat:
 def _num_layers(weights: Mapping[str, Any], pattern: str) -> int:
   layers = {int(m.group(1)) for k in weights for m in [re.match(pattern, k)] if m}
   if layers != set(range(len(layers))):
-    raise ValueError(f"Layers {sorted(layers)} of {pattern!r} are not numbered 0..n-1.")
+    raise ConfigError(f"Layers {sorted(layers)} of {pattern!r} are not numbered 0..n-1.")
   return len(layers)
 
 
@@ -308,7 +309,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
     weights = normalize_vit(weights)
     if model_config is None:
       if not config:
-        raise ValueError(f"{path} has no config.json: pass the mmjax model config.")
+        raise ConfigError(f"{path} has no config.json: pass the mmjax model config.")
       model_config = vit_model_config(config, weights)
     towers = [(config, "vit", "the ViT")]
     image_size = image_size or config.get("image_size")
@@ -317,7 +318,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
     weights = normalize_clip(weights)
     if model_config is None:
       if not config:
-        raise ValueError(f"{path} has no config.json: pass the mmjax model config.")
+        raise ConfigError(f"{path} has no config.json: pass the mmjax model config.")
       model_config = clip_model_config(config)
     towers = [(config.get("vision_config", {}), "clip", "CLIP's vision tower"),
               (config.get("text_config", {}), "clip", "CLIP's text tower")]
@@ -326,10 +327,10 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   approximate = [a for tower_config, family, what in towers
                  for a in approximations(tower_config, model_config, family, what)]
   if approximate and not allow_approximate:
-    raise ValueError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
+    raise ConfigError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
                      "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
-    raise ValueError("Unknown image size: pass image_size (--image-size).")
+    raise ConfigError("Unknown image size: pass image_size (--image-size).")
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
   report.notes.extend(f"approximate: {a}" for a in approximate)

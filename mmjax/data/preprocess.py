@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 from PIL import Image
 
+from mmjax.errors import ConfigError
 from mmjax.registry import Registry
 
 PP_OPS = Registry("preprocessing op")
@@ -47,7 +48,7 @@ def parse(spec: str) -> List[tuple]:
       args = tuple(ast.literal_eval(a) for a in node.args)
       kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except (SyntaxError, ValueError) as e:
-      raise ValueError(f"Cannot parse preprocessing op {part!r} in {spec!r}: expected "
+      raise ConfigError(f"Cannot parse preprocessing op {part!r} in {spec!r}: expected "
                        "name(literal args), e.g. resize(32) or tokenize('caption', 'text', 16).") from e
     ops.append((node.func.id, args, kwargs))
   return ops
@@ -60,7 +61,7 @@ def build(spec: str, ctx: Context) -> Op:
     try:
       fns.append(PP_OPS.get(name)(*args, ctx=ctx, **kwargs))
     except TypeError as e:
-      raise ValueError(f"Bad arguments for preprocessing op {name}{args}{kwargs}: {e}") from e
+      raise ConfigError(f"Bad arguments for preprocessing op {name}{args}{kwargs}: {e}") from e
 
   def apply(example: Example, rng: Optional[np.random.Generator]) -> Example:
     example = dict(example)
@@ -184,7 +185,7 @@ def normalize(mean=0.5, std=0.5, key: str = "image", *, ctx: Context) -> Op:
 def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Context) -> Op:
   """Text (bytes/str) -> int32 [max_len] ids with 0 padding, via the config's tokenizer."""
   if ctx.tokenizer is None:
-    raise ValueError("tokenize needs a tokenizer; set config.data.tokenizer.")
+    raise ConfigError("tokenize needs a tokenizer; set config.data.tokenizer.")
   dst = dst or src
 
   def fn(ex, rng):

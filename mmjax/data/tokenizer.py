@@ -20,6 +20,8 @@ from typing import Iterable, List, Optional
 import numpy as np
 import sentencepiece as spm
 
+from mmjax.errors import ConfigError
+
 
 class Tokenizer(abc.ABC):
   """Interface: `encode` a string to ids (no padding), `vocab_size`, `pad_id` = 0."""
@@ -127,13 +129,13 @@ def build_tokenizer(spec: str, spm_path: Optional[str] = None) -> Tokenizer:
     return ByteTokenizer()
   if spec == "sentencepiece":
     if spm_path is None or not os.path.exists(spm_path):
-      raise ValueError(
+      raise ConfigError(
           "tokenizer='sentencepiece' expects a model trained at prepare time "
           f"(got {spm_path!r}), but this dataset has none; use tokenizer='bytes' or a "
           ".model path.")
     return SentencePieceTokenizer(spm_path)
   if spec.endswith(".model") or os.path.exists(spec):
     return SentencePieceTokenizer(os.path.expanduser(spec))
-  raise ValueError(
+  raise ConfigError(
       f"Unknown tokenizer {spec!r}; expected 'sentencepiece', 'bytes' or a path to a "
       "SentencePiece .model file.")

@@ -27,6 +27,7 @@ from typing import Any, Dict, Mapping
 import flax.linen as nn
 import numpy as np
 
+from mmjax.errors import ConfigError
 from mmjax.registry import MODELS
 
 
@@ -49,12 +50,12 @@ def build_model(model_config) -> nn.Module:
   fields = dict(model_config)
   name = fields.pop("name", None)
   if name is None:
-    raise ValueError(f"config.model needs a `name`; expected one of {MODELS.names()}.")
+    raise ConfigError(f"config.model needs a `name`; expected one of {MODELS.names()}.")
   cls = MODELS.get(name)
   valid = set(getattr(cls, "__dataclass_fields__", {})) - {"parent", "name"}
   unknown = sorted(set(fields) - valid)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
         f"Unknown config.model fields {unknown} for model {name!r}; valid fields: {sorted(valid)}.")
   fields = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in fields.items()}
   return cls(**fields)

@@ -33,10 +33,11 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from mmjax.errors import ConfigError
 from mmjax.nn import embed
 
 
-class CheckpointShapeError(ValueError):
+class CheckpointShapeError(ConfigError):
   """The checkpoint is readable but does not fit the model the config builds."""
 
 
@@ -209,7 +210,7 @@ def load_params(path: str) -> Dict[str, np.ndarray]:
   tree = getattr(tree, "item_metadata", tree)
   tree = getattr(tree, "tree", tree)
   if "params" not in tree:
-    raise ValueError(f"{state_dir} has no 'params' entry; found {sorted(tree)}.")
+    raise ConfigError(f"{state_dir} has no 'params' entry; found {sorted(tree)}.")
   item = {"params": jax.tree.map(lambda _: 0, tree["params"])}
   restore_args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                          tree["params"])}
@@ -226,7 +227,7 @@ def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
     if _is_square(old_n - prefix) and _is_square(new_n - prefix):
       break
   else:
-    raise ValueError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
+    raise ConfigError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
                      "lengths are not square grids (with at most one class token).")
   old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
   out = embed.resample_posemb(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),

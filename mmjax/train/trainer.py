@@ -15,7 +15,6 @@ is the usual approximation (negatives come from the micro-batch only).
 """
 import importlib
 import os
-import pkgutil
 import signal
 import threading
 import time
@@ -243,14 +242,7 @@ def format_summary(results: Mapping[str, Any], config: ml_collections.ConfigDict
 # The loop.
 
 
-def import_models(extra_modules=()) -> None:
-  """Imports every module of mmjax.models (registering the built-in models), then the
-  config's own `imports` (a fork's models, fusions, datasets)."""
-  import mmjax.models  # pylint: disable=g-import-not-at-top
-  for module in pkgutil.iter_modules(mmjax.models.__path__, "mmjax.models."):
-    importlib.import_module(module.name)
-  for module in extra_modules:
-    importlib.import_module(module)
+import_models = config_lib.import_models  # where it used to live
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
