@@ -22,6 +22,7 @@ Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|fusion_in_tr
 import ml_collections
 
 from mmjax.data import pipeline
+from mmjax.errors import ConfigError
 from mmjax.train.config import default_config
 
 TEXT_LEN, QUESTION_LEN = 24, 16
@@ -84,5 +85,5 @@ def get_config(arg=None):
     config.checkpoint_every = 0
     config.progress_bar = False
   elif arg:
-    raise ValueError(f"configs/demo.py: unknown arg {arg!r}; expected none or 'ablation'.")
+    raise ConfigError(f"configs/demo.py: unknown arg {arg!r}; expected none or 'ablation'.")
   return config

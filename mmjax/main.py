@@ -14,6 +14,8 @@ Multi-process runs (TPU pod slices, multi-node GPU) launch this same command onc
 process; see mmjax/train/LAUNCH.md. The coordinator comes from the flags below or is
 detected from the cluster environment.
 """
+import os
+import sys
 from typing import Dict
 
 from absl import app, flags
@@ -79,18 +81,24 @@ def _check_overrides(argv) -> Dict[str, str]:
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
     spec = argv[argv.index("--config") + 1]
-  overrides = _override_args(argv)
-  if not spec or not overrides:
+  if not spec:
     return {}
-  new = config_lib.check_override_keys(config_lib.load_config_file(spec), overrides)
+  if not os.path.isfile(spec.partition(":")[0]):
+    raise ConfigError(f"--config={spec}: no such file; expected configs/NAME.py[:ARG].")
+  config = config_lib.load_config_file(spec)  # its own errors, before config_flags hides them
+  overrides = _override_args(argv)
+  new = config_lib.check_override_keys(config, overrides) if overrides else []
   return {key: overrides[key] for key in new}
 
 
 def _parse(argv):
   def parse():
     _NEW_OVERRIDES.update(_check_overrides(argv))
+    parsed_argv = _without(argv, _NEW_OVERRIDES)
+    if argv == sys.argv:  # config_flags reads its overrides from sys.argv itself
+      sys.argv[:] = parsed_argv
     try:
-      return flags.FLAGS(_without(argv, _NEW_OVERRIDES))
+      return flags.FLAGS(parsed_argv)
     except flags.Error as e:  # a bad value or type on the command line
       raise ConfigError(str(e)) from e
   return run_reporting_user_errors(parse, debug="--debug" in argv)

@@ -15,6 +15,7 @@ that cannot work into an error *before* anything is compiled.
 import dataclasses
 import importlib
 import importlib.util
+import os
 import pkgutil
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -223,6 +224,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                            "log_every", "keep_checkpoints"))
   _check_nonnegative(config, ("eval_every", "checkpoint_every"))
   _check_model(config.model)
+  source = config.init_from.checkpoint
+  if source and "://" not in source and not os.path.exists(source):
+    raise ConfigError(f"config.init_from.checkpoint={source!r} does not exist; expected a "
+                      "run directory, its checkpoints/ directory or a step directory.")
   if config.on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f"config.on_nonfinite={config.on_nonfinite!r}; "
                      f"expected one of {ON_NONFINITE}.")
