@@ -38,7 +38,7 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   # Ends the run with retrieval and VQA next to their chance levels.
-  config.imports = ("experiments.demo_summary",)
+  config.summary_hooks = ("mmjax.demo_summary.demo_summary_hook",)
 
   config.data = pipeline.default_config(
       "shapes", max_text_len=TEXT_LEN, max_question_len=QUESTION_LEN,

@@ -18,7 +18,7 @@ import importlib.util
 import os
 import pkgutil
 import typing
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import ml_collections
 
@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = "error"         # non-finite loss/grads: "error" stops, "skip" drops the update
   c.imports = ()                   # modules imported first (a fork registering models)
   c.progress_bar = True            # console bar with steps/s and ETA (process 0)
+  c.summary_hooks = ()             # "module.function"s adding text to the end-of-run summary
 
   c.model = ml_collections.ConfigDict({"name": ""})   # see mmjax.models.base.build_model
   c.data = ml_collections.ConfigDict({"name": ""})    # see mmjax.data.pipeline
@@ -224,6 +225,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                            "log_every", "keep_checkpoints"))
   _check_nonnegative(config, ("eval_every", "checkpoint_every"))
   _check_model(config.model)
+  summary_hooks(config)
   source = config.init_from.checkpoint
   if source and "://" not in source and not os.path.exists(source):
     raise ConfigError(f"config.init_from.checkpoint={source!r} does not exist; expected a "
@@ -251,6 +253,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if size % data_parallel:
       raise ConfigError(f"{name} = {size} is not divisible by the data-parallel size "
                         f"data x fsdp = {mesh[0]}x{mesh[1]} = {data_parallel}.")
+
+
+def summary_hooks(config: ml_collections.ConfigDict) -> List[Callable[..., str]]:
+  """The functions `config.summary_hooks` names: hook(results, config, workdir) -> text."""
+  hooks = []
+  for name in config.get("summary_hooks") or ():
+    module, _, function = name.rpartition(".")
+    try:
+      hooks.append(getattr(importlib.import_module(module), function))
+    except (ImportError, AttributeError, ValueError) as e:
+      raise ConfigError(f"config.summary_hooks entry {name!r} is not an importable "
+                        f"'module.function' ({type(e).__name__}: {e}).") from e
+  return hooks
 
 
 # Model fields whose value names an entry of a registry.

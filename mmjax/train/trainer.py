@@ -219,22 +219,25 @@ def apply_init_from(state: TrainState, init_config,
 
 
 # ---------------------------------------------------------------------------------------
-# Summary printing (extend by appending to SUMMARY_HOOKS).
+# Summary printing (extend with `config.summary_hooks`).
 
+# Deprecated: hooks for every run of the process; name them in config.summary_hooks.
 # hook(results, config, workdir) -> text appended to the summary ("" adds nothing).
 SUMMARY_HOOKS: List[Callable[[Dict[str, Any], ml_collections.ConfigDict, str], str]] = []
 
 
 def format_summary(results: Mapping[str, Any], config: ml_collections.ConfigDict,
                    workdir: str) -> str:
-  """The end-of-run summary: one aligned `name: value` line per result, then each hook's text."""
+  """The end-of-run summary: one aligned `name: value` line per result, then the text of
+  each hook `config.summary_hooks` names."""
   lines = ["=== mmjax run summary ==="]
   width = max((len(k) for k in results), default=0)
   for key in sorted(results):
     value = results[key]
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
     lines.append(f"{key:<{width}}  {text}")
-  lines += [hook(dict(results), config, workdir) for hook in SUMMARY_HOOKS]
+  hooks = SUMMARY_HOOKS + config_lib.summary_hooks(config)
+  lines += [hook(dict(results), config, workdir) for hook in hooks]
   return "\n".join(line for line in lines if line)
 
 
