@@ -78,7 +78,8 @@ class MultimodalModel(Model):
   combine: str = "concat"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
+  droppath_rate: float = 0.0         # of the last layer; 0 in the first ("linear")
+  droppath_schedule: str = "linear"  # or "constant" (see mmjax.nn.transformer)
   # Tokenizers.
   vocab_size: int = 1000
   max_text_len: int = 32
@@ -151,7 +152,8 @@ class MultimodalModel(Model):
     self.fusion_encoder = FUSIONS.get(self.fusion)(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, fusion_layer=self.fusion_layer,
+        droppath_rate=self.droppath_rate, droppath_schedule=self.droppath_schedule,
+        fusion_layer=self.fusion_layer,
         num_bottlenecks=self.num_bottlenecks, shared_weights=self.shared_weights,
         fit_weights=self.fit_weights, dtype=dtype, implementation=self.implementation)
     self.combiner = heads.Combine(self.combine, dtype=dtype)
