@@ -27,7 +27,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "portpicker"],  # multi-process tests
         # Weight import parity tests compare against the reference PyTorch models.
         "convert": ["torch", "transformers>=4.40", "safetensors"],
         "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets

@@ -4,8 +4,8 @@ Image Pre-Training"), as released in big_vision (B/16, 224px, 64 text tokens).
   python -m mmjax.main --config configs/siglip_b16.py --workdir /path/to/runs/siglip_b16
 
 The CLIP architecture (configs/clip_b16.py) with SigLIP's changes: the pairwise sigmoid
-loss with a learned temperature (init t' = log 10) and bias (init -10), attention-pooled
-(MAP) image tower, a bidirectional B-sized text tower (768 wide, 12 layers, 12 heads)
+loss with a learned temperature (init t' = log 10; exp(t') not capped, as big_vision)
+and bias (init -10), attention-pooled (MAP) image tower, a bidirectional B-sized text tower (768 wide, 12 layers, 12 heads)
 pooled at the last token, 768-d embeddings, 32k SentencePiece vocabulary. Optimiser:
 Adam with b2 = 0.95 (the paper's fix for large-batch instability), peak lr 1e-3,
 weight decay 1e-4 not scaled by the lr (so 0.1 in optax's AdamW), batch 32,768, cosine
@@ -42,6 +42,7 @@ def get_config(arg=None):
       name="two_tower",
       loss_type="sigmoid",
       scale_init=10.0,           # t' = log 10
+      max_logit_scale=None,      # SigLIP does not cap exp(t') (CLIP caps it at 100)
       bias_init=-10.0,
       embed_dim=768,
       vocab_size=32_000,

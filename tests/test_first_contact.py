@@ -195,3 +195,58 @@ def test_old_experiments_demo_summary_import_still_works_with_a_warning():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     config_lib.summary_hooks(config_lib.load_config_file(DEMO))  # the new path: no warning
+
+
+# ------------------------------------------------------------------------- honesty fixes
+
+def test_default_evaluate_returns_each_examples_own_loss_and_metrics():
+  """The base Model's evaluate honours the per-example contract (a [B] array per key)."""
+  from experiments.baselines import ImageClassifier  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, image, train=False):
+      return nn.Dense(3)(image.reshape(image.shape[0], -1))
+
+  model = ImageClassifier(encoder=Linear())
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(5, 2, 2, 1)).astype(np.float32),
+           "label": np.array([0, 1, 2, 0, 1], np.int32)}
+  params = model.init(jax.random.key(0), batch, method="loss")
+  out = model.apply(params, batch, method="evaluate")
+  assert {k: v.shape for k, v in out.items()} == {"loss": (5,), "accuracy": (5,)}
+  for i in range(5):  # row i is example i alone
+    one = model.apply(params, {k: v[i:i + 1] for k, v in batch.items()}, method="loss")
+    np.testing.assert_allclose(out["loss"][i], one[0], rtol=1e-6)
+    assert out["accuracy"][i] == one[1]["accuracy"]
+
+
+def test_itm_initialises_on_one_row():
+  """A 1-device mesh initialises with one example: ITM's hard negatives need two."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
+  model, batch = multimodal.example_model_and_batch(
+      fusion="early", modalities=("image",), loss_weights={"itm": 1.0}, width=16,
+      num_layers=1, num_heads=2, mlp_dim=32, embed_dim=16, batch_size=1)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, method="loss"))
+  assert "itm_head" in shapes["params"]
+
+
+def test_clip_temperature_starts_at_one_over_0_07_in_both_models():
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax.models import heads  # pylint: disable=g-import-not-at-top
+  z = np.eye(2, 4, dtype=np.float32)
+  for loss, expected in (("softmax", 1 / 0.07), ("sigmoid", 10.0)):
+    params = heads.ContrastiveHead(loss).init(jax.random.key(0), z, z)["params"]
+    assert np.exp(params["logit_scale"]) == pytest.approx(expected, rel=1e-6)
+  from mmjax.models import multimodal, two_tower  # pylint: disable=g-import-not-at-top
+  model, batch = multimodal.example_model_and_batch(
+      fusion="early", modalities=("image",), loss_weights={"itc": 1.0}, width=16,
+      num_layers=1, num_heads=2, mlp_dim=32, embed_dim=16, batch_size=2)
+  params = jax.jit(lambda: model.init(jax.random.key(0), batch, method="loss"))()["params"]
+  assert np.exp(params["contrastive"]["logit_scale"]) == pytest.approx(1 / 0.07, rel=1e-6)
+  assert two_tower.TwoTower.scale_init is None  # the same head default (tested above)
+  siglip = config_lib.load_config_file(os.path.join(ROOT, "configs", "siglip_b16.py"))
+  assert siglip.model.max_logit_scale is None  # as its docstring says: no cap

@@ -243,12 +243,15 @@ class MultimodalModel(Model):
   def _itm(self, batch, zimg, ztxt, train):
     """Matching loss on B positives and 2B hard negatives; returns (loss, correct [B])."""
     rng = self.make_rng("sample") if train and self.has_rng("sample") else None
-    neg_text, neg_image = losses.hard_negatives(zimg @ ztxt.T, rng)
+    n = batch["image"].shape[0]
+    if n < 2 and self.is_initializing():  # init on one device sees one row: shapes only
+      neg_text = neg_image = jnp.zeros((n,), jnp.int32)
+    else:
+      neg_text, neg_image = losses.hard_negatives(zimg @ ztxt.T, rng)
     images = jnp.concatenate([batch["image"], batch["image"], batch["image"][neg_image]])
     texts = jnp.concatenate([batch["text"], batch["text"][neg_text], batch["text"]])
     pairs = {"image": images, "text": texts}
     logits = self.itm_head(self.pooled(pairs, ("image", "text"), train=train))
-    n = batch["image"].shape[0]
     labels = jnp.concatenate([jnp.ones(n, jnp.int32), jnp.zeros(2 * n, jnp.int32)])
     hits = metrics.correct(logits, labels).reshape(3, n)
     return jnp.mean(losses.cross_entropy(logits, labels)), jnp.mean(hits, axis=0)
