@@ -12,8 +12,8 @@ some questions need the image alone, others image + audio, image + sensor or all
   VQA        image + question + audio + sensor fused by `model.fusion` (here: MBT
              bottleneck fusion from the middle layer) and classified over 31 answers.
 
-About 5 minutes on 2 CPU cores (306 s measured on an idle machine, the first run's data
-generation included), ending with a summary of both tasks next to their chance levels.
+About 5 minutes on 2 CPU cores (README.md has the measured time and figures), ending
+with a summary of both tasks next to their chance levels.
 Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|fusion_in_transformer`;
 `configs/ablations/fusion.py` compares them all.
 
@@ -76,7 +76,7 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 100
 
   if arg == "ablation":
-    # ~1 minute a run on 2 cores: VQA only (the task fusion changes), fewer examples.
+    # Cheaper runs: VQA only (the task fusion changes), smaller batches, fewer steps.
     config.model.loss_weights = {"vqa": 1.0}
     config.batch_size = 64
     config.total_steps = 400

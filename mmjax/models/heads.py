@@ -123,9 +123,10 @@ class ContrastiveHead(nn.Module):
 
   Takes L2-normalised embeddings [N, D] of N matching pairs (row i of each is a pair);
   returns (loss, logits [N, N]). The logit scale starts at `scale_init` (None: CLIP's
-  1 / 0.07 for softmax, SigLIP's 10 for sigmoid) and is capped at `max_scale` (CLIP's 100, as OpenAI's training clamps it;
-  None: no cap, as big_vision's SigLIP) for stability; the SigLIP bias
-  starts at `bias_init` = -10 so that the many negatives do not dominate early training.
+  1 / 0.07 for softmax, SigLIP's 10 for sigmoid) and is capped at `max_scale` (CLIP's
+  100, as OpenAI's training clamps it; None: no cap, as big_vision's SigLIP) for
+  stability; the SigLIP bias starts at `bias_init` = -10 so that the many negatives do
+  not dominate early training.
   """
   loss: str = "softmax"
   scale_init: Optional[float] = None
