@@ -55,7 +55,7 @@ def resolve(config: ml_collections.ConfigDict, dotted: str,
     if not in_config:
       if not isinstance(sub_schema, Mapping):
         raise ConfigError(f"{walked}.{part} is a field, not a section (from {dotted!r}).")
-      with _unlocked(node):
+      with unlocked(node):
         node[part] = ml_collections.ConfigDict()
     node, schema, walked = node[part], sub_schema, f"{walked}.{part}"
   raise AssertionError("unreachable")
@@ -68,7 +68,7 @@ def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any,
   if new_type is None:
     node[leaf] = value  # ConfigDict type-checks the new value against the old one
     return
-  with _unlocked(node):
+  with unlocked(node):
     node[leaf] = parse_value(value, new_type, dotted) if parse else value
 
 
@@ -99,7 +99,7 @@ def parse_value(text: str, annotation: Any, where: str) -> Any:
   return value
 
 
-def _unlocked(node):
+def unlocked(node):
   """`node.unlocked()` for a (locked) ConfigDict, nothing for a plain dict."""
   if isinstance(node, ml_collections.ConfigDict):
     return node.unlocked()

@@ -250,3 +250,27 @@ def test_clip_temperature_starts_at_one_over_0_07_in_both_models():
   assert two_tower.TwoTower.scale_init is None  # the same head default (tested above)
   siglip = config_lib.load_config_file(os.path.join(ROOT, "configs", "siglip_b16.py"))
   assert siglip.model.max_logit_scale is None  # as its docstring says: no cap
+
+
+# ------------------------------------------------------- converted weights train in one flag
+
+def test_init_from_a_converted_checkpoint_fills_the_model_fields_the_config_leaves_unset(
+    tmp_path):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from test_train_fixtures import TokenClassifier  # pylint: disable=g-import-not-at-top
+  image = np.zeros((1, 4, 4, 1), np.float32)
+  params = nn.meta.unbox(
+      TokenClassifier(width=8).init(jax.random.key(0), {"image": image}, False)["params"])
+  dst = str(tmp_path / "converted")
+  common.save_checkpoint(jax.device_get(params), dst, model_config={
+      "name": "test_token_classifier", "width": 8, "num_classes": 4, "dropout": 0.5})
+  config = tiny_config(total_steps=1, **{"init_from.checkpoint": dst})
+  del config.model["width"]  # left to the checkpoint; dropout stays the config's 0.1
+  assert config_lib.model_fields_from_init_checkpoint(config) == {"width": 8}
+  assert config.model.width == 8 and config.model.dropout == 0.1
+  fresh = tiny_config(total_steps=1, **{"init_from.checkpoint": dst})
+  del fresh.model["width"]  # the model default is 16: without the checkpoint's 8, shapes clash
+  assert trainer.train_and_evaluate(fresh, str(tmp_path / "run"))["step"] == 1
+  other = tiny_config(**{"init_from.checkpoint": dst, "model.name": "multimodal"})
+  assert config_lib.model_fields_from_init_checkpoint(other) == {}  # another model: nothing

@@ -15,6 +15,7 @@ that cannot work into an error *before* anything is compiled.
 import dataclasses
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 import typing
@@ -92,7 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
       timescale=0,                 # rsqrt: lr / sqrt(1 + (step - warmup) / timescale); 0 -> warmup
   ))
   c.init_from = ml_collections.ConfigDict(dict(
-      checkpoint="",               # directory of an mmjax run, or one of its step dirs
+      checkpoint="",               # an mmjax run (or one of its steps), or a converted DST
+                                   # whose model_config.json fills unset model fields
       include=(r".*",),            # regexes on (renamed) names of parameters to load
       exclude=(),                  # regexes on (renamed) names never loaded (e.g. the head)
       rename=(),                   # ((regex, replacement), ...) source name -> this model
@@ -253,6 +255,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     if size % data_parallel:
       raise ConfigError(f"{name} = {size} is not divisible by the data-parallel size "
                         f"data x fsdp = {mesh[0]}x{mesh[1]} = {data_parallel}.")
+
+
+def model_fields_from_init_checkpoint(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Sets the model fields `config.model` leaves unset from the `model_config.json` next
+  to `config.init_from.checkpoint` (what `python -m mmjax.convert` writes), so converted
+  weights train with one flag; returns the fields set. A config that sets a field keeps
+  its value; a checkpoint of another model adds nothing."""
+  source = config.init_from.checkpoint
+  path = os.path.join(source, "model_config.json") if source and "://" not in source else ""
+  if not path or not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    saved = json.load(f)
+  name = config.model.get("name")
+  if saved.get("name") != name or name not in MODELS:
+    return {}
+  fields = set(model_schema(name))
+  added = {k: v for k, v in saved.items() if k in fields and k not in config.model}
+  with config_keys.unlocked(config.model):
+    for key, value in added.items():
+      config.model[key] = tuple(value) if isinstance(value, list) else value
+  return added
 
 
 def summary_hooks(config: ml_collections.ConfigDict) -> List[Callable[..., str]]:

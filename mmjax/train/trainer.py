@@ -251,11 +251,15 @@ import_models = config_lib.import_models  # where it used to live
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
   import_models(config.imports)
+  from_checkpoint = config_lib.model_fields_from_init_checkpoint(config)
   config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   is_chief = jax.process_index() == 0
   if is_chief:
     os.makedirs(workdir, exist_ok=True)
+    if from_checkpoint:
+      print(f"config.model fields from {config.init_from.checkpoint}/model_config.json: "
+            f"{from_checkpoint}", flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
