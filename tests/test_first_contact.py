@@ -274,3 +274,28 @@ def test_init_from_a_converted_checkpoint_fills_the_model_fields_the_config_leav
   assert trainer.train_and_evaluate(fresh, str(tmp_path / "run"))["step"] == 1
   other = tiny_config(**{"init_from.checkpoint": dst, "model.name": "multimodal"})
   assert config_lib.model_fields_from_init_checkpoint(other) == {}  # another model: nothing
+
+
+def test_rename_preset_carries_mlm_text_weights_into_the_question_stream():
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
+  from mmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
+  def flat_params(modalities, loss_weights):
+    model, batch = multimodal.example_model_and_batch(
+        fusion="bottleneck", modalities=modalities, loss_weights=loss_weights, width=16,
+        num_layers=2, fusion_layer=1, num_heads=2, mlp_dim=32, embed_dim=16)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, method="loss"))
+    flat = traverse_util.flatten_dict(shapes["params"], sep="/")
+    return {k: np.zeros(getattr(v, "value", v).shape, np.float32) for k, v in flat.items()}
+
+  pretrained = flat_params(("image", "text"), {"mlm": 1.0})
+  finetuned = flat_params(("image", "question"), {"vqa": 1.0})
+  rules = checkpoint.rename_rules(("mlm_text_to_question",))
+  _, report = checkpoint.merge_params(finetuned, pretrained, rename=rules)
+  assert not report["dropped"]  # every pre-trained parameter has its place
+  assert report["new"] == sorted(k for k in finetuned if k.startswith("vqa_head/"))
+  assert "fusion_encoder/question_block0/attention/query/kernel" in report["loaded"]
+  with pytest.raises(ConfigError, match="preset 'mlm_to_vqa'"):
+    checkpoint.rename_rules(("mlm_to_vqa",))

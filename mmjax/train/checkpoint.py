@@ -239,6 +239,33 @@ def _is_square(n: int) -> bool:
   return n > 0 and int(round(np.sqrt(n))) ** 2 == n
 
 
+# Named `init_from.rename` rules: a string entry of `rename` stands for its preset's pairs.
+RENAME_PRESETS = {
+    # MLM pre-training fuses (image, text); VQA fine-tuning fuses (image, question): the
+    # pre-trained text stream (embeddings, per-modality fusion layers, norm) becomes the
+    # question stream. The shared token embedding keeps its name.
+    "mlm_text_to_question": ((r"^embed_text/(.*)$", r"embed_question/\1"),
+                             (r"^fusion_encoder/text_(.*)$", r"fusion_encoder/question_\1")),
+}
+
+
+def rename_rules(rename: Sequence[Any]) -> Tuple[Tuple[str, str], ...]:
+  """`init_from.rename` as (regex, replacement) pairs, preset names expanded."""
+  rules = []
+  for entry in rename:
+    if isinstance(entry, str):
+      if entry not in RENAME_PRESETS:
+        raise ConfigError(f"config.init_from.rename preset {entry!r}; expected one of "
+                          f"{sorted(RENAME_PRESETS)} or (regex, replacement) pairs.")
+      rules += RENAME_PRESETS[entry]
+    elif len(entry) == 2:
+      rules.append((str(entry[0]), str(entry[1])))
+    else:
+      raise ConfigError(f"config.init_from.rename entry {entry!r}; expected a (regex, "
+                        f"replacement) pair or a preset name ({sorted(RENAME_PRESETS)}).")
+  return tuple(rules)
+
+
 def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
                  include: Sequence[str] = (".*",), exclude: Sequence[str] = (),
                  rename: Sequence[Tuple[str, str]] = ()) -> Tuple[Dict[str, Any], Dict[str, list]]:

@@ -97,7 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
                                    # whose model_config.json fills unset model fields
       include=(r".*",),            # regexes on (renamed) names of parameters to load
       exclude=(),                  # regexes on (renamed) names never loaded (e.g. the head)
-      rename=(),                   # ((regex, replacement), ...) source name -> this model
+      rename=(),                   # ((regex, replacement), ...) source name -> this model,
+                                   # or preset names (checkpoint.RENAME_PRESETS)
   ))
   return c
 
@@ -232,6 +233,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   if source and "://" not in source and not os.path.exists(source):
     raise ConfigError(f"config.init_from.checkpoint={source!r} does not exist; expected a "
                       "run directory, its checkpoints/ directory or a step directory.")
+  if config.init_from.rename:
+    from mmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    checkpoint.rename_rules(config.init_from.rename)
   if config.on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f"config.on_nonfinite={config.on_nonfinite!r}; "
                      f"expected one of {ON_NONFINITE}.")

@@ -208,7 +208,7 @@ def apply_init_from(state: TrainState, init_config,
   target = traverse_util.flatten_dict(state.params, sep="/")
   merged, report = checkpoint_lib.merge_params(
       target, source, include=tuple(init_config.include), exclude=tuple(init_config.exclude),
-      rename=tuple(tuple(r) for r in init_config.rename))
+      rename=checkpoint_lib.rename_rules(init_config.rename))
   if not report["loaded"]:
     raise ValueError(f"init_from {init_config.checkpoint!r} loaded no parameter; checkpoint "
                      f"names look like {sorted(source)[:8]}, model names like "
