@@ -2,7 +2,8 @@
 
   python -m mmjax.main --config configs/vit_digits.py --workdir /tmp/vit_digits
 
-Accuracy and wall time per number of steps are in README.md ("Run experiments"). Try `--config.mesh.fsdp=2` on 2+ devices, `--config.model.dtype=bfloat16`, or
+Accuracy and wall time per number of steps are in README.md ("Run experiments").
+Try `--config.mesh.fsdp=2` on 2+ devices, `--config.model.dtype=bfloat16`, or
 `--config.optimizer.name=sgd --config.optimizer.lr=0.1`.
 """
 import ml_collections

@@ -4,8 +4,8 @@ A `ConfigError` is a mistake of the person running mmjax, not of mmjax: a bad co
 or type, an unknown model / fusion / dataset name, a mesh that does not fit the devices, a
 weights file that is missing or truncated. Its message says what was expected and what
 was given. `python -m mmjax.main` and `python -m mmjax.convert` print such errors (and a
-missing or already existing file) as one `error: ...` line without a traceback; every other exception is a
-bug and keeps its traceback. `--debug` keeps the traceback for user errors too.
+missing or already existing file) as one `error: ...` line without a traceback; every
+other exception is a bug and keeps its traceback. `--debug` keeps the traceback for user errors too.
 
 It subclasses ValueError, so code that catches ValueError keeps working.
 """

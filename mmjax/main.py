@@ -65,7 +65,10 @@ def _without(argv, keys) -> list:
     if skip:
       skip = False
       continue
-    key, eq, _ = arg[len("--config."):].partition("=") if arg.startswith("--config.") else ("", "", "")
+    if not arg.startswith("--config."):
+      out.append(arg)
+      continue
+    key, eq, _ = arg[len("--config."):].partition("=")
     if key in keys:
       skip = not eq
       continue

@@ -36,7 +36,7 @@ def _encoder_config(params: Mapping[str, np.ndarray], encoder: str, model_config
   activation = (model_config or {}).get("activation", "gelu_tanh")
   if activation not in hf.EXPORT_ACTIVATIONS:
     raise ConfigError(f"Hugging Face has no activation for mmjax's {activation!r}; exportable: "
-                     f"{sorted(hf.EXPORT_ACTIVATIONS)}.")
+                      f"{sorted(hf.EXPORT_ACTIVATIONS)}.")
   q = params[f"{layout.block(encoder, 0)}/attention/query/kernel"]  # [D, heads, head_dim]
   return dict(hidden_size=int(q.shape[0]), num_hidden_layers=_encoder_depth(params, encoder),
               num_attention_heads=int(q.shape[1]),
@@ -50,7 +50,7 @@ def _check_pool(model_config, field: str, allowed) -> None:
   value = (model_config or {}).get(field)
   if value is not None and value not in allowed:
     raise ConfigError(f"Hugging Face pools with {allowed}; this model has {field}={value!r}, "
-                     "which the exported model would not compute.")
+                      "which the exported model would not compute.")
 
 
 def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias: bool
@@ -64,7 +64,7 @@ def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias
   width = kernel.shape[-1]
   if prefix + layout.CLS not in params:
     raise ConfigError("Hugging Face ViT / CLIP need a class token; this model has none "
-                     "(pool_type / class_token).")
+                      "(pool_type / class_token).")
   table = params[prefix + layout.POSEMB].reshape(-1, width)     # class row, then the grid
   bias = params.get(prefix + layout.PATCH_BIAS, np.zeros(width, np.float32))
   if not patch_bias:
@@ -73,7 +73,7 @@ def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias
   side = int(round(np.sqrt(num_patches)))
   if side * side != num_patches:
     raise ConfigError(f"Hugging Face needs a square patch grid; this model has {num_patches} "
-                     "patches.")
+                      "patches.")
   out = {"conv": np.transpose(kernel, (3, 2, 0, 1)), "cls": params[prefix + layout.CLS].reshape(-1),
          "pos": table, "image_size": side * kernel.shape[0]}
   if patch_bias:
@@ -89,11 +89,11 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
   has_pooler = layout.PRE_LOGITS + "/kernel" in params
   if has_head and has_pooler:
     raise ConfigError("HF ViTForImageClassification classifies the class token directly; this "
-                     f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
-                     "its head, which HF would skip.")
+                      f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
+                      "its head, which HF would skip.")
   if layout.PRE_NORM + "/scale" in params:
     raise ConfigError(f"HF ViT has no LayerNorm before its encoder; this model has one "
-                     f"('{layout.PRE_NORM}', pre_norm=True), which HF would skip.")
+                      f"('{layout.PRE_NORM}', pre_norm=True), which HF would skip.")
   p = "vit." if has_head else ""
   emb = _vision_embeddings(params, "", patch_bias=True)
   sd = {p + "embeddings.patch_embeddings.projection.weight": emb["conv"],
@@ -178,8 +178,8 @@ def _clip_pre_norm(params: Mapping[str, np.ndarray], img: str) -> Flat:
   name = img + layout.PRE_NORM
   if name + "/scale" not in params:
     raise ConfigError("HF CLIP normalises the vision embeddings before the encoder "
-                     "(pre_layrnorm); this mmjax image tower has no such LayerNorm "
-                     f"('{name}'), so the export would compute something else.")
+                      "(pre_layrnorm); this mmjax image tower has no such LayerNorm "
+                      f"('{name}'), so the export would compute something else.")
   return {"vision_model.pre_layrnorm.weight": params[name + "/scale"],
           "vision_model.pre_layrnorm.bias": params[name + "/bias"]}
 
@@ -204,10 +204,10 @@ def export(params: Mapping[str, Any], model_config, dst: str,
     size = config["vision_config"]["image_size"]
   else:
     raise ConfigError(f"Export to Hugging Face supports models 'vit' and 'two_tower'; given "
-                     f"{name!r}.")
+                      f"{name!r}.")
   if image_size and image_size != size:
     raise ConfigError(f"--image-size {image_size} differs from the model's {size}; resample "
-                     "the position embedding by importing at the new size first.")
+                      "the position embedding by importing at the new size first.")
   os.makedirs(dst, exist_ok=True)
   save_file({k: np.array(v, np.float32, order="C") for k, v in sd.items()},  # keeps 0-d
             os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})

@@ -116,7 +116,7 @@ def kind(weights: Mapping[str, Any], config: Mapping[str, Any]) -> str:
   if any("patch_embeddings.projection" in k for k in weights):
     return "vit"
   raise ConfigError(f"Not a Hugging Face ViT or CLIP checkpoint (model_type {model_type!r}); "
-                   f"tensor names look like {sorted(weights)[:6]}.")
+                    f"tensor names look like {sorted(weights)[:6]}.")
 
 
 def normalize_vit(weights: Mapping[str, np.ndarray]) -> Flat:
@@ -328,7 +328,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
                  for a in approximations(tower_config, model_config, family, what)]
   if approximate and not allow_approximate:
     raise ConfigError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
-                     "allow_approximate=True (--allow-approximate) to accept the difference.")
+                      "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
     raise ConfigError("Unknown image size: pass image_size (--image-size).")
   target = common.model_param_shapes(model_config, image_size=int(image_size))

@@ -128,13 +128,13 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   if model_config is None:
     if not num_heads:
       raise ConfigError("A timm state dict does not record the number of attention heads: "
-                       "pass the mmjax model config (--model-config) or num_heads.")
+                        "pass the mmjax model config (--model-config) or num_heads.")
     model_config = vit_model_config(weights, num_heads)
   approximate = common.numerics_differences(
       model_config, NUMERICS["activation"], NUMERICS["layer_norm_epsilon"], "timm's ViT")
   if approximate and not allow_approximate:
     raise ConfigError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
-                     "allow_approximate=True (--allow-approximate) to accept the difference.")
+                      "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
     patches = weights["pos_embed"].shape[1] - ("cls_token" in weights)
     image_size = int(round(np.sqrt(patches))) * weights["patch_embed.proj.weight"].shape[-1]

@@ -110,7 +110,7 @@ class Dataset(abc.ABC):
     unknown = sorted(set(given) - set(options))
     if unknown:
       raise ConfigError(f"Unknown config.data.{data_config.name} options {unknown}; valid "
-                       f"options: {sorted(options)}.")
+                        f"options: {sorted(options)}.")
     options.update(given)
     self.options = options
 

@@ -170,7 +170,7 @@ class _ExampleMaker:
       example = self.pp(record, rng)
     except Exception as e:
       raise ConfigError(f"Preprocessing record {where} with {self.pp_spec!r} failed: "
-                       f"{type(e).__name__}: {e}") from e
+                        f"{type(e).__name__}: {e}") from e
     example = {k: _to_contract(k, v, where) for k, v in example.items()}
     example["index"] = np.int32(index)
     return example
@@ -197,7 +197,7 @@ def _process_shard(process_index, process_count, global_batch_size):
   count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % count:
     raise ConfigError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"the number of processes ({count}).")
+                      f"the number of processes ({count}).")
   return index, count, global_batch_size // count
 
 
@@ -217,7 +217,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   shard_len = len(shard)
   if shard_len < local_batch:
     raise ConfigError(f"Process {pi} has {shard_len} examples of {maker.name}/{maker.split}, "
-                     f"fewer than one batch of {local_batch}.")
+                      f"fewer than one batch of {local_batch}.")
   # Each process shuffles its shard with its own stream, so processes do not walk
   # neighbouring records in lockstep.
   shuffle_seed = int(np.random.SeedSequence([seed % 2**32, pi]).generate_state(1)[0])

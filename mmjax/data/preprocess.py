@@ -49,7 +49,7 @@ def parse(spec: str) -> List[tuple]:
       kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except (SyntaxError, ValueError) as e:
       raise ConfigError(f"Cannot parse preprocessing op {part!r} in {spec!r}: expected "
-                       "name(literal args), e.g. resize(32) or tokenize('caption', 'text', 16).") from e
+                        "name(literal args), e.g. resize(32) or tokenize('caption', 'text', 16).") from e
     ops.append((node.func.id, args, kwargs))
   return ops
 

@@ -228,7 +228,7 @@ def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
       break
   else:
     raise ConfigError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
-                     "lengths are not square grids (with at most one class token).")
+                      "lengths are not square grids (with at most one class token).")
   old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
   out = embed.resample_posemb(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
                               num_prefix_tokens=prefix)

@@ -238,19 +238,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     checkpoint.rename_rules(config.init_from.rename)
   if config.on_nonfinite not in ON_NONFINITE:
     raise ConfigError(f"config.on_nonfinite={config.on_nonfinite!r}; "
-                     f"expected one of {ON_NONFINITE}.")
+                      f"expected one of {ON_NONFINITE}.")
   if config.optimizer.name not in OPTIMIZERS:
     raise ConfigError(f"config.optimizer.name={config.optimizer.name!r}; "
-                     f"expected one of {OPTIMIZERS}.")
+                      f"expected one of {OPTIMIZERS}.")
   if config.schedule.name not in SCHEDULES:
     raise ConfigError(f"config.schedule.name={config.schedule.name!r}; expected one of {SCHEDULES}.")
   if config.batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.grad_accum_steps={config.grad_accum_steps}.")
+                      f"config.grad_accum_steps={config.grad_accum_steps}.")
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % num_processes:
       raise ConfigError(f"config.{name}={config[name]} is not divisible by the number of "
-                       f"processes ({num_processes}); each process loads an equal share.")
+                        f"processes ({num_processes}); each process loads an equal share.")
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_parallel = mesh[0] * mesh[1]
   for name, size in (("config.batch_size / config.grad_accum_steps",

@@ -39,7 +39,7 @@ def _check_patterns_match(what: str, patterns: Sequence[str], names: Sequence[st
   for pattern in patterns:
     if not any(re.fullmatch(pattern, n) for n in names):
       raise ConfigError(f"config.optimizer.{what} pattern {pattern!r} matches no parameter; "
-                       f"parameter names look like {sorted(names)[:8]}.")
+                        f"parameter names look like {sorted(names)[:8]}.")
 
 
 def make_schedule(config) -> Callable[[Any], Any]:

@@ -28,12 +28,12 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> Tuple[int, i
   for axis, size in sizes.items():
     if size == 0 or size < -1 or (size == -1 and axis != "data"):
       raise ConfigError(f"config.mesh.{axis}={size}; expected a positive size"
-                       + (" or -1 (all remaining devices)." if axis == "data" else "."))
+                        + (" or -1 (all remaining devices)." if axis == "data" else "."))
   if sizes["data"] == -1:
     rest = sizes["fsdp"] * sizes["tensor"]
     if num_devices % rest:
       raise ConfigError(f"config.mesh fsdp x tensor = {rest} does not divide the "
-                       f"{num_devices} available devices.")
+                        f"{num_devices} available devices.")
     sizes["data"] = num_devices // rest
   total = int(np.prod(list(sizes.values())))
   if total != num_devices:
@@ -60,7 +60,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size
   dp = data_parallel_size(mesh)
   if batch_size % dp:
     raise ConfigError(f"{what}={batch_size} is not divisible by the data-parallel size "
-                     f"data x fsdp = {mesh.shape['data']}x{mesh.shape['fsdp']} = {dp}.")
+                      f"data x fsdp = {mesh.shape['data']}x{mesh.shape['fsdp']} = {dp}.")
 
 
 def axis_rules(rules) -> Tuple[Tuple[str, Any], ...]:
@@ -75,7 +75,7 @@ def axis_rules(rules) -> Tuple[Tuple[str, Any], ...]:
     for axis in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)):
       if axis is not None and axis not in MESH_AXES:
         raise ConfigError(f"config.axis_rules maps {logical!r} to unknown mesh axis {axis!r}; "
-                         f"expected one of {MESH_AXES} or None.")
+                          f"expected one of {MESH_AXES} or None.")
     out.append((logical, mesh_axes))
   return tuple(out)
 

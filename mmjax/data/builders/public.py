@@ -66,7 +66,7 @@ class PublicTfds(dataset_lib.Dataset):
     super().__init__(data_config)
     if not self.options["tfds_name"]:
       raise ConfigError(f"config.data.{data_config.name}.tfds_name is empty; expected a TFDS "
-                       "dataset name such as 'cifar10'.")
+                        "dataset name such as 'cifar10'.")
     self.default_eval_split = self.options["eval_split"]
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
