@@ -21,7 +21,7 @@ from test_train_fixtures import subprocess_env, tiny_config
 
 from mmjax import main
 from mmjax.convert import common
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, run_reporting_user_errors
 from mmjax.train import config as config_lib
 from mmjax.train import optim
 from mmjax.train import trainer
@@ -55,9 +55,18 @@ def test_cli_user_error_is_one_line_before_any_folder_is_made(tmp_path):
       "error: Unknown fusion strategy 'nope'; expected one of ['bottleneck'")
   assert "Traceback" not in quiet.stderr + quiet.stdout
   assert not workdir.exists() and not data_dir.exists()  # checked before data or workdir
-  debug = _run(args + ["--debug"], tmp_path)
-  assert debug.returncode == 1 and "Traceback" in debug.stderr
-  assert not workdir.exists()
+
+
+def test_debug_keeps_the_traceback_and_bugs_always_have_one(capsys):
+  def user_error():
+    raise ConfigError("config.x=1; expected 2.")
+  with pytest.raises(SystemExit) as exit_info:
+    run_reporting_user_errors(user_error)
+  assert exit_info.value.code == 1 and capsys.readouterr().err == "error: config.x=1; expected 2.\n"
+  with pytest.raises(ConfigError):  # --debug
+    run_reporting_user_errors(user_error, debug=True)
+  with pytest.raises(ZeroDivisionError):  # a bug is not a user error
+    run_reporting_user_errors(lambda: 1 / 0)
 
 
 @pytest.mark.parametrize("key, value, message", [
