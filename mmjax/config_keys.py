@@ -22,12 +22,14 @@ import ml_collections
 from mmjax.errors import ConfigError
 
 
-def check_known(given: Iterable[str], valid: Iterable[str], where: str) -> None:
-  """Raises a ConfigError naming `where`'s unknown keys and its valid ones."""
+def check_known(given: Iterable[str], valid: Iterable[str], where: str,
+                what: str = "keys") -> None:
+  """Raises a ConfigError naming `where`'s unknown keys (or options) and its valid ones."""
   valid = set(valid)
   unknown = sorted(set(given) - valid)
   if unknown:
-    raise ConfigError(f"Unknown {where} keys {unknown}; valid keys of {where}: {sorted(valid)}.")
+    raise ConfigError(f"Unknown {where} {what} {unknown}; valid {what} of {where}: "
+                      f"{sorted(valid)}.")
 
 
 def _keys(node) -> set:

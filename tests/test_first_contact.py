@@ -167,7 +167,7 @@ def test_sweep_points_and_validation_use_the_same_walker():
                                  {"model.droppath_rate": 0.2, "data.shapes.noise": 0.1})
   assert config.model.droppath_rate == 0.2 and config.data.shapes.noise == 0.1
   config.data.shapes.nois = 0.1
-  with pytest.raises(ConfigError, match=r"Unknown config.data.shapes keys \['nois'\]"):
+  with pytest.raises(ConfigError, match=r"Unknown config.data.shapes options \['nois'\]"):
     config_lib.check_keys(config)
 
 

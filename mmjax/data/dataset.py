@@ -35,7 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from mmjax.errors import ConfigError
+from mmjax.config_keys import check_known
 
 ENV_DATA_DIR = "MMJAX_DATA_DIR"
 
@@ -107,10 +107,7 @@ class Dataset(abc.ABC):
     options = dict(self.builder_defaults())
     given = data_config.get(data_config.name) or {}
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-    unknown = sorted(set(given) - set(options))
-    if unknown:
-      raise ConfigError(f"Unknown config.data.{data_config.name} options {unknown}; valid "
-                        f"options: {sorted(options)}.")
+    check_known(given, options, f"config.data.{data_config.name}", "options")
     options.update(given)
     self.options = options
 

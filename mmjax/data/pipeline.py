@@ -109,7 +109,7 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
   check_known(overrides, config.keys(), "config.data")
   for key, value in overrides.items():
     if key == name:  # each given option replaces its default (a `fields` map too, whole)
-      check_known(value, config[name].keys(), f"config.data.{name}")
+      check_known(value, config[name].keys(), f"config.data.{name}", "options")
       for option, option_value in value.items():
         config[name][option] = option_value
     else:

@@ -177,7 +177,8 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
   data = config.data
   if isinstance(valid["data"], Mapping) and data.get("name") in DATASETS:
     options = data.get(data.name) or {}
-    config_keys.check_known(options.keys(), valid["data"][data.name], f"config.data.{data.name}")
+    config_keys.check_known(options.keys(), valid["data"][data.name], f"config.data.{data.name}",
+                            "options")
 
 
 def check_override_keys(config: ml_collections.ConfigDict,
