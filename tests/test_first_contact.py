@@ -308,3 +308,18 @@ def test_rename_preset_carries_mlm_text_weights_into_the_question_stream():
   assert "fusion_encoder/question_block0/attention/query/kernel" in report["loaded"]
   with pytest.raises(ConfigError, match="preset 'mlm_to_vqa'"):
     checkpoint.rename_rules(("mlm_to_vqa",))
+
+
+def test_converted_position_table_that_disagrees_with_its_config_json_is_refused(tmp_path):
+  transformers = pytest.importorskip("transformers")  # the convert extra, not mmjax
+  import json  # pylint: disable=g-import-not-at-top
+  from mmjax.convert import hf  # pylint: disable=g-import-not-at-top
+  model = transformers.ViTModel(transformers.ViTConfig(
+      hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+      image_size=32, patch_size=8))
+  model.save_pretrained(str(tmp_path))
+  hf.load(str(tmp_path))  # 4x4 grid + class token: fits
+  config_file = tmp_path / "config.json"
+  config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), image_size=48)))
+  with pytest.raises(common.ConversionError, match="has 17 rows, but config.json .*6x6 grid"):
+    hf.load(str(tmp_path))

@@ -146,6 +146,22 @@ def _num_layers(weights: Mapping[str, Any], pattern: str) -> int:
   return len(layers)
 
 
+def check_position_table(weights: Mapping[str, np.ndarray], name: str,
+                         tower_config: Mapping[str, Any], path: str) -> None:
+  """Refuses a checkpoint whose position table does not fit its own config.json (its
+  image_size / patch_size grid and class token): resampling it would hide the mismatch."""
+  if name not in weights or not tower_config.get("image_size"):
+    return
+  side = int(tower_config["image_size"]) // int(tower_config["patch_size"])
+  rows = int(np.prod(weights[name].shape[:-1]))
+  if rows != side * side + 1:
+    raise common.ConversionError(
+        f"{path}: the position table {name} has {rows} rows, but config.json "
+        f"(image_size={tower_config['image_size']}, patch_size={tower_config['patch_size']}) "
+        f"gives a {side}x{side} grid and a class token ({side * side + 1} rows); fix "
+        "config.json to describe the weights.")
+
+
 # ----------------------------------------------------------------------------- model configs
 
 
@@ -307,6 +323,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   which = kind(weights, config)
   if which == "vit":
     weights = normalize_vit(weights)
+    check_position_table(weights, "embeddings.position_embeddings", config, path)
     if model_config is None:
       if not config:
         raise ConfigError(f"{path} has no config.json: pass the mmjax model config.")
@@ -316,6 +333,8 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
     fill = fill_vit
   else:
     weights = normalize_clip(weights)
+    check_position_table(weights, "vision_model.embeddings.position_embedding.weight",
+                         config.get("vision_config", {}), path)
     if model_config is None:
       if not config:
         raise ConfigError(f"{path} has no config.json: pass the mmjax model config.")
