@@ -323,3 +323,18 @@ def test_converted_position_table_that_disagrees_with_its_config_json_is_refused
   config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), image_size=48)))
   with pytest.raises(common.ConversionError, match="has 17 rows, but config.json .*6x6 grid"):
     hf.load(str(tmp_path))
+
+
+def test_init_from_warns_when_trained_parameters_are_dropped_unasked(caplog):
+  from mmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  target = {"embed/kernel": np.zeros((2, 2)), "head/kernel": np.zeros((2, 3))}
+  source = {"embed/kernel": np.ones((2, 2)), "head/kernel": np.ones((2, 3)),
+            "pre_logits/kernel": np.ones((2, 2))}
+  _, report = checkpoint.merge_params(target, source, exclude=(r"head/.*",))
+  assert report["dropped"] == ["head/kernel", "pre_logits/kernel"]
+  assert report["excluded"] == ["head/kernel"]
+  with caplog.at_level(logging.WARNING):
+    trainer._log_init_from(report, "/ckpt")
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warned) == 1 and "1 trained parameters" in warned[0]
+  assert "pre_logits/kernel" in warned[0] and "head/kernel" not in warned[0]

@@ -274,7 +274,8 @@ def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
   Source names are first renamed (`re.sub` in order), then loaded when they match
   `include`, no `exclude`, and exist in the target. Shapes must agree, except position
   embeddings (names ending in 'pos_embedding' / 'posemb'), which are resampled.
-  Returns (merged flat params, report with 'loaded', 'resampled', 'new', 'dropped').
+  Returns (merged flat params, report with 'loaded', 'resampled', 'new', 'dropped' and
+  'excluded', the dropped source names that `exclude` asked for).
   """
   renamed = {}
   for name, value in source.items():
@@ -283,13 +284,15 @@ def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
       new = re.sub(pattern, replacement, new)
     renamed[new] = (name, value)
   merged = dict(target)
-  report = {"loaded": [], "resampled": [], "new": [], "dropped": []}
+  report = {"loaded": [], "resampled": [], "new": [], "dropped": [], "excluded": []}
   problems = []
   for name, (original, value) in sorted(renamed.items()):
     wanted = (any(re.fullmatch(p, name) for p in include)
               and not any(re.fullmatch(p, name) for p in exclude))
     if not wanted or name not in target:
       report["dropped"].append(original)
+      if any(re.fullmatch(p, name) for p in exclude):
+        report["excluded"].append(original)
       continue
     shape = tuple(target[name].shape)
     if tuple(value.shape) != shape:

@@ -435,3 +435,8 @@ def _log_init_from(report: Mapping[str, List[str]], path: str) -> None:
     return
   print(f"init_from {path}: loaded {len(report['loaded'])}, resampled {report['resampled']}, "
         f"new {report['new']}, dropped {report['dropped']}", flush=True)
+  unasked = sorted(set(report["dropped"]) - set(report["excluded"]))
+  if unasked:  # trained weights thrown away without `exclude` saying so
+    logging.warning("init_from %s: %d trained parameters of the checkpoint are not loaded: %s; "
+                    "list them in config.init_from.exclude if that is intended, or map them "
+                    "with config.init_from.rename.", path, len(unasked), unasked)
