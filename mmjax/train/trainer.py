@@ -25,6 +25,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import config as config_lib
 from mmjax.train import evaluate as evaluate_lib
 from mmjax.train import optim
 from mmjax.train import program as program_lib
