@@ -29,8 +29,9 @@ setup(
     ],
     extras_require={
         # pycocoevalcap: the COCO caption toolkit caption_scores is tested against (its Java
-        # programs also give PTB tokenisation, METEOR and SPICE when `java` is installed).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pycocoevalcap>=1.2"],
+        # programs also give PTB tokenisation, METEOR and SPICE when `java` is installed);
+        # portpicker: ports for the multi-process tests.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pycocoevalcap>=1.2", "portpicker"],
         # Weight import parity tests compare against the reference PyTorch models.
         "convert": ["torch", "transformers>=4.40", "safetensors"],
         "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets

@@ -5,9 +5,10 @@
 A two-tower model: ViT-B/16 image tower (class-token pooling), a 12-layer, 512-wide,
 8-head causal text Transformer over 77 tokens pooled at the last token, both projected
 to 512-d and trained with the softmax (InfoNCE) loss over the global batch, temperature
-learned from 0.07. Optimiser as in the paper: AdamW (b2 0.98, eps 1e-6, decoupled weight
-decay 0.2), peak lr 5e-4, 2k warmup steps, cosine decay, batch 32,768, 32 epochs of
-400M pairs = 390,625 steps.
+learned from 0.07 (logit scale 1 / 0.07, capped at 100 as in OpenAI's training).
+Optimiser as in the paper: AdamW (b2 0.98, eps 1e-6, decoupled weight decay 0.2), peak
+lr 5e-4, 2k warmup steps, cosine decay, batch 32,768, 32 epochs of 400M pairs =
+390,625 steps.
 
 Data: CLIP's 400M-pair WIT set is not public; the config reads `coco_captions` (prepare
 it once: `tfds build coco_captions --data_dir=$MMJAX_DATA_DIR --file_format=array_record`)

@@ -12,8 +12,8 @@ some questions need the image alone, others image + audio, image + sensor or all
   VQA        image + question + audio + sensor fused by `model.fusion` (here: MBT
              bottleneck fusion from the middle layer) and classified over 31 answers.
 
-About 5 minutes on 2 CPU cores (306 s measured on an idle machine, the first run's data
-generation included), ending with a summary of both tasks next to their chance levels.
+About 5 minutes on 2 CPU cores (README.md has the measured time and figures), ending
+with a summary of both tasks next to their chance levels.
 Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|fusion_in_transformer`;
 `configs/ablations/fusion.py` compares them all.
 
@@ -22,6 +22,7 @@ Swap the fusion with `--config.model.fusion=early|late|hybrid|cross|fusion_in_tr
 import ml_collections
 
 from mmjax.data import pipeline
+from mmjax.errors import ConfigError
 from mmjax.train.config import default_config
 
 TEXT_LEN, QUESTION_LEN = 24, 16
@@ -37,7 +38,7 @@ def get_config(arg=None):
   config.eval_every = 500
   config.checkpoint_every = 500
   # Ends the run with retrieval and VQA next to their chance levels.
-  config.imports = ("experiments.demo_summary",)
+  config.summary_hooks = ("mmjax.demo_summary.demo_summary_hook",)
 
   config.data = pipeline.default_config(
       "shapes", max_text_len=TEXT_LEN, max_question_len=QUESTION_LEN,
@@ -75,7 +76,7 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 100
 
   if arg == "ablation":
-    # ~1 minute a run on 2 cores: VQA only (the task fusion changes), fewer examples.
+    # Cheaper runs: VQA only (the task fusion changes), smaller batches, fewer steps.
     config.model.loss_weights = {"vqa": 1.0}
     config.batch_size = 64
     config.total_steps = 400
@@ -84,5 +85,5 @@ def get_config(arg=None):
     config.checkpoint_every = 0
     config.progress_bar = False
   elif arg:
-    raise ValueError(f"configs/demo.py: unknown arg {arg!r}; expected none or 'ablation'.")
+    raise ConfigError(f"configs/demo.py: unknown arg {arg!r}; expected none or 'ablation'.")
   return config

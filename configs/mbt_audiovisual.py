@@ -3,15 +3,19 @@
 
   python -m mmjax.main --config configs/mbt_audiovisual.py --workdir /gcs/BUCKET/mbt
 
-One ViT-B encoder (12 layers, 768 wide, 12 heads) over RGB frame patches and log-mel
-spectrogram patches. Layers 0-7 see one modality each; from layer 8 on the two streams
-exchange information only through 4 shared bottleneck tokens (MBT's best setting,
-`fusion_layer=8`, `num_bottlenecks=4`). 8 frames at 224x224 cut into 16x16 patches per
-frame; 8 s of 16 kHz audio as a 128-bin log-mel spectrogram (25 ms windows, 10 ms hop)
-cut into 16x16 patches. The per-modality pooled outputs are summed and classified over
-VGGSound's 309 classes. SGD with momentum 0.9, peak lr 0.5, cosine decay, batch 64,
-50 epochs of ~170k clips. MBT initialises both streams from ImageNet-21k ViT-B/16:
-set `--config.init_from.checkpoint=PATH` (see mmjax/convert for importers).
+A ViT-B encoder per modality (12 layers, 768 wide, 12 heads; separate weights, as MBT's
+`share_encoder=False`) over RGB tubelets and log-mel spectrogram patches. Layers 0-7 see
+one modality each; from layer 8 on the two streams exchange information only through 4
+shared bottleneck tokens (MBT's best setting, `fusion_layer=8`, `num_bottlenecks=4`).
+8 frames at 224x224 cut into 2x16x16 tubelets (MBT's 3D-conv patches of 2 frames);
+8 s of 16 kHz audio as a 128-bin log-mel spectrogram (25 ms windows, 10 ms hop) cut into
+16x16 patches. Stochastic depth grows linearly with depth to 0.3 in the last layer, as
+MBT's `stochastic_droplayer_rate`. The per-modality mean-pooled outputs are summed and
+classified over VGGSound's 309 classes. SGD with momentum 0.9, peak lr 0.5, 2.5 warmup
+epochs then cosine decay, gradient clipping at norm 1, no weight decay, batch 64, 50
+epochs of ~170k clips. MBT initialises both streams from ImageNet-21k ViT-B/16: set
+`--config.init_from.checkpoint=PATH` (see mmjax/convert for importers). Not here: MBT's
+mixup (alpha 0.5), label smoothing (0.3), SpecAugment and multi-clip evaluation.
 
 Data: VGGSound is not in the TFDS catalogue; prepare it as a TFDS array_record dataset
 with `video` (uint8 [8, H, W, 3]), `audio` (int16 [128000]) and `label` features and
@@ -61,12 +65,13 @@ def get_config(arg=None):
       fusion_layer=8,
       num_bottlenecks=4,
       width=768, num_layers=12, num_heads=12, mlp_dim=3072,
-      video_patch_size=(1, 16, 16),   # per-frame 16x16 patches, as MBT
+      video_patch_size=(2, 16, 16),   # tubelets of 2 frames x 16 x 16, as MBT
       sample_rate=16_000, frame_length=400, hop_length=160, num_mel_bins=128,
       audio_patch_size=16,
       combine="sum",
       dropout_rate=0.0,
-      droppath_rate=0.3,
+      droppath_rate=0.3,              # in the last layer, 0 in the first (linear, as MBT)
+      droppath_schedule="linear",
       dtype="float32",                # bfloat16 on accelerators
   ))
 

@@ -4,12 +4,13 @@ Image Pre-Training"), as released in big_vision (B/16, 224px, 64 text tokens).
   python -m mmjax.main --config configs/siglip_b16.py --workdir /gcs/BUCKET/siglip_b16
 
 The CLIP architecture (configs/clip_b16.py) with SigLIP's changes: the pairwise sigmoid
-loss with a learned temperature (init t' = log 10) and bias (init -10), attention-pooled
-(MAP) image tower, a bidirectional B-sized text tower (768 wide, 12 layers, 12 heads)
-pooled at the last token, 768-d embeddings, 32k SentencePiece vocabulary. Optimiser:
-Adam with b2 = 0.95 (the paper's fix for large-batch instability), peak lr 1e-3,
-weight decay 1e-4 not scaled by the lr (so 0.1 in optax's AdamW), batch 32,768, cosine
-decay; 9B examples seen (the paper's B/16 ablation length).
+loss with a learned temperature (init t' = log 10; exp(t') not capped, as big_vision)
+and bias (init -10), attention-pooled (MAP) image tower, a bidirectional B-sized text
+tower (768 wide, 12 layers, 12 heads) pooled at the last token, 768-d embeddings, 32k
+SentencePiece vocabulary. Optimiser: Adam with b2 = 0.95 (the paper's fix for
+large-batch instability), peak lr 1e-3, weight decay 1e-4 not scaled by the lr (so 0.1
+in optax's AdamW), batch 32,768, cosine decay; 9B examples seen (the paper's B/16
+ablation length).
 
 Data: WebLI is not public; the config reads `coco_captions` (prepare it once, see
 configs/clip_b16.py) or any TFDS image-text set via `--config.data.name=tfds`. Point
@@ -42,6 +43,7 @@ def get_config(arg=None):
       name="two_tower",
       loss_type="sigmoid",
       scale_init=10.0,           # t' = log 10
+      max_logit_scale=None,      # SigLIP does not cap exp(t') (CLIP caps it at 100)
       bias_init=-10.0,
       embed_dim=768,
       vocab_size=32_000,

@@ -1,64 +1,17 @@
-"""The demo's closing summary: what the model learned, next to chance, and where things are.
+"""Deprecated: the demo summary is `mmjax.demo_summary`, named in `config.summary_hooks`.
 
-configs/demo.py imports this module (`config.imports`); importing it appends a hook to
-the trainer's end-of-run summary (`mmjax.train.trainer.SUMMARY_HOOKS`). For a run of
-the demo (a `multimodal` model on `shapes` with retrieval and VQA metrics) it prints
-
-    image -> caption recall@1   0.xxx   chance 0.001 (1 in 1,000 validation captions)
-    caption -> image recall@1   0.xxx   chance 0.001
-    VQA accuracy                0.xxx   chance 0.255 (best answer from the question alone)
-
-and where the checkpoints, TensorBoard logs and metrics.jsonl are. Runs without these
-metrics get nothing added.
+Importing this module (e.g. from an old config's `imports`) still adds the hook to every
+run's summary, through the deprecated `mmjax.train.trainer.SUMMARY_HOOKS` list.
 """
-import os
-from typing import Any, Dict, Mapping, Optional
+import warnings
 
+from mmjax.demo_summary import (RETRIEVAL, VQA, chance_levels, demo_summary_hook,  # noqa: F401
+                                format_demo_summary)
 from mmjax.train import trainer
 
-RETRIEVAL = (("image -> caption recall@1", "eval/i2t_recall@1"),
-             ("caption -> image recall@1", "eval/t2i_recall@1"))
-VQA = ("VQA accuracy", "eval/vqa_accuracy")
-
-
-def chance_levels(data_config) -> Dict[str, float]:
-  """Chance recall@1 of retrieval and question-only VQA accuracy on the eval split."""
-  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  info = pipeline.dataset_info(data_config)
-  chance = info.get("chance", {})
-  out = {"retrieval": chance.get(f"retrieval_recall_at_1_{info['eval_split']}")}
-  out["eval_size"] = info["splits"].get(info["eval_split"])
-  out["vqa"] = chance.get("answer_question_only_overall")
-  return out
-
-
-def format_demo_summary(results: Mapping[str, Any], chance: Mapping[str, Optional[float]],
-                        workdir: str) -> str:
-  """The lines above, for the metrics present in `results`."""
-  lines = ["", f"=== what the model learned ({chance.get('eval_size') or '?'} held-out "
-               "scenes) ==="]
-  for name, key in RETRIEVAL:
-    if key in results and chance.get("retrieval"):
-      lines.append(f"  {name:<28}{results[key]:>7.3f}   chance {chance['retrieval']:.3f} "
-                   f"(1 in {round(1 / chance['retrieval']):,} captions)")
-  name, key = VQA
-  if key in results and chance.get("vqa") is not None:
-    lines.append(f"  {name:<28}{results[key]:>7.3f}   chance {chance['vqa']:.3f} "
-                 "(best answer from the question alone)")
-  lines += [f"  checkpoints   {os.path.join(workdir, 'checkpoints')}",
-            f"  TensorBoard   tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
-            f"  metrics       {os.path.join(workdir, 'metrics.jsonl')}"]
-  return "\n".join(lines)
-
-
-def demo_summary_hook(results: Mapping[str, Any], config, workdir: str) -> str:
-  # Once imported, the hook sees every later run in the process: only speak for runs
-  # with the demo's metrics.
-  keys = [key for _, key in RETRIEVAL] + [VQA[1]]
-  if not any(key in results for key in keys) or config.get("data") is None:
-    return ""
-  return format_demo_summary(results, chance_levels(config.data), os.path.abspath(workdir))
-
+warnings.warn("experiments.demo_summary moved to mmjax.demo_summary; name its hook in the "
+              "config instead: config.summary_hooks = ('mmjax.demo_summary.demo_summary_hook',)",
+              DeprecationWarning, stacklevel=2)
 
 if demo_summary_hook not in trainer.SUMMARY_HOOKS:
   trainer.SUMMARY_HOOKS.append(demo_summary_hook)

@@ -33,6 +33,9 @@ from typing import Any, Dict, Optional
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax import cli
+from mmjax.errors import ConfigError, run_reporting_user_errors
+
 # HBM per chip in GiB, matched as substrings of `device_kind`, most specific first
 # (v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite").
 HBM_GIB_PER_CHIP = (
@@ -53,16 +56,6 @@ GPU_TARGETS = {
                  bandwidth=4_800_000_000_000, clock_ghz=1.755),
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x2, "
-                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices; GPUs as h100:8 or "
-                                "h200:2x8 (hosts x GPUs per host); 'local' for this "
-                                "machine's own devices.")
-_JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
-_FIND_MAX_BATCH = flags.DEFINE_bool("find-max-batch", False, "Bisect the largest global "
-                                    "batch that fits (multiples of the data-parallel size).")
-flags.mark_flags_as_required(["config", "topology"])
 
 
 class AotError(Exception):
@@ -356,15 +349,38 @@ def run(config, topology: str, config_name: str = "", json_path: Optional[str] =
   return report
 
 
-def main(argv):
+def _define_flags():
+  """The command line's flags (defined only when run as a program, so that importing this
+  module next to mmjax.main defines no flag twice)."""
+  config = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
+                                           lock_config=True)
+  topology = flags.DEFINE_string(
+      "topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x2, v5p:4x4x4, v6e:8x8; NxTOPO for "
+      "N slices; GPUs as h100:8 or h200:2x8 (hosts x GPUs per host); 'local' for this "
+      "machine's own devices.")
+  json_path = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+  max_batch = flags.DEFINE_bool("find-max-batch", False, "Search the largest global batch "
+                                "that fits (multiples of the data-parallel size).")
+  flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
+  flags.mark_flags_as_required(["config", "topology"])
+  return config, topology, json_path, max_batch
+
+
+def main(argv, config_flag, topology_flag, json_flag, max_batch_flag):
   del argv
   config_name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
                      None) or sys.argv[sys.argv.index("--config") + 1]
-  try:
-    report = run(_CONFIG.value, _TOPOLOGY.value, config_name, _JSON.value,
-                 _FIND_MAX_BATCH.value)
-  except (AotError, ValueError) as e:
-    sys.exit(f"error: {e}")
+
+  def compile_and_report():
+    config = config_flag.value
+    cli.apply_new_overrides(config)
+    try:
+      return run(config, topology_flag.value, config_name, json_flag.value,
+                 max_batch_flag.value)
+    except AotError as e:
+      raise ConfigError(str(e)) from e
+
+  report = run_reporting_user_errors(compile_and_report, debug=flags.FLAGS.debug)
   if report.out_of_memory:
     sys.exit(f"error: does not fit on {report.topology}: {report.error}")
   if not report.compiled:
@@ -376,4 +392,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _compile_only_environment()
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, *_flags), flags_parser=cli.parse_flags)

@@ -1,10 +1,16 @@
 """Command-line entry point: `python -m mmjax.main --config configs/NAME.py --workdir DIR`.
 
-Any config field is overridable, e.g. `--config.optimizer.lr=3e-4 --config.mesh.fsdp=2`;
-a key that does not exist is an error naming the valid keys. Running the same command
-again resumes from the newest good checkpoint in DIR; what is refused instead (a config
-the checkpoint does not fit, a workdir in use, all checkpoints damaged) exits 1 with the
+Any config field is overridable, e.g. `--config.optimizer.lr=3e-4 --config.mesh.fsdp=2`,
+and so is every field of the selected model and option of the selected dataset, set in
+the config file or not (`--config.model.droppath_rate=0.1`); a key that does not exist
+is an error naming the valid keys (see mmjax/cli.py). Running the same command again
+resumes from the newest good checkpoint in DIR; what is refused instead (a config the
+checkpoint does not fit, a workdir in use, all checkpoints damaged) exits 1 with the
 cause, nothing in DIR moved or overwritten.
+
+User errors (a bad value, an unknown name, a missing file, a mesh that does not fit) are
+one `error: ...` line; `--debug` shows their traceback. Library logs are off unless
+`--log_level=info` (or `--verbosity=1`).
 
 Multi-process runs (TPU pod slices, multi-node GPU) launch this same command once per
 process; see mmjax/train/LAUNCH.md. The coordinator comes from the flags below or is
@@ -14,6 +20,10 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from mmjax import console
+from mmjax import cli
+from mmjax.errors import run_reporting_user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
                                           lock_config=True)
@@ -29,42 +39,33 @@ _START_OVER = flags.DEFINE_bool(
 _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess", False, "Force jax.distributed.initialize() with the cluster's own "
     "auto-detection (TPU pod slices, SLURM, Open MPI) even where mmjax does not detect it.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of user errors too (a bad "
+                           "config value, an unknown name, a missing file).")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", console.LOG_LEVELS,
+                               "Level of library logs (orbax, absl, jax, TFDS) on the console; "
+                               "info brings them all back.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _check_overrides(argv):
-  """Reports an unknown `--config.x.y=` key with the valid keys, instead of a traceback."""
-  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
-    spec = argv[argv.index("--config") + 1]
-  keys = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if spec and keys:
-    config_lib.check_override_keys(config_lib.load_config_file(spec), keys)
-
-
-def _parse(argv):
-  try:
-    _check_overrides(argv)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  return flags.FLAGS(argv)
-
 
 def main(argv):
   del argv
-  from mmjax.train import trainer  # pylint: disable=g-import-not-at-top
-  trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value, force=_MULTIPROCESS.value)
-  from mmjax.train import checkpoint, lock, workdir  # pylint: disable=g-import-not-at-top
-  refusals = (checkpoint.CheckpointShapeError, checkpoint.NoReadableCheckpointError,
-              checkpoint.CheckpointSaveError, lock.WorkdirLockedError,
-              workdir.UnsupportedWorkdirError)
-  try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
-  except refusals as e:  # a named cause, not a traceback; exit status 1
-    sys.exit(f"error: {e}")
+  if not flags.FLAGS["verbosity"].present:  # absl's own --verbosity wins
+    console.set_log_level(_LOG_LEVEL.value)
+
+  def run():
+    from mmjax.train import checkpoint, lock, trainer, workdir  # pylint: disable=g-import-not-at-top
+    config = _CONFIG.value
+    cli.apply_new_overrides(config)
+    trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                         _PROCESS_ID.value, force=_MULTIPROCESS.value)
+    refusals = (checkpoint.CheckpointShapeError, checkpoint.NoReadableCheckpointError,
+                checkpoint.CheckpointSaveError, lock.WorkdirLockedError,
+                workdir.UnsupportedWorkdirError)
+    try:
+      trainer.train_and_evaluate(config, _WORKDIR.value, start_over=_START_OVER.value)
+    except refusals as e:  # a named cause, not a traceback; exit status 1
+      sys.exit(f"error: {e}")
+  run_reporting_user_errors(run, debug=_DEBUG.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -12,6 +12,8 @@ e.g. through `config.imports = ("my_fork.fusion",)`).
 """
 from typing import Any, Callable, Dict, Iterator
 
+from mmjax.errors import ConfigError
+
 
 class Registry:
   """A named collection of objects, filled by the `register` decorator."""
@@ -32,7 +34,7 @@ class Registry:
 
   def get(self, name: str) -> Any:
     if name not in self._entries:
-      raise ValueError(
+      raise ConfigError(
           f"Unknown {self.kind} {name!r}; expected one of {sorted(self._entries)}.")
     return self._entries[name]
 

@@ -50,22 +50,11 @@ COST_COLUMNS = ("params", "gflops")
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted-path overrides; unknown paths name the valid keys."""
+  """A copy of `config` with dotted-path overrides (model fields and dataset options the
+  config leaves at their defaults included); unknown paths name the valid keys."""
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # copy, FieldReferences resolved
-  for path, value in overrides.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for i, key in enumerate(parents + [leaf]):
-      if key not in node:
-        where = ".".join(parents[:i]) or "the config"
-        raise KeyError(f"Override {path!r}: {where} has no field {key!r}; "
-                       f"valid fields: {sorted(node.keys())}.")
-      if i < len(parents):
-        node = node[key]
-        if not isinstance(node, ml_collections.ConfigDict):
-          raise KeyError(f"Override {path!r}: {'.'.join(parents[:i + 1])!r} is a "
-                         f"{type(node).__name__}, not a config section.")
-    node[leaf] = value  # ConfigDict type-checks the new value against the old one
+  config_lib.apply_overrides(config, overrides)
   return config
 
 

@@ -63,7 +63,7 @@ def test_unknown_config_field_is_an_error(digits):
   config = digits.copy_and_resolve_references()
   with config.unlocked():
     config.max_txt_len = 3
-  with pytest.raises(ValueError, match="Unknown config.data fields.*max_txt_len"):
+  with pytest.raises(ValueError, match="Unknown config.data keys.*max_txt_len"):
     pipeline.dataset_info(config)
 
 

@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from mmjax import sweep as sweep_lib
+from mmjax.errors import ConfigError
 
 
 def _fake_sweep():
@@ -39,7 +40,7 @@ def test_expand_resolves_points_and_seeds():
 
 
 def test_bad_override_names_valid_fields():
-  with pytest.raises(KeyError, match="valid fields.*fusion"):
+  with pytest.raises(ConfigError, match="valid keys of config.model.*fusion"):
     sweep_lib.apply_overrides(_fake_sweep().base, {"model.fuson": "late"})
 
 

@@ -1,17 +1,13 @@
-"""The registered ViT trains under the trainer on a 2x2x2 mesh (tensor-parallel attention).
-
-Skipped until mmjax.models.vit exists; then it guards the model <-> trainer integration
-(logical axis names and constraints of real transformer layers under jax.set_mesh).
+"""The registered ViT trains under the trainer on a 2x2x2 mesh (tensor-parallel attention):
+the model <-> trainer integration (logical axis names and constraints of real transformer
+layers under jax.set_mesh).
 """
 import ml_collections
 import numpy as np
-import pytest
 
 from test_train_fixtures import losses, tiny_config
 
 from mmjax.train import trainer
-
-pytest.importorskip("mmjax.models.vit")
 
 
 def test_vit_trains_on_a_2x2x2_mesh(tmp_path):

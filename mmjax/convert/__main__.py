@@ -24,7 +24,6 @@ Hugging Face model directory):
   python -m mmjax.convert --to hf --src /ckpt/vit_b16 --dst ./vit-b16-hf --image-size 224
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -32,21 +31,21 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from mmjax.errors import ConfigError, run_reporting_user_errors
+
 
 def read_model_config(spec: Optional[str]) -> Optional[ml_collections.ConfigDict]:
   """A configs/NAME.py (its get_config().model) or a JSON file -> the model ConfigDict."""
   if not spec:
     return None
   if spec.endswith(".py"):
-    module_spec = importlib.util.spec_from_file_location("_model_config", spec)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config()
+    from mmjax.train.config import load_config_file  # pylint: disable=g-import-not-at-top
+    config = load_config_file(spec)
     return config.model if "model" in config else config
   if spec.endswith(".json"):
     with open(spec) as f:
       return ml_collections.ConfigDict(json.load(f))
-  raise ValueError(f"--model-config must be a configs/NAME.py or a .json file; given {spec!r}.")
+  raise ConfigError(f"--model-config must be a configs/NAME.py or a .json file; given {spec!r}.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                       "than the checkpoint")
   p.add_argument("--no-strict", action="store_true",
                  help="report, instead of refusing, unused or unfilled parameters")
+  p.add_argument("--debug", action="store_true",
+                 help="show the traceback of user errors (bad flags, missing or truncated files)")
   return p
 
 
@@ -81,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if model_config is None:
       path = os.path.join(args.src, "model_config.json")
       if not os.path.exists(path):
-        raise SystemExit(f"--model-config is needed: {path} does not exist.")
+        raise ConfigError(f"--model-config is needed: {path} does not exist.")
       model_config = read_model_config(path)
     from mmjax.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
     params = load_params(args.src)  # what init_from reads: a converted DST or a run
@@ -114,4 +115,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_reporting_user_errors(main, debug="--debug" in sys.argv[1:]))

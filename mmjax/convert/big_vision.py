@@ -27,6 +27,7 @@ import numpy as np
 from mmjax.convert import common
 from mmjax.convert import layout
 from mmjax.convert.common import Flat
+from mmjax.errors import ConfigError
 
 # flax modules on both sides: every tensor is copied (reshaped to the mmjax shape).
 COPY = common.Rule(common.copy, np.asarray)
@@ -110,7 +111,7 @@ def vit_model_config(weights: Mapping[str, np.ndarray], num_heads: int,
        if k.startswith(src + "Transformer/encoderblock_0/") and k.endswith("query/kernel")]
   heads = q[0].shape[1] if q and q[0].ndim == 3 else num_heads
   if not heads:
-    raise ValueError("Pass the number of attention heads (the checkpoint does not record it).")
+    raise ConfigError("Pass the number of attention heads (the checkpoint does not record it).")
   block = "MlpBlock_3" if src + "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel" in weights \
       else "MlpBlock_0"
   # big_vision's pool "tok" is mmjax's "cls"; "gap" there averages all (patch) tokens.

@@ -21,12 +21,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 Shape = Tuple[int, ...]
 Flat = Dict[str, np.ndarray]
 Transform = Callable[[np.ndarray, Shape], np.ndarray]
 
 
-class ConversionError(ValueError):
+class ConversionError(ConfigError):
   """A checkpoint that does not fit the model: the message lists every offending name."""
 
 
@@ -121,15 +123,27 @@ def read_checkpoint(path: str) -> Flat:
       flat.update(read_checkpoint(f))
     return flat
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: _as_float32(z[k]) for k in z.files}
-  if path.endswith(".safetensors"):
-    return {k: _as_float32(v) for k, v in _safetensors_load(path).items()}
-  if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
-    return _torch_load(path)
-  raise ValueError(
-      f"Unknown checkpoint format {path!r}: expected .npz, .safetensors, .bin/.pt/.pth/.ckpt "
-      "or a Hugging Face model directory.")
+    read = lambda: _npz_load(path)
+  elif path.endswith(".safetensors"):
+    read = lambda: {k: _as_float32(v) for k, v in _safetensors_load(path).items()}
+  elif path.endswith((".bin", ".pt", ".pth", ".ckpt")):
+    read = lambda: _torch_load(path)
+  else:
+    raise ConfigError(
+        f"Unknown checkpoint format {path!r}: expected .npz, .safetensors, .bin/.pt/.pth/.ckpt "
+        "or a Hugging Face model directory.")
+  try:
+    return read()
+  except ImportError:
+    raise
+  except Exception as e:  # each reader fails its own way on a cut-off file
+    raise ConfigError(f"Cannot read weights file {path} ({os.path.getsize(path):,} bytes): "
+                      f"truncated or corrupt? {type(e).__name__}: {e}") from e
+
+
+def _npz_load(path: str) -> Flat:
+  with np.load(path, allow_pickle=False) as z:
+    return {k: _as_float32(z[k]) for k in z.files}
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:

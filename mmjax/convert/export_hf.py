@@ -21,6 +21,7 @@ from mmjax.convert import common
 from mmjax.convert import hf
 from mmjax.convert import layout
 from mmjax.convert.common import Flat
+from mmjax.errors import ConfigError
 
 
 def _encoder_depth(params: Mapping[str, Any], encoder: str) -> int:
@@ -34,8 +35,8 @@ def _encoder_config(params: Mapping[str, np.ndarray], encoder: str, model_config
   activation and LayerNorm epsilon from the model config."""
   activation = (model_config or {}).get("activation", "gelu_tanh")
   if activation not in hf.EXPORT_ACTIVATIONS:
-    raise ValueError(f"Hugging Face has no activation for mmjax's {activation!r}; exportable: "
-                     f"{sorted(hf.EXPORT_ACTIVATIONS)}.")
+    raise ConfigError(f"Hugging Face has no activation for mmjax's {activation!r}; exportable: "
+                      f"{sorted(hf.EXPORT_ACTIVATIONS)}.")
   q = params[f"{layout.block(encoder, 0)}/attention/query/kernel"]  # [D, heads, head_dim]
   return dict(hidden_size=int(q.shape[0]), num_hidden_layers=_encoder_depth(params, encoder),
               num_attention_heads=int(q.shape[1]),
@@ -48,8 +49,8 @@ def _encoder_config(params: Mapping[str, np.ndarray], encoder: str, model_config
 def _check_pool(model_config, field: str, allowed) -> None:
   value = (model_config or {}).get(field)
   if value is not None and value not in allowed:
-    raise ValueError(f"Hugging Face pools with {allowed}; this model has {field}={value!r}, "
-                     "which the exported model would not compute.")
+    raise ConfigError(f"Hugging Face pools with {allowed}; this model has {field}={value!r}, "
+                      "which the exported model would not compute.")
 
 
 def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias: bool
@@ -62,8 +63,8 @@ def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias
   kernel = params[prefix + layout.PATCH_KERNEL]                 # [p, p, C, D]
   width = kernel.shape[-1]
   if prefix + layout.CLS not in params:
-    raise ValueError("Hugging Face ViT / CLIP need a class token; this model has none "
-                     "(pool_type / class_token).")
+    raise ConfigError("Hugging Face ViT / CLIP need a class token; this model has none "
+                      "(pool_type / class_token).")
   table = params[prefix + layout.POSEMB].reshape(-1, width)     # class row, then the grid
   bias = params.get(prefix + layout.PATCH_BIAS, np.zeros(width, np.float32))
   if not patch_bias:
@@ -71,8 +72,8 @@ def _vision_embeddings(params: Mapping[str, np.ndarray], prefix: str, patch_bias
   num_patches = table.shape[0] - 1
   side = int(round(np.sqrt(num_patches)))
   if side * side != num_patches:
-    raise ValueError(f"Hugging Face needs a square patch grid; this model has {num_patches} "
-                     "patches.")
+    raise ConfigError(f"Hugging Face needs a square patch grid; this model has {num_patches} "
+                      "patches.")
   out = {"conv": np.transpose(kernel, (3, 2, 0, 1)), "cls": params[prefix + layout.CLS].reshape(-1),
          "pos": table, "image_size": side * kernel.shape[0]}
   if patch_bias:
@@ -87,12 +88,12 @@ def vit_state_dict(params: Mapping[str, np.ndarray], model_config=None
   has_head = layout.HEAD + "/kernel" in params
   has_pooler = layout.PRE_LOGITS + "/kernel" in params
   if has_head and has_pooler:
-    raise ValueError("HF ViTForImageClassification classifies the class token directly; this "
-                     f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
-                     "its head, which HF would skip.")
+    raise ConfigError("HF ViTForImageClassification classifies the class token directly; this "
+                      f"model has a '{layout.PRE_LOGITS}' layer (representation_size) before "
+                      "its head, which HF would skip.")
   if layout.PRE_NORM + "/scale" in params:
-    raise ValueError(f"HF ViT has no LayerNorm before its encoder; this model has one "
-                     f"('{layout.PRE_NORM}', pre_norm=True), which HF would skip.")
+    raise ConfigError(f"HF ViT has no LayerNorm before its encoder; this model has one "
+                      f"('{layout.PRE_NORM}', pre_norm=True), which HF would skip.")
   p = "vit." if has_head else ""
   emb = _vision_embeddings(params, "", patch_bias=True)
   sd = {p + "embeddings.patch_embeddings.projection.weight": emb["conv"],
@@ -131,10 +132,10 @@ def clip_state_dict(params: Mapping[str, np.ndarray], model_config=None
   _check_pool(model_config, "image_pool", ("cls",))
   _check_pool(model_config, "text_pool", ("argmax",))
   if (model_config or {}).get("loss_type", "softmax") != "softmax" or layout.LOGIT_BIAS in params:
-    raise ValueError("CLIP has no logit bias: only softmax (CLIP) two-towers export to HF CLIP.")
+    raise ConfigError("CLIP has no logit bias: only softmax (CLIP) two-towers export to HF CLIP.")
   img = layout.IMG + "/"
   if img + layout.PATCH_KERNEL not in params:
-    raise ValueError(f"HF CLIP needs both towers; these params have no image tower ('{img}').")
+    raise ConfigError(f"HF CLIP needs both towers; these params have no image tower ('{img}').")
   sd = _clip_pre_norm(params, img)
   emb = _vision_embeddings(params, img, patch_bias=False)
   v, t = "vision_model.", "text_model."
@@ -177,9 +178,9 @@ def clip_state_dict(params: Mapping[str, np.ndarray], model_config=None
 def _clip_pre_norm(params: Mapping[str, np.ndarray], img: str) -> Flat:
   name = img + layout.PRE_NORM
   if name + "/scale" not in params:
-    raise ValueError("HF CLIP normalises the vision embeddings before the encoder "
-                     "(pre_layrnorm); this mmjax image tower has no such LayerNorm "
-                     f"('{name}'), so the export would compute something else.")
+    raise ConfigError("HF CLIP normalises the vision embeddings before the encoder "
+                      "(pre_layrnorm); this mmjax image tower has no such LayerNorm "
+                      f"('{name}'), so the export would compute something else.")
   return {"vision_model.pre_layrnorm.weight": params[name + "/scale"],
           "vision_model.pre_layrnorm.bias": params[name + "/bias"]}
 
@@ -203,11 +204,11 @@ def export(params: Mapping[str, Any], model_config, dst: str,
     sd, config = clip_state_dict(flat, model_config)
     size = config["vision_config"]["image_size"]
   else:
-    raise ValueError(f"Export to Hugging Face supports models 'vit' and 'two_tower'; given "
-                     f"{name!r}.")
+    raise ConfigError(f"Export to Hugging Face supports models 'vit' and 'two_tower'; given "
+                      f"{name!r}.")
   if image_size and image_size != size:
-    raise ValueError(f"--image-size {image_size} differs from the model's {size}; resample "
-                     "the position embedding by importing at the new size first.")
+    raise ConfigError(f"--image-size {image_size} differs from the model's {size}; resample "
+                      "the position embedding by importing at the new size first.")
   os.makedirs(dst, exist_ok=True)
   save_file({k: np.array(v, np.float32, order="C") for k, v in sd.items()},  # keeps 0-d
             os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})

@@ -26,6 +26,7 @@ import numpy as np
 from mmjax.convert import common
 from mmjax.convert import layout
 from mmjax.convert.common import LINEAR_IN, LINEAR_OUT, VECTOR, Flat
+from mmjax.errors import ConfigError
 
 # {mmjax name under the block: (HF name under the layer, rule)}.
 VIT_BLOCK = {
@@ -114,8 +115,8 @@ def kind(weights: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     return "clip"
   if any("patch_embeddings.projection" in k for k in weights):
     return "vit"
-  raise ValueError(f"Not a Hugging Face ViT or CLIP checkpoint (model_type {model_type!r}); "
-                   f"tensor names look like {sorted(weights)[:6]}.")
+  raise ConfigError(f"Not a Hugging Face ViT or CLIP checkpoint (model_type {model_type!r}); "
+                    f"tensor names look like {sorted(weights)[:6]}.")
 
 
 def normalize_vit(weights: Mapping[str, np.ndarray]) -> Flat:
@@ -141,8 +142,24 @@ def normalize_clip(weights: Mapping[str, np.ndarray]) -> Flat:
 def _num_layers(weights: Mapping[str, Any], pattern: str) -> int:
   layers = {int(m.group(1)) for k in weights for m in [re.match(pattern, k)] if m}
   if layers != set(range(len(layers))):
-    raise ValueError(f"Layers {sorted(layers)} of {pattern!r} are not numbered 0..n-1.")
+    raise ConfigError(f"Layers {sorted(layers)} of {pattern!r} are not numbered 0..n-1.")
   return len(layers)
+
+
+def check_position_table(weights: Mapping[str, np.ndarray], name: str,
+                         tower_config: Mapping[str, Any], path: str) -> None:
+  """Refuses a checkpoint whose position table does not fit its own config.json (its
+  image_size / patch_size grid and class token): resampling it would hide the mismatch."""
+  if name not in weights or not tower_config.get("image_size"):
+    return
+  side = int(tower_config["image_size"]) // int(tower_config["patch_size"])
+  rows = int(np.prod(weights[name].shape[:-1]))
+  if rows != side * side + 1:
+    raise common.ConversionError(
+        f"{path}: the position table {name} has {rows} rows, but config.json "
+        f"(image_size={tower_config['image_size']}, patch_size={tower_config['patch_size']}) "
+        f"gives a {side}x{side} grid and a class token ({side * side + 1} rows); fix "
+        "config.json to describe the weights.")
 
 
 # ----------------------------------------------------------------------------- model configs
@@ -309,18 +326,21 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   which = kind(weights, config)
   if which == "vit":
     weights = normalize_vit(weights)
+    check_position_table(weights, "embeddings.position_embeddings", config, path)
     if model_config is None:
       if not config:
-        raise ValueError(f"{path} has no config.json: pass the mmjax model config.")
+        raise ConfigError(f"{path} has no config.json: pass the mmjax model config.")
       model_config = vit_model_config(config, weights)
     towers = [(config, "vit", "the ViT")]
     image_size = image_size or config.get("image_size")
     fill = fill_vit
   else:
     weights = normalize_clip(weights)
+    check_position_table(weights, "vision_model.embeddings.position_embedding.weight",
+                         config.get("vision_config", {}), path)
     if model_config is None:
       if not config:
-        raise ValueError(f"{path} has no config.json: pass the mmjax model config.")
+        raise ConfigError(f"{path} has no config.json: pass the mmjax model config.")
       model_config = clip_model_config(config)
     towers = [(config.get("vision_config", {}), "clip", "CLIP's vision tower"),
               (config.get("text_config", {}), "clip", "CLIP's text tower")]
@@ -329,10 +349,10 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   approximate = [a for tower_config, family, what in towers
                  for a in approximations(tower_config, model_config, family, what)]
   if approximate and not allow_approximate:
-    raise ValueError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
-                     "allow_approximate=True (--allow-approximate) to accept the difference.")
+    raise ConfigError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
+                      "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
-    raise ValueError("Unknown image size: pass image_size (--image-size).")
+    raise ConfigError("Unknown image size: pass image_size (--image-size).")
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
   report.notes.extend(f"approximate: {a}" for a in approximate)

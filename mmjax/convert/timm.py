@@ -25,6 +25,7 @@ import numpy as np
 from mmjax.convert import common
 from mmjax.convert import layout
 from mmjax.convert.common import LINEAR_IN, LINEAR_OUT, VECTOR, Flat
+from mmjax.errors import ConfigError
 
 # After `split_qkv`, {mmjax name under the block: (timm name under `blocks.{i}.`, rule)}.
 BLOCK = {
@@ -126,14 +127,14 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   weights = normalize(common.read_checkpoint(path))
   if model_config is None:
     if not num_heads:
-      raise ValueError("A timm state dict does not record the number of attention heads: "
-                       "pass the mmjax model config (--model-config) or num_heads.")
+      raise ConfigError("A timm state dict does not record the number of attention heads: "
+                        "pass the mmjax model config (--model-config) or num_heads.")
     model_config = vit_model_config(weights, num_heads)
   approximate = common.numerics_differences(
       model_config, NUMERICS["activation"], NUMERICS["layer_norm_epsilon"], "timm's ViT")
   if approximate and not allow_approximate:
-    raise ValueError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
-                     "allow_approximate=True (--allow-approximate) to accept the difference.")
+    raise ConfigError("Loading would change the outputs: " + "; ".join(approximate) + ". Pass "
+                      "allow_approximate=True (--allow-approximate) to accept the difference.")
   if not image_size:
     patches = weights["pos_embed"].shape[1] - ("cls_token" in weights)
     image_size = int(round(np.sqrt(patches))) * weights["patch_embed.proj.weight"].shape[-1]

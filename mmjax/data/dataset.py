@@ -29,12 +29,17 @@ unknown keys are an error. Sections named after other datasets are ignored, so s
 datasets is one field: `--config.data.name=cifar10`.
 """
 import abc
+import contextlib
 import dataclasses
 import fcntl
+import io
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import logging
+
+from mmjax.config_keys import check_known
 
 ENV_DATA_DIR = "MMJAX_DATA_DIR"
 
@@ -117,10 +122,7 @@ class Dataset(abc.ABC):
     options = dict(self.builder_defaults())
     given = data_config.get(data_config.name) or {}
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-    unknown = sorted(set(given) - set(options))
-    if unknown:
-      raise ValueError(f"Unknown config.data.{data_config.name} options {unknown}; valid "
-                       f"options: {sorted(options)}.")
+    check_known(given, options, f"config.data.{data_config.name}", "options")
     options.update(given)
     self.options = options
 
@@ -225,7 +227,13 @@ class TfdsDataset(Dataset):
         else:
           import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
           tfds.disable_progress_bar()
-          self.builder.download_and_prepare()
+          print(f"Preparing dataset {self.config.name} in {self.builder.data_dir} "
+                "(first use only).", flush=True)
+          # TFDS prints "Downloading and preparing..." even for generated data: log it.
+          chatter = io.StringIO()
+          with contextlib.redirect_stdout(chatter):
+            self.builder.download_and_prepare()
+          logging.info("%s", chatter.getvalue().strip())
     if self.spm_path and not os.path.exists(self.spm_path):
       from mmjax.data import tokenizer  # pylint: disable=g-import-not-at-top
       source = self.builder.as_data_source(split="train")

@@ -71,10 +71,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmjax.config_keys import check_known
 from mmjax.data import builders  # noqa: F401  (registers the bundled datasets)
 from mmjax.data import dataset as dataset_lib
 from mmjax.data import preprocess as pp_lib
 from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.errors import ConfigError
 from mmjax.registry import DATASETS
 
 # Bad records skipped by this process (per worker process when num_workers > 0),
@@ -113,11 +115,12 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
       "prefetch": 16,
       "drop_bad_records": False,
   })
+  check_known(overrides, config.keys(), "config.data")
   for key, value in overrides.items():
-    if key not in config:
-      raise ValueError(f"Unknown config.data field {key!r}; valid: {sorted(config)}.")
-    if key == name:
-      config[name].update(value)
+    if key == name:  # each given option replaces its default (a `fields` map too, whole)
+      check_known(value, config[name].keys(), f"config.data.{name}", "options")
+      for option, option_value in value.items():
+        config[name][option] = option_value
     else:
       config[key] = value
   return config
@@ -126,13 +129,10 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
 def _complete(data_config) -> ml_collections.ConfigDict:
   """data_config with missing fields filled from default_config; unknown fields raise."""
   if "name" not in data_config:
-    raise ValueError(f"config.data needs a `name`; expected one of {DATASETS.names()}.")
+    raise ConfigError(f"config.data needs a `name`; expected one of {DATASETS.names()}.")
   name = data_config.name
   full = default_config(name)
-  unknown = sorted(set(data_config) - set(full) - set(DATASETS.names()))
-  if unknown:
-    raise ValueError(f"Unknown config.data fields {unknown}; valid fields: {sorted(full)} "
-                     "(or a section named after a dataset).")
+  check_known(data_config.keys(), set(full.keys()) | set(DATASETS.names()), "config.data")
   given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
   full.update({k: v for k, v in given.items() if k not in DATASETS})
   # The dataset's own section as given (the dataset validates it against its defaults).
@@ -187,8 +187,8 @@ class _ExampleMaker:
     try:
       example = self.pp(record, rng)
     except Exception as e:
-      raise ValueError(f"Preprocessing record {where} with {self.pp_spec!r} failed: "
-                       f"{type(e).__name__}: {e}") from e
+      raise ConfigError(f"Preprocessing record {where} with {self.pp_spec!r} failed: "
+                        f"{type(e).__name__}: {e}") from e
     example = {k: _to_contract(k, v, where) for k, v in example.items()}
     example["index"] = np.int32(index)
     return example
@@ -225,7 +225,7 @@ def _to_contract(key: str, value: Any, where: str) -> np.ndarray:
   """Casts a preprocessed value to its batch-contract dtype; text left raw is an error."""
   value = np.asarray(value)
   if value.dtype.kind not in "biuf":
-    raise ValueError(
+    raise ConfigError(
         f"After preprocessing {where}, batch key {key!r} holds {value.dtype} data; expected "
         "numbers (tokenize text with tokenize(...) or drop the key with keep(...)).")
   return value.astype(CONTRACT_DTYPES[key]) if key in CONTRACT_DTYPES else value
@@ -236,8 +236,8 @@ def _process_shard(process_index, process_count, global_batch_size):
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"the number of processes ({count}).")
+    raise ConfigError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                      f"the number of processes ({count}).")
   return index, count, global_batch_size // count
 
 
@@ -256,8 +256,8 @@ def create_train_iterator(data_config, *, global_batch_size: int, seed: int,
   shard = grain.MapDataset.range(len(maker.source))[pi::pc]
   shard_len = len(shard)
   if shard_len < local_batch:
-    raise ValueError(f"Process {pi} has {shard_len} examples of {maker.name}/{maker.split}, "
-                     f"fewer than one batch of {local_batch}.")
+    raise ConfigError(f"Process {pi} has {shard_len} examples of {maker.name}/{maker.split}, "
+                      f"fewer than one batch of {local_batch}.")
   # Each process shuffles its shard with its own stream, so processes do not walk
   # neighbouring records in lockstep.
   shuffle_seed = int(np.random.SeedSequence([seed % 2**32, pi]).generate_state(1)[0])
@@ -314,7 +314,7 @@ def _padding_example(maker: _ExampleMaker) -> Dict[str, np.ndarray]:
       padding = {k: np.zeros_like(v) for k, v in example.items()}
       padding.update(valid=np.False_, index=np.int32(-1))
       return padding
-  raise ValueError(f"Split {maker.name}/{maker.split} has no good record to evaluate.")
+  raise ConfigError(f"Split {maker.name}/{maker.split} has no good record to evaluate.")
 
 
 def batch_spec(data_config, *, train: bool = True) -> Dict[str, Any]:

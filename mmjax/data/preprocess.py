@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 from PIL import Image
 
+from mmjax.errors import ConfigError
 from mmjax.registry import Registry
 
 PP_OPS = Registry("preprocessing op")
@@ -48,8 +49,8 @@ def parse(spec: str) -> List[tuple]:
       args = tuple(ast.literal_eval(a) for a in node.args)
       kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
     except (SyntaxError, ValueError) as e:
-      raise ValueError(f"Cannot parse preprocessing op {part!r} in {spec!r}: expected "
-                       "name(literal args), e.g. resize(32) or tokenize('caption', 'text', 16).") from e
+      raise ConfigError(f"Cannot parse preprocessing op {part!r} in {spec!r}: expected "
+                        "name(literal args), e.g. resize(32) or tokenize('caption', 'text', 16).") from e
     ops.append((node.func.id, args, kwargs))
   return ops
 
@@ -61,7 +62,7 @@ def build(spec: str, ctx: Context) -> Op:
     try:
       fns.append(PP_OPS.get(name)(*args, ctx=ctx, **kwargs))
     except TypeError as e:
-      raise ValueError(f"Bad arguments for preprocessing op {name}{args}{kwargs}: {e}") from e
+      raise ConfigError(f"Bad arguments for preprocessing op {name}{args}{kwargs}: {e}") from e
 
   def apply(example: Example, rng: Optional[np.random.Generator]) -> Example:
     example = dict(example)
@@ -189,7 +190,7 @@ def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Con
   as `<dst>_mask` (bool [max_len]): models then take padding from it, not from the ids.
   """
   if ctx.tokenizer is None:
-    raise ValueError("tokenize needs a tokenizer; set config.data.tokenizer.")
+    raise ConfigError("tokenize needs a tokenizer; set config.data.tokenizer.")
   dst = dst or src
 
   def fn(ex, rng):

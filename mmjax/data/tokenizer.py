@@ -27,6 +27,8 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 import sentencepiece as spm
 
+from mmjax.errors import ConfigError
+
 
 class Tokenizer(abc.ABC):
   """Interface: `encode` a string to ids (no padding), `vocab_size`, `pad_id`."""
@@ -140,7 +142,7 @@ def build_tokenizer(spec: str, spm_path: Optional[str] = None) -> Tokenizer:
     return ByteTokenizer()
   if spec == "sentencepiece":
     if spm_path is None or not os.path.exists(spm_path):
-      raise ValueError(
+      raise ConfigError(
           "tokenizer='sentencepiece' expects a model trained at prepare time "
           f"(got {spm_path!r}), but this dataset has none; use tokenizer='bytes' or a "
           ".model path.")
@@ -153,6 +155,6 @@ def build_tokenizer(spec: str, spm_path: Optional[str] = None) -> Tokenizer:
                             os.path.join(folder, "merges.txt"))
   if spec.endswith(".model") or os.path.exists(path):
     return SentencePieceTokenizer(path)
-  raise ValueError(
+  raise ConfigError(
       f"Unknown tokenizer {spec!r}; expected 'sentencepiece', 'bytes', a path to a "
       "SentencePiece .model file, or a folder with CLIP's vocab.json and merges.txt.")

@@ -25,8 +25,10 @@ Batches are dicts of arrays; see `mmjax.data` for the keys and their meaning.
 from typing import Any, Dict, Mapping
 
 import flax.linen as nn
+import jax
 import numpy as np
 
+from mmjax.errors import ConfigError
 from mmjax.registry import MODELS
 
 
@@ -34,9 +36,14 @@ class Model(nn.Module):
   """Optional base class with the default `evaluate` / `summarize`; subclasses define `loss`."""
 
   def evaluate(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
-    loss, metrics = self.loss(batch, train=False)
-    del loss
-    return metrics
+    """Default: `loss` and its metrics computed on each example alone, as [B] arrays, so
+    the split's mean is exact for any batch size and ignores padding rows. A model whose
+    loss compares examples with each other (contrastive, hard negatives) defines its own."""
+    def one(model, example):
+      loss, metrics = model.loss(jax.tree.map(lambda x: x[None], example), train=False)
+      return {"loss": loss, **metrics}
+    per_example = nn.vmap(one, variable_axes={"params": None}, split_rngs={"params": False})
+    return per_example(self, dict(batch))
 
   @staticmethod
   def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
@@ -49,12 +56,12 @@ def build_model(model_config) -> nn.Module:
   fields = dict(model_config)
   name = fields.pop("name", None)
   if name is None:
-    raise ValueError(f"config.model needs a `name`; expected one of {MODELS.names()}.")
+    raise ConfigError(f"config.model needs a `name`; expected one of {MODELS.names()}.")
   cls = MODELS.get(name)
   valid = set(getattr(cls, "__dataclass_fields__", {})) - {"parent", "name"}
   unknown = sorted(set(fields) - valid)
   if unknown:
-    raise ValueError(
+    raise ConfigError(
         f"Unknown config.model fields {unknown} for model {name!r}; valid fields: {sorted(valid)}.")
   fields = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in fields.items()}
   return cls(**fields)

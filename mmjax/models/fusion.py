@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
 from mmjax.nn.attention import Projection  # the same projections as MultiHeadAttention
-from mmjax.nn.transformer import EncoderBlock, Mlp
+from mmjax.nn.transformer import EncoderBlock, Mlp, droppath_rates
 from mmjax.registry import FUSIONS
 
 Array = jax.Array
@@ -113,7 +113,8 @@ class FusionEncoder(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
+  droppath_rate: float = 0.0             # of the last layer (see droppath_schedule)
+  droppath_schedule: str = "linear"      # as mmjax.nn.transformer's stacks
   fusion_layer: Optional[int] = None     # None: the strategy's default
   num_bottlenecks: int = 4
   shared_weights: bool = False
@@ -131,11 +132,15 @@ class FusionEncoder(nn.Module):
                        f"got {layer}.")
     return layer
 
-  def block(self, name: str) -> nn.Module:
+  def layer_droppath(self, layer: int) -> float:
+    """Stochastic-depth rate of layer `layer` (counted over all `num_layers`)."""
+    return droppath_rates(self.droppath_rate, self.num_layers, self.droppath_schedule)[layer]
+
+  def block(self, name: str, layer: int) -> nn.Module:
     return EncoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                         dropout_rate=self.dropout_rate,
                         attention_dropout_rate=self.attention_dropout_rate,
-                        droppath_rate=self.droppath_rate, dtype=self.dtype,
+                        droppath_rate=self.layer_droppath(layer), dtype=self.dtype,
                         implementation=self.implementation, name=name)
 
   def stream_module(self, modules: Dict[str, nn.Module], modality: str, suffix: str,
@@ -152,7 +157,7 @@ class FusionEncoder(nn.Module):
     out = {}
     for m, x in tokens.items():
       for i in layers:
-        x = self.stream_module(modules, m, f"block{i}", self.block)(
+        x = self.stream_module(modules, m, f"block{i}", functools.partial(self.block, layer=i))(
             x, mask=_key_mask(masks[m]), deterministic=deterministic)
       out[m] = x
     return out
@@ -177,8 +182,8 @@ class HybridFusion(FusionEncoder):
       return self.final_norms(modules, x)
     joint, mask, names, sizes = _concat(x, masks)
     for i in range(fusion_layer, self.num_layers):
-      joint = self.block(f"joint_block{i}")(joint, mask=_key_mask(mask),
-                                            deterministic=deterministic)
+      joint = self.block(f"joint_block{i}", i)(joint, mask=_key_mask(mask),
+                                               deterministic=deterministic)
     joint = nn.LayerNorm(dtype=self.dtype, name="joint_norm")(joint)
     return _split(joint, names, sizes)
 
@@ -226,7 +231,7 @@ class BottleneckFusion(FusionEncoder):
         n = x[m].shape[1]
         y = jnp.concatenate([x[m], shared.astype(x[m].dtype)], axis=1)
         mask = jnp.concatenate([masks[m], jnp.ones((batch, k), bool)], axis=1)
-        y = self.stream_module(modules, m, f"block{i}", self.block)(
+        y = self.stream_module(modules, m, f"block{i}", functools.partial(self.block, layer=i))(
             y, mask=_key_mask(mask), deterministic=deterministic)
         x[m], bottleneck = y[:, :n], y[:, n:]
         updates.append(bottleneck)
@@ -279,10 +284,11 @@ class CrossFusion(FusionEncoder):
     fusion_layer = self.resolved_fusion_layer()
     modules = {}
     x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
-    cross_block = lambda name: CrossBlock(
+    cross_block = lambda name, layer: CrossBlock(
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, droppath_rate=self.droppath_rate,
-        dtype=self.dtype, implementation=self.implementation, name=name)
+        attention_dropout_rate=self.attention_dropout_rate,
+        droppath_rate=self.layer_droppath(layer), dtype=self.dtype,
+        implementation=self.implementation, name=name)
     for i in range(fusion_layer, self.num_layers):
       previous = dict(x)
       for m in x:
@@ -291,7 +297,8 @@ class CrossFusion(FusionEncoder):
         if others:
           context, context_mask, _, _ = _concat({o: previous[o] for o in others},
                                                 {o: masks[o] for o in others})
-        x[m] = self.stream_module(modules, m, f"cross_block{i}", cross_block)(
+        x[m] = self.stream_module(modules, m, f"cross_block{i}",
+                                  functools.partial(cross_block, layer=i))(
             x[m], masks[m], context, context_mask, deterministic=deterministic)
     return self.final_norms(modules, x)
 
@@ -401,7 +408,7 @@ class FusionInTransformer(FusionEncoder):
       joint = FusionInTransformerBlock(
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, weights=self.fit_weights,
           dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-          droppath_rate=self.droppath_rate, dtype=self.dtype,
+          droppath_rate=self.layer_droppath(i), dtype=self.dtype,
           implementation=self.implementation, name=f"joint_block{i}")(
               joint, mask, segments, deterministic=deterministic)
     joint = nn.LayerNorm(dtype=self.dtype, name="joint_norm")(joint)

@@ -122,13 +122,14 @@ class ContrastiveHead(nn.Module):
   """Contrastive loss with a learnable temperature: "softmax" (CLIP) or "sigmoid" (SigLIP).
 
   Takes L2-normalised embeddings [N, D] of N matching pairs (row i of each is a pair);
-  returns (loss, logits [N, N]). The logit scale starts at `scale_init` (CLIP: 1 / 0.07,
-  SigLIP: 10) and is capped at `max_scale` (CLIP's 100, as OpenAI's training clamps it;
-  None: no cap, as big_vision's SigLIP) for stability; the SigLIP bias
-  starts at `bias_init` = -10 so that the many negatives do not dominate early training.
+  returns (loss, logits [N, N]). The logit scale starts at `scale_init` (None: CLIP's
+  1 / 0.07 for softmax, SigLIP's 10 for sigmoid) and is capped at `max_scale` (CLIP's
+  100, as OpenAI's training clamps it; None: no cap, as big_vision's SigLIP) for
+  stability; the SigLIP bias starts at `bias_init` = -10 so that the many negatives do
+  not dominate early training.
   """
   loss: str = "softmax"
-  scale_init: float = 10.0
+  scale_init: Optional[float] = None
   bias_init: float = -10.0
   max_scale: Optional[float] = 100.0
 
@@ -137,7 +138,8 @@ class ContrastiveHead(nn.Module):
     if self.loss not in CONTRASTIVE_LOSSES:
       raise ValueError(f"Unknown contrastive loss {self.loss!r}; expected one of "
                        f"{CONTRASTIVE_LOSSES}.")
-    scale = self.param("logit_scale", nn.initializers.constant(math.log(self.scale_init)), ())
+    scale_init = self.scale_init or (1 / 0.07 if self.loss == "softmax" else 10.0)
+    scale = self.param("logit_scale", nn.initializers.constant(math.log(scale_init)), ())
     if self.max_scale is not None:
       scale = jnp.minimum(scale, math.log(self.max_scale))
     if self.loss == "softmax":

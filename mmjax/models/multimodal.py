@@ -90,7 +90,8 @@ class MultimodalModel(Model):
   combine: str = "concat"
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
+  droppath_rate: float = 0.0         # of the last layer; 0 in the first ("linear")
+  droppath_schedule: str = "linear"  # or "constant" (see mmjax.nn.transformer)
   # Tokenizers.
   vocab_size: int = 1000
   max_text_len: int = 32
@@ -168,7 +169,8 @@ class MultimodalModel(Model):
     self.fusion_encoder = FUSIONS.get(self.fusion)(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, fusion_layer=self.fusion_layer,
+        droppath_rate=self.droppath_rate, droppath_schedule=self.droppath_schedule,
+        fusion_layer=self.fusion_layer,
         num_bottlenecks=self.num_bottlenecks, shared_weights=self.shared_weights,
         fit_weights=self.fit_weights, dtype=dtype, implementation=self.implementation)
     self.combiner = heads.Combine(self.combine, dtype=dtype)
@@ -266,12 +268,15 @@ class MultimodalModel(Model):
   def _itm(self, batch, zimg, ztxt, train):
     """Matching loss on B positives and 2B hard negatives; returns (loss, correct [B])."""
     rng = self.make_rng("sample") if train and self.has_rng("sample") else None
-    neg_text, neg_image = losses.hard_negatives(zimg @ ztxt.T, rng)
+    n = batch["image"].shape[0]
+    if n < 2 and self.is_initializing():  # init on one device sees one row: shapes only
+      neg_text = neg_image = jnp.zeros((n,), jnp.int32)
+    else:
+      neg_text, neg_image = losses.hard_negatives(zimg @ ztxt.T, rng)
     images = jnp.concatenate([batch["image"], batch["image"], batch["image"][neg_image]])
     texts = jnp.concatenate([batch["text"], batch["text"][neg_text], batch["text"]])
     pairs = {"image": images, "text": texts}
     logits = self.itm_head(self.pooled(pairs, ("image", "text"), train=train))
-    n = batch["image"].shape[0]
     labels = jnp.concatenate([jnp.ones(n, jnp.int32), jnp.zeros(2 * n, jnp.int32)])
     hits = metrics.correct(logits, labels).reshape(3, n)
     return jnp.mean(losses.cross_entropy(logits, labels)), jnp.mean(hits, axis=0)

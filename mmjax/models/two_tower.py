@@ -94,8 +94,7 @@ class TwoTower(Model):
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None))
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
-    scale_init = self.scale_init or (1 / 0.07 if self.loss_type == "softmax" else 10.0)
-    self.contrastive = heads.ContrastiveHead(self.loss_type, scale_init=scale_init,
+    self.contrastive = heads.ContrastiveHead(self.loss_type, scale_init=self.scale_init,
                                              bias_init=self.bias_init,
                                              max_scale=self.max_logit_scale)
 

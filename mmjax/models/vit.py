@@ -121,7 +121,8 @@ class ViT(Model):
   layer_norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
+  droppath_rate: float = 0.0              # of the last layer; 0 in the first ("linear")
+  droppath_schedule: str = "linear"       # or "constant" (see mmjax.nn.transformer)
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
@@ -194,7 +195,8 @@ class ViT(Model):
     x = Encoder(sizes["depth"], sizes["num_heads"], sizes["mlp_dim"],
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
-                droppath_rate=self.droppath_rate, scan_layers=self.scan_layers,
+                droppath_rate=self.droppath_rate, droppath_schedule=self.droppath_schedule,
+                scan_layers=self.scan_layers,
                 remat_policy=self.remat_policy, dtype=self.dtype,
                 param_dtype=self.param_dtype, implementation=self.implementation,
                 activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,

@@ -13,8 +13,10 @@ leading `layers` axis), so compile time does not grow with depth. `remat_policy`
 rematerialises each block in the backward pass (names in `REMAT_POLICIES`). Both options
 compute exactly the same function as the plain stack.
 
-Stochastic depth (`droppath_rate`) drops a block's residual branch per example with the
-same rate in every layer, which keeps scanned layers identical.
+Stochastic depth drops a block's residual branch per example. As in ViT / MBT its rate
+grows linearly with depth, from 0 in the first layer to `droppath_rate` in the last
+(`droppath_schedule="linear"`); `"constant"` uses `droppath_rate` in every layer, which
+scanned layers need (one block traced for all layers has one rate).
 
 `activation` (a name in `ACTIVATIONS`) and `layer_norm_epsilon` default to big_vision's
 tanh-approximate GELU and 1e-6; imported checkpoints set what they were trained with
@@ -22,7 +24,7 @@ tanh-approximate GELU and 1e-6; imported checkpoints set what they were trained 
 """
 import functools
 import inspect
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -193,6 +195,19 @@ class DecoderBlock(nn.Module):
     return residual()(x, y, deterministic)
 
 
+DROPPATH_SCHEDULES = ("linear", "constant")
+
+
+def droppath_rates(rate: float, num_layers: int, schedule: str = "linear") -> Tuple[float, ...]:
+  """Stochastic-depth rate of each layer: `rate * i / (num_layers - 1)` for layer i
+  ("linear", ViT / MBT), or `rate` everywhere ("constant")."""
+  if schedule not in DROPPATH_SCHEDULES:
+    raise ValueError(f"droppath_schedule={schedule!r}; expected one of {DROPPATH_SCHEDULES}.")
+  if schedule == "constant" or num_layers < 2:
+    return (float(rate),) * num_layers
+  return tuple(float(rate) * i / (num_layers - 1) for i in range(num_layers))
+
+
 def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fields) -> Array:
   """Applies `stack.num_layers` blocks to `x`, plain or scanned, optionally rematerialised.
 
@@ -201,9 +216,9 @@ def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fi
   the Python bool `deterministic`. Called from the stack's compact `__call__`.
   """
   shared = ("num_heads", "mlp_dim", "num_kv_heads", "dropout_rate", "attention_dropout_rate",
-            "droppath_rate", "dtype", "param_dtype", "implementation", "activation",
-            "layer_norm_epsilon")
+            "dtype", "param_dtype", "implementation", "activation", "layer_norm_epsilon")
   fields = {name: getattr(stack, name) for name in shared} | extra_fields
+  rates = droppath_rates(stack.droppath_rate, stack.num_layers, stack.droppath_schedule)
   policy = _remat_policy(stack.remat_policy)
   if stack.remat_policy != "none":
     # `deterministic` is static for tracing (argument numbers count `self` as 0).
@@ -212,8 +227,13 @@ def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fi
                          static_argnums=(num_args - 1,))
   if not stack.scan_layers:
     for i in range(stack.num_layers):
-      x = block_cls(name=f"{prefix}_{i}", **fields)(x, *args)
+      x = block_cls(name=f"{prefix}_{i}", droppath_rate=rates[i], **fields)(x, *args)
     return x
+  if len(set(rates)) > 1:
+    raise ValueError(f"scan_layers=True traces one block for all layers, so it cannot grow "
+                     f"stochastic depth with depth (droppath_rate={stack.droppath_rate}); set "
+                     "droppath_schedule='constant' or scan_layers=False.")
+  fields["droppath_rate"] = rates[0] if rates else 0.0
   scanned = nn.scan(
       lambda block, carry, *xs: (block(carry, *xs), None),
       variable_axes={"params": 0, "cache": 0, "intermediates": 0},
@@ -237,7 +257,8 @@ class Encoder(nn.Module):
   num_kv_heads: Optional[int] = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
+  droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
+  droppath_schedule: str = "linear"     # or "constant"
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
@@ -270,7 +291,8 @@ class Decoder(nn.Module):
   num_kv_heads: Optional[int] = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
+  droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
+  droppath_schedule: str = "linear"     # or "constant"
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32

@@ -38,10 +38,11 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from mmjax.errors import ConfigError
 from mmjax.nn import embed
 
 
-class CheckpointShapeError(ValueError):
+class CheckpointShapeError(ConfigError):
   """The checkpoint is readable but does not fit the model the config builds."""
 
 
@@ -337,7 +338,7 @@ def load_params(path: str) -> Dict[str, np.ndarray]:
   tree = getattr(tree, "item_metadata", tree)
   tree = getattr(tree, "tree", tree)
   if "params" not in tree:
-    raise ValueError(f"{state_dir} has no 'params' entry; found {sorted(tree)}.")
+    raise ConfigError(f"{state_dir} has no 'params' entry; found {sorted(tree)}.")
   item = {"params": jax.tree.map(lambda _: 0, tree["params"])}
   restore_args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                          tree["params"])}
@@ -354,8 +355,8 @@ def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
     if _is_square(old_n - prefix) and _is_square(new_n - prefix):
       break
   else:
-    raise ValueError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
-                     "lengths are not square grids (with at most one class token).")
+    raise ConfigError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
+                      "lengths are not square grids (with at most one class token).")
   old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
   out = embed.resample_posemb(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
                               num_prefix_tokens=prefix)
@@ -366,6 +367,33 @@ def _is_square(n: int) -> bool:
   return n > 0 and int(round(np.sqrt(n))) ** 2 == n
 
 
+# Named `init_from.rename` rules: a string entry of `rename` stands for its preset's pairs.
+RENAME_PRESETS = {
+    # MLM pre-training fuses (image, text); VQA fine-tuning fuses (image, question): the
+    # pre-trained text stream (embeddings, per-modality fusion layers, norm) becomes the
+    # question stream. The shared token embedding keeps its name.
+    "mlm_text_to_question": ((r"^embed_text/(.*)$", r"embed_question/\1"),
+                             (r"^fusion_encoder/text_(.*)$", r"fusion_encoder/question_\1")),
+}
+
+
+def rename_rules(rename: Sequence[Any]) -> Tuple[Tuple[str, str], ...]:
+  """`init_from.rename` as (regex, replacement) pairs, preset names expanded."""
+  rules = []
+  for entry in rename:
+    if isinstance(entry, str):
+      if entry not in RENAME_PRESETS:
+        raise ConfigError(f"config.init_from.rename preset {entry!r}; expected one of "
+                          f"{sorted(RENAME_PRESETS)} or (regex, replacement) pairs.")
+      rules += RENAME_PRESETS[entry]
+    elif len(entry) == 2:
+      rules.append((str(entry[0]), str(entry[1])))
+    else:
+      raise ConfigError(f"config.init_from.rename entry {entry!r}; expected a (regex, "
+                        f"replacement) pair or a preset name ({sorted(RENAME_PRESETS)}).")
+  return tuple(rules)
+
+
 def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
                  include: Sequence[str] = (".*",), exclude: Sequence[str] = (),
                  rename: Sequence[Tuple[str, str]] = ()) -> Tuple[Dict[str, Any], Dict[str, list]]:
@@ -374,7 +402,8 @@ def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
   Source names are first renamed (`re.sub` in order), then loaded when they match
   `include`, no `exclude`, and exist in the target. Shapes must agree, except position
   embeddings (names ending in 'pos_embedding' / 'posemb'), which are resampled.
-  Returns (merged flat params, report with 'loaded', 'resampled', 'new', 'dropped').
+  Returns (merged flat params, report with 'loaded', 'resampled', 'new', 'dropped' and
+  'excluded', the dropped source names that `exclude` asked for).
   """
   renamed = {}
   for name, value in source.items():
@@ -383,13 +412,15 @@ def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
       new = re.sub(pattern, replacement, new)
     renamed[new] = (name, value)
   merged = dict(target)
-  report = {"loaded": [], "resampled": [], "new": [], "dropped": []}
+  report = {"loaded": [], "resampled": [], "new": [], "dropped": [], "excluded": []}
   problems = []
   for name, (original, value) in sorted(renamed.items()):
     wanted = (any(re.fullmatch(p, name) for p in include)
               and not any(re.fullmatch(p, name) for p in exclude))
     if not wanted or name not in target:
       report["dropped"].append(original)
+      if any(re.fullmatch(p, name) for p in exclude):
+        report["excluded"].append(original)
       continue
     shape = tuple(target[name].shape)
     if tuple(value.shape) != shape:

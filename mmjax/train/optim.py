@@ -14,7 +14,10 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import traverse_util
+
+from mmjax.errors import ConfigError
 
 
 def param_names(params: Any) -> Any:
@@ -35,17 +38,19 @@ def _check_patterns_match(what: str, patterns: Sequence[str], names: Sequence[st
   """A regex that selects nothing is almost always a typo: say so instead of a silent no-op."""
   for pattern in patterns:
     if not any(re.fullmatch(pattern, n) for n in names):
-      raise ValueError(f"config.optimizer.{what} pattern {pattern!r} matches no parameter; "
-                       f"parameter names look like {sorted(names)[:8]}.")
+      raise ConfigError(f"config.optimizer.{what} pattern {pattern!r} matches no parameter; "
+                        f"parameter names look like {sorted(names)[:8]}.")
 
 
 def make_schedule(config) -> Callable[[Any], Any]:
-  """Linear warmup from 0 to `optimizer.lr`, then the configured decay."""
+  """Linear warmup from 0 to `optimizer.lr`, then the configured decay. A warmup longer
+  than the run is clamped to the run (with a warning), so any config runs a few steps."""
   lr, s, total = config.optimizer.lr, config.schedule, config.total_steps
   warmup = int(s.warmup_steps)
-  if warmup > total:
-    raise ValueError(f"config.schedule.warmup_steps={warmup} exceeds config.total_steps={total}: "
-                     "the run would never reach config.optimizer.lr.")
+  if warmup > total:  # a smoke test (--config.total_steps=3) of a long recipe
+    logging.warning("config.schedule.warmup_steps=%d exceeds config.total_steps=%d: warming up "
+                    "over the whole run instead.", warmup, total)
+    warmup = total
   decay_steps = max(total - warmup, 1)
   end = lr * s.end_lr_fraction
   if s.name == "constant":
@@ -58,7 +63,7 @@ def make_schedule(config) -> Callable[[Any], Any]:
     timescale = s.timescale or max(warmup, 1)
     decay = lambda step: lr * jnp.sqrt(timescale / (step + timescale))
   else:
-    raise ValueError(f"config.schedule.name={s.name!r}; expected constant/cosine/linear/rsqrt.")
+    raise ConfigError(f"config.schedule.name={s.name!r}; expected constant/cosine/linear/rsqrt.")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
@@ -91,7 +96,7 @@ def make_optimizer(config, params: Any) -> Tuple[optax.GradientTransformation, C
         else optax.identity(),
         optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov))
   else:
-    raise ValueError(f"config.optimizer.name={o.name!r}; expected adamw/sgd/adafactor/lamb.")
+    raise ConfigError(f"config.optimizer.name={o.name!r}; expected adamw/sgd/adafactor/lamb.")
 
   parts = []
   if o.clip_grad_norm:

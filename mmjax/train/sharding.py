@@ -17,6 +17,8 @@ from absl import logging
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -26,17 +28,17 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> Tuple[int, i
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
   for axis, size in sizes.items():
     if size == 0 or size < -1 or (size == -1 and axis != "data"):
-      raise ValueError(f"config.mesh.{axis}={size}; expected a positive size"
-                       + (" or -1 (all remaining devices)." if axis == "data" else "."))
+      raise ConfigError(f"config.mesh.{axis}={size}; expected a positive size"
+                        + (" or -1 (all remaining devices)." if axis == "data" else "."))
   if sizes["data"] == -1:
     rest = sizes["fsdp"] * sizes["tensor"]
     if num_devices % rest:
-      raise ValueError(f"config.mesh fsdp x tensor = {rest} does not divide the "
-                       f"{num_devices} available devices.")
+      raise ConfigError(f"config.mesh fsdp x tensor = {rest} does not divide the "
+                        f"{num_devices} available devices.")
     sizes["data"] = num_devices // rest
   total = int(np.prod(list(sizes.values())))
   if total != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh data x fsdp x tensor = {sizes['data']}x{sizes['fsdp']}x{sizes['tensor']} "
         f"= {total} devices, but {num_devices} are available ({jax.devices()[0].platform}); "
         "set the sizes so their product equals the device count, or data=-1.")
@@ -58,8 +60,8 @@ def data_parallel_size(mesh: Mesh) -> int:
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size") -> None:
   dp = data_parallel_size(mesh)
   if batch_size % dp:
-    raise ValueError(f"{what}={batch_size} is not divisible by the data-parallel size "
-                     f"data x fsdp = {mesh.shape['data']}x{mesh.shape['fsdp']} = {dp}.")
+    raise ConfigError(f"{what}={batch_size} is not divisible by the data-parallel size "
+                      f"data x fsdp = {mesh.shape['data']}x{mesh.shape['fsdp']} = {dp}.")
 
 
 def axis_rules(rules) -> Tuple[Tuple[str, Any], ...]:
@@ -67,14 +69,14 @@ def axis_rules(rules) -> Tuple[Tuple[str, Any], ...]:
   out = []
   for rule in rules:
     if len(rule) != 2:
-      raise ValueError(f"config.axis_rules entry {rule!r}; expected (logical_name, mesh_axes).")
+      raise ConfigError(f"config.axis_rules entry {rule!r}; expected (logical_name, mesh_axes).")
     logical, mesh_axes = rule
     if isinstance(mesh_axes, list):
       mesh_axes = tuple(mesh_axes)
     for axis in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f"config.axis_rules maps {logical!r} to unknown mesh axis {axis!r}; "
-                         f"expected one of {MESH_AXES} or None.")
+        raise ConfigError(f"config.axis_rules maps {logical!r} to unknown mesh axis {axis!r}; "
+                          f"expected one of {MESH_AXES} or None.")
     out.append((logical, mesh_axes))
   return tuple(out)
 

@@ -13,7 +13,6 @@ Read top to bottom:
 """
 import importlib
 import os
-import pkgutil
 import signal
 import threading
 import time
@@ -27,6 +26,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import config as config_lib
 from mmjax.train import evaluate as evaluate_lib
 from mmjax.train import lock as lock_lib
 from mmjax.train import optim
@@ -149,7 +149,7 @@ def apply_init_from(state: TrainState, init_config,
   target = traverse_util.flatten_dict(state.params, sep="/")
   merged, report = checkpoint_lib.merge_params(
       target, source, include=tuple(init_config.include), exclude=tuple(init_config.exclude),
-      rename=tuple(tuple(r) for r in init_config.rename))
+      rename=checkpoint_lib.rename_rules(init_config.rename))
   if not report["loaded"]:
     raise ValueError(f"init_from {init_config.checkpoint!r} loaded no parameter; checkpoint "
                      f"names look like {sorted(source)[:8]}, model names like "
@@ -160,22 +160,25 @@ def apply_init_from(state: TrainState, init_config,
 
 
 # ---------------------------------------------------------------------------------------
-# Summary printing (extend by appending to SUMMARY_HOOKS).
+# Summary printing (extend with `config.summary_hooks`).
 
+# Deprecated: hooks for every run of the process; name them in config.summary_hooks.
 # hook(results, config, workdir) -> text appended to the summary ("" adds nothing).
 SUMMARY_HOOKS: List[Callable[[Dict[str, Any], ml_collections.ConfigDict, str], str]] = []
 
 
 def format_summary(results: Mapping[str, Any], config: ml_collections.ConfigDict,
                    workdir: str) -> str:
-  """The end-of-run summary: one aligned `name: value` line per result, then each hook's text."""
+  """The end-of-run summary: one aligned `name: value` line per result, then the text of
+  each hook `config.summary_hooks` names."""
   lines = ["=== mmjax run summary ==="]
   width = max((len(k) for k in results), default=0)
   for key in sorted(results):
     value = results[key]
     text = f"{value:.6g}" if isinstance(value, float) else str(value)
     lines.append(f"{key:<{width}}  {text}")
-  lines += [hook(dict(results), config, workdir) for hook in SUMMARY_HOOKS]
+  hooks = SUMMARY_HOOKS + config_lib.summary_hooks(config)
+  lines += [hook(dict(results), config, workdir) for hook in hooks]
   return "\n".join(line for line in lines if line)
 
 
@@ -183,14 +186,7 @@ def format_summary(results: Mapping[str, Any], config: ml_collections.ConfigDict
 # The loop.
 
 
-def import_models(extra_modules=()) -> None:
-  """Imports every module of mmjax.models (registering the built-in models), then the
-  config's own `imports` (a fork's models, fusions, datasets)."""
-  import mmjax.models  # pylint: disable=g-import-not-at-top
-  for module in pkgutil.iter_modules(mmjax.models.__path__, "mmjax.models."):
-    importlib.import_module(module.name)
-  for module in extra_modules:
-    importlib.import_module(module)
+import_models = config_lib.import_models  # where it used to live
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -202,7 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoint is damaged; `start_over=True` trains from step 0 in that last case.
   """
   import_models(config.imports)
+  from_checkpoint = config_lib.model_fields_from_init_checkpoint(config)
   program_lib.check(config, jax.devices())  # before any data is prepared
+  if from_checkpoint and jax.process_index() == 0:
+    print(f"config.model fields from {config.init_from.checkpoint}/model_config.json: "
+          f"{from_checkpoint}", flush=True)
   workdir = workdir_lib.resolve(workdir)
   lock = lock_lib.acquire(workdir)  # before orbax, which cleans other runs' temporary saves
   # From here on SIGTERM / Ctrl-C mean "save a step and stop" (during start-up: the first).
@@ -401,3 +401,8 @@ def _log_init_from(report: Mapping[str, List[str]], path: str) -> None:
     return
   print(f"init_from {path}: loaded {len(report['loaded'])}, resampled {report['resampled']}, "
         f"new {report['new']}, dropped {report['dropped']}", flush=True)
+  unasked = sorted(set(report["dropped"]) - set(report["excluded"]))
+  if unasked:  # trained weights thrown away without `exclude` saying so
+    logging.warning("init_from %s: %d trained parameters of the checkpoint are not loaded: %s; "
+                    "list them in config.init_from.exclude if that is intended, or map them "
+                    "with config.init_from.rename.", path, len(unasked), unasked)

@@ -20,6 +20,7 @@ import functools
 from typing import Any, Dict, Mapping
 
 from mmjax.data import dataset as dataset_lib
+from mmjax.errors import ConfigError
 from mmjax.registry import DATASETS
 
 
@@ -68,8 +69,8 @@ class PublicTfds(dataset_lib.Dataset):
   def __init__(self, data_config):
     super().__init__(data_config)
     if not self.options["tfds_name"]:
-      raise ValueError(f"config.data.{data_config.name}.tfds_name is empty; expected a TFDS "
-                       "dataset name such as 'cifar10'.")
+      raise ConfigError(f"config.data.{data_config.name}.tfds_name is empty; expected a TFDS "
+                        "dataset name such as 'cifar10'.")
     self.default_eval_split = self.options["eval_split"]
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._tfds = tfds

@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import dataset as dataset_lib
+from mmjax.errors import ConfigError
 from mmjax.registry import DATASETS
 
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230),
@@ -266,9 +267,9 @@ class Shapes(dataset_lib.TfdsDataset):
   def make_builder(self):
     options = {k: v for k, v in self.options.items() if k != "vocab_size"}
     if not 1 <= options["max_objects"] <= 9:
-      raise ValueError(f"shapes: max_objects must be in [1, 9]; got {options['max_objects']}.")
+      raise ConfigError(f"shapes: max_objects must be in [1, 9]; got {options['max_objects']}.")
     if options["image_size"] < 12:
-      raise ValueError(f"shapes: image_size must be >= 12; got {options['image_size']}.")
+      raise ConfigError(f"shapes: image_size must be >= 12; got {options['image_size']}.")
     digest = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
     config = ShapesConfig(name=f"opts_{digest}", description=json.dumps(options),
                           options=options)
