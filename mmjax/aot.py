@@ -62,7 +62,7 @@ class AotError(Exception):
   """A user-facing reason the compile could not be attempted."""
 
 
-def _compile_only_environment() -> None:
+def _compile_only_environment(gpu: bool = False) -> None:
   """Settings for compiling without the accelerators: libtpu expects a TPU VM (these keep
   it from looking for one, and let several processes load it at once); set before JAX
   starts its backends."""
@@ -72,6 +72,9 @@ def _compile_only_environment() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   # The CUDA plugin checks the installed CUDA against a GPU; compiling needs none.
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  if gpu:  # without a GPU to autotune on, XLA's Triton GEMM tiler fails on some dots
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_gpu_enable_triton_gemm=false").strip()
 
 
 def _gpu_target_config(gpu: Dict[str, Any]) -> str:
@@ -391,6 +394,9 @@ def main(argv, config_flag, topology_flag, json_flag, max_batch_flag):
 
 
 if __name__ == "__main__":
-  _compile_only_environment()
+  _topology = next((a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]
+                    for i, a in enumerate(sys.argv[:-1] + [""])
+                    if a.startswith("--topology")), "")
+  _compile_only_environment(gpu=_topology.split(":")[0].lower() in GPU_TARGETS)
   _flags = _define_flags()
   app.run(lambda argv: main(argv, *_flags), flags_parser=cli.parse_flags)

@@ -45,7 +45,7 @@ def _without(argv, keys) -> List[str]:
   return out
 
 
-def _check_overrides(argv) -> Dict[str, str]:
+def check_overrides(argv) -> Dict[str, str]:
   """Checks every `--config.x.y=` key, naming the valid keys of an unknown one; returns the
   overrides of fields the config file does not set (a model field left at its default,
   a dataset option), which config_flags cannot parse."""
@@ -71,7 +71,7 @@ NEW_OVERRIDES: Dict[str, str] = {}
 def parse_flags(argv):
   """absl flags parser (`app.run(main, flags_parser=parse_flags)`); see the module doc."""
   def parse():
-    NEW_OVERRIDES.update(_check_overrides(argv))
+    NEW_OVERRIDES.update(check_overrides(argv))
     parsed_argv = _without(argv, NEW_OVERRIDES)
     if argv == sys.argv:  # config_flags reads its overrides from sys.argv itself
       sys.argv[:] = parsed_argv

@@ -19,7 +19,7 @@ import pytest
 
 from test_train_fixtures import subprocess_env, tiny_config
 
-from mmjax import main
+from mmjax import cli
 from mmjax.convert import common
 from mmjax.errors import ConfigError, run_reporting_user_errors
 from mmjax.train import config as config_lib
@@ -81,7 +81,7 @@ def test_user_errors_are_config_errors_raised_before_the_workdir(key, value, mes
   config = config_lib.load_config_file(DEMO)
   config.data.data_dir = str(tmp_path / "data")
   with pytest.raises(ConfigError, match=re.escape(message)):
-    new = main._check_overrides(["x", f"--config={DEMO}", f"--config.{key}={value}"])
+    new = cli.check_overrides(["x", f"--config={DEMO}", f"--config.{key}={value}"])
     config_lib.apply_overrides(config, {key: value}, parse=key in new)
     trainer.train_and_evaluate(config, str(tmp_path / "work"))
   assert not (tmp_path / "work").exists() and not (tmp_path / "data").exists()
@@ -153,8 +153,8 @@ def test_model_field_the_config_does_not_set_is_overridable_with_its_type():
   argv = ["x", f"--config={DEMO}", "--config.model.droppath_rate=0.1",
           "--config.model.optimizer_never=1"]
   with pytest.raises(ConfigError, match="valid keys of config.model: .*'droppath_rate'"):
-    main._check_overrides(argv)
-  new = main._check_overrides(argv[:-1] + ["--config.data.tfds.tfds_name=vggsound"])
+    cli.check_overrides(argv)
+  new = cli.check_overrides(argv[:-1] + ["--config.data.tfds.tfds_name=vggsound"])
   assert new == {"model.droppath_rate": "0.1", "data.tfds.tfds_name": "vggsound"}
   config_lib.apply_overrides(config, new, parse=True)
   assert config.model.droppath_rate == 0.1 and config.data.tfds.tfds_name == "vggsound"

@@ -3,7 +3,7 @@ import pytest
 
 from test_train_fixtures import tiny_config
 
-from mmjax import main
+from mmjax import cli
 from mmjax.train import config as config_lib
 from mmjax.train import sharding
 from mmjax.train import trainer
@@ -56,6 +56,6 @@ def test_command_line_override_of_unknown_key_names_valid_keys(tmp_path):
   config_file.write_text("from tests.test_train_fixtures import tiny_config\n"
                          "def get_config(arg=None):\n  return tiny_config()\n")
   with pytest.raises(ValueError, match=r"config.optimizer.lrr.*valid keys of config.optimizer"):
-    main._check_overrides([f"--config={config_file}", "--config.optimizer.lrr=0.1"])
-  main._check_overrides([f"--config={config_file}", "--config.optimizer.lr=0.1"])
+    cli.check_overrides([f"--config={config_file}", "--config.optimizer.lrr=0.1"])
+  cli.check_overrides([f"--config={config_file}", "--config.optimizer.lr=0.1"])
 
