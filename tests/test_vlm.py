@@ -1,0 +1,147 @@
+"""The "vlm" model: prefix-LM mask, suffix-only loss, cached generation, sharding."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.models import vlm as vlm_lib
+from mmjax.models.base import build_model
+from mmjax.train import sharding as sharding_lib
+from mmjax.train.config import DEFAULT_AXIS_RULES
+import ml_collections
+
+TINY = dict(name="vlm", encoder=dict(variant=None, width=32, depth=1, mlp_dim=64, num_heads=2,
+                                     patch_size=8),
+            vocab_size=50, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8,
+            mlp_dim=64, eos_id=3, max_decode_len=5)
+
+
+def tiny(**overrides):
+  return build_model(ml_collections.ConfigDict({**TINY, **overrides}))
+
+
+def tiny_batch(batch_size=2):
+  rng = np.random.default_rng(0)
+  prefix = np.zeros((batch_size, 4), np.int32)
+  suffix = np.zeros((batch_size, 5), np.int32)
+  for b in range(batch_size):
+    n, m = 1 + b % 4, 1 + b % 3
+    prefix[b, :n] = rng.integers(4, 50, n)
+    suffix[b, :m] = rng.integers(4, 50, m)
+    suffix[b, m] = 3
+  return {"image": jnp.asarray(rng.normal(size=(batch_size, 16, 16, 3)), jnp.float32),
+          "prefix": jnp.asarray(prefix), "suffix": jnp.asarray(suffix)}
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model, batch = tiny(), tiny_batch()
+  params = nn.meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), batch, method="loss"))())
+  return model, params, batch
+
+
+def test_prefix_lm_mask():
+  valid = jnp.array([[True, True, False, True, True]])
+  full = vlm_lib.prefix_lm_mask(valid, 4, True)[0, 0]
+  causal = vlm_lib.prefix_lm_mask(valid, 4, False)[0, 0]
+  i, j = np.meshgrid(range(5), range(5), indexing="ij")
+  want_causal = (j <= i) & np.asarray(valid[0])[None]
+  want_full = ((j <= i) | ((i < 4) & (j < 4))) & np.asarray(valid[0])[None]
+  np.testing.assert_array_equal(causal, want_causal)
+  np.testing.assert_array_equal(full, want_full)
+  assert not full[0, 2] and full[0, 3] and not full[3, 4]   # padding hidden; suffix causal
+  np.testing.assert_array_equal(vlm_lib.positions_of(valid), [[0, 1, 1, 2, 3]])
+  np.testing.assert_array_equal(vlm_lib.move_padding_first(jnp.array([[5, 6, 0, 0], [7, 0, 0, 0]])),
+                                [[0, 0, 5, 6], [0, 0, 0, 7]])
+
+
+def test_loss_is_on_the_suffix_only_and_prefix_attention_matters(model_and_params):
+  model, params, batch = model_and_params
+  stats = model.apply(params, batch, method="_token_stats", train=False)
+  np.testing.assert_array_equal(stats["num_tokens"], np.sum(np.asarray(batch["suffix"]) != 0, 1))
+  # Changing the prompt's padding layout does not change anything: padding is invisible.
+  loss = model.apply(params, batch, method="loss")[0]
+  padded = dict(batch, prefix=jnp.pad(batch["prefix"], ((0, 0), (0, 3))))
+  np.testing.assert_allclose(model.apply(params, padded, method="loss")[0], loss, rtol=1e-5)
+  causal = tiny(prefix_attention="causal")
+  assert abs(float(causal.apply(params, batch, method="loss")[0]) - float(loss)) > 1e-4
+
+
+@pytest.mark.parametrize("prefix_attention", ["full", "causal"])
+def test_cached_greedy_generation_equals_full_forward(model_and_params, prefix_attention):
+  _, params, batch = model_and_params
+  model = tiny(prefix_attention=prefix_attention)
+  tokens = jax.jit(lambda p: model.apply(p, batch, method="generate", max_len=6))(params)
+  # Teacher-forcing the generated tokens, every argmax is the token generated next.
+  forced = dict(batch, suffix=jnp.pad(tokens, ((0, 0), (0, 1))))
+  logits = model.apply(params, forced, method="suffix_logits")
+  argmax = np.asarray(jnp.argmax(logits, -1))[:, :6]
+  for row, want in zip(np.asarray(tokens), argmax):
+    n = np.flatnonzero(row == 3)[0] + 1 if (row == 3).any() else 6
+    np.testing.assert_array_equal(row[:n], want[:n])
+
+
+def test_beam_of_one_equals_greedy_and_sampling_is_valid(model_and_params):
+  _, params, batch = model_and_params
+  model = tiny(beam_size=1)
+  greedy = model.apply(params, batch, method="generate")
+  np.testing.assert_array_equal(model.apply(params, batch, method="generate", decoding="beam"),
+                                greedy)
+  cold = tiny(temperature=0.0).apply(params, batch, method="generate", decoding="sample",
+                                     rng=jax.random.key(1))
+  np.testing.assert_array_equal(cold, greedy)
+  top1 = tiny(top_k=1).apply(params, batch, method="generate", decoding="sample",
+                             rng=jax.random.key(1))
+  np.testing.assert_array_equal(top1, greedy)
+  hot = tiny(temperature=5.0).apply(params, batch, method="generate", decoding="sample",
+                                    rng=jax.random.key(1))
+  assert hot.shape == greedy.shape and np.all((np.asarray(hot) >= 0) & (np.asarray(hot) < 50))
+
+
+def test_every_weight_has_logical_axes_and_8_devices_equal_1():
+  model, batch = tiny(), tiny_batch(8)
+  init = lambda rng: model.init(rng, batch, method="loss")
+  boxed = jax.eval_shape(init, jax.random.key(0))["params"]
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+    name = jax.tree_util.keystr(path)
+    if not isinstance(leaf, nn.Partitioned):
+      # The ViT tower's LayerNorm vectors are replicated (mmjax.nn.transformer's LayerNorms
+      # carry no axis names); every other weight must have them.
+      assert name.startswith("['image_encoder']") and "norm" in name and leaf.ndim == 1, name
+      continue
+    assert len(leaf.names) == leaf.value.ndim
+
+  def loss_and_grads(variables, batch):
+    return jax.value_and_grad(lambda p: model.apply({"params": p}, batch, method="loss")[0])(
+        variables["params"])
+
+  params = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
+  one = jax.jit(loss_and_grads)(params, batch)
+  generated_one = jax.jit(lambda p: model.apply(p, batch, method="generate"))(params)
+
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = DEFAULT_AXIS_RULES
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(jax.eval_shape(init, jax.random.key(0))),
+                                          mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    sharded = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.key(0))
+    assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(sharded))
+    eight = jax.jit(loss_and_grads)(sharded, batch)
+    generated_eight = jax.jit(lambda p: model.apply(p, batch, method="generate"))(sharded)
+  np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), eight[1], one[1])
+  np.testing.assert_array_equal(generated_eight, generated_one)
+
+
+def test_bad_config_and_batch_raise():
+  batch = tiny_batch()
+  with pytest.raises(ValueError, match="prefix_attention='bidirectional'; expected one of"):
+    tiny(prefix_attention="bidirectional").init(jax.random.key(0), batch, method="loss")
+  with pytest.raises(ValueError, match="pool_type"):
+    tiny(encoder=dict(TINY["encoder"], pool_type="cls")).init(jax.random.key(0), batch,
+                                                               method="loss")
+  with pytest.raises(ValueError, match="missing \\['suffix'\\]"):
+    tiny().init(jax.random.key(0), {k: batch[k] for k in ("image", "prefix")}, method="loss")
