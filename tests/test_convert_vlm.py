@@ -181,3 +181,38 @@ def test_unsupported_checkpoints_are_refused(tmp_path):
     hf_vlm.lm_fields(TEXT, "gemma2")
   with pytest.raises(ValueError, match="RoPE variant"):
     hf_vlm.lm_fields(dict(TEXT, rope_parameters=dict(rope_type="llama3", rope_theta=1.0)), "llama")
+
+
+def test_gemma_sentencepiece_tokenizer_matches_transformers(tmp_path):
+  """A user's Gemma-style .model (BPE, byte fallback, no dummy prefix, pad 0 / eos 1 /
+  bos 2) gives Hugging Face's GemmaTokenizer ids, and vlm_task lays out PaliGemma's
+  [bos] prompt "\\n" | target [eos]."""
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from mmjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from mmjax.data.tokenizer import build_tokenizer  # pylint: disable=g-import-not-at-top
+  text = ["a scene with large red circle at top left", "what color is the circle?",
+          "answer en where is it\n"] * 20
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(text), model_writer=model, vocab_size=320, hard_vocab_limit=False,
+      model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
+      add_dummy_prefix=False, remove_extra_whitespaces=False,
+      normalization_rule_name="identity", user_defined_symbols=["\n"], minloglevel=2,
+      num_threads=1)
+  (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+  (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "GemmaTokenizer"}')
+  ours = build_tokenizer(str(tmp_path / "tokenizer.model"))
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  for s in ["where is the red circle?", "caption en\n", "zebra! 123",
+            "answer en what color is the circle?\n"]:
+    assert ours.encode(s) == theirs.encode(s, add_special_tokens=False), s
+    assert ours.decode(ours.encode(s)) == s
+  op = preprocess.build("vlm_task(('vqa',), prefix_len=12, suffix_len=6, eos_id=1, bos_id=2, "
+                        "separator='\\n')", preprocess.Context(tokenizer=ours))
+  ex = op({"question": b"answer en where is it", "answer": b"top left"}, None)
+  prompt = [2] + ours.encode("answer en where is it") + ours.encode("\n")
+  np.testing.assert_array_equal(ex["prefix"], prompt + [0] * (12 - len(prompt)))
+  target = ours.encode("top left") + [1]
+  np.testing.assert_array_equal(ex["suffix"], target + [0] * (6 - len(target)))
+  assert ex["task"] == preprocess.VLM_TASKS.index("vqa")

@@ -20,6 +20,10 @@ Extra keys some pipelines add (models may ignore them):
   question_type  int32   [B]          kind of question (e.g. which modalities it needs),
                                       for accuracy per type; see dataset_info()
   spectrogram    float32 [B, T, F]    log-magnitude STFT, when the `spectrogram` op runs
+  prefix         int32   [B, P]       generative VLM: prompt ids (0 = padding), full attention
+  suffix         int32   [B, S]       generative VLM: target ids ending with EOS, causal
+  task           int32   [B]          generative VLM: index into preprocess.VLM_TASKS
+                                      (caption / vqa), which metric scores the row
 
 Token id 0 is padding in every tokenizer (the attention mask of text is `ids != 0`).
 

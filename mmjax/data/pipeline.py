@@ -79,7 +79,7 @@ CONTRACT_DTYPES = {
     "image": np.float32, "video": np.float32, "audio": np.float32, "sensor": np.float32,
     "spectrogram": np.float32, "text": np.int32, "question": np.int32,
     "answer": np.int32, "label": np.int32, "question_type": np.int32, "index": np.int32,
-    "valid": np.bool_,
+    "valid": np.bool_, "prefix": np.int32, "suffix": np.int32, "task": np.int32,
 }
 
 
