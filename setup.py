@@ -17,6 +17,7 @@ setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
         "importlib_resources",  # tfds needs it when TensorFlow is absent
+        "regex",  # Unicode classes (\p{L}) in CLIP's BPE pre-tokenizer
         "ml-collections>=1.0",
         "chex>=0.1.90",
         "sentencepiece>=0.2",
@@ -27,7 +28,9 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # pycocoevalcap: the COCO caption toolkit caption_scores is tested against (its Java
+        # programs also give PTB tokenisation, METEOR and SPICE when `java` is installed).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pycocoevalcap>=1.2"],
         # Weight import parity tests compare against the reference PyTorch models.
         "convert": ["torch", "transformers>=4.40", "safetensors"],
         "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets

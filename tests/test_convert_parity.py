@@ -424,6 +424,27 @@ def test_hf_clip_embeddings_and_logits_match(hf_clip):
   _assert_clip_parity(config, params, model)
 
 
+def test_hf_clip_text_with_token_id_0_matches(hf_clip):
+  """Id 0 is a real token in CLIP ("!"): it must be attended to, not taken for padding."""
+  model, path = hf_clip
+  params, config, _ = hf.load(path)
+  assert config.pad_id is None
+  texts = np.array([[98, 0, 17, 0, 33, 99, 0, 0], [98, 7, 0, 0, 0, 0, 0, 99]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8], bool)
+  with torch.no_grad():
+    want = model.get_text_features(input_ids=torch.from_numpy(texts).long(),
+                                   attention_mask=torch.from_numpy(mask).long())
+  want = getattr(want, "pooler_output", want).numpy()
+  want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+  mm = build_model(config)
+  for m in (jnp.asarray(mask), None):  # the pipeline's mask, or none (as HF without one)
+    got = mm.apply({"params": params}, jnp.asarray(texts), m, method="embed_text")
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+  config.pad_id = 0  # the old rule "id 0 is padding" moves the embedding well beyond TOL
+  old = build_model(config).apply({"params": params}, jnp.asarray(texts), method="embed_text")
+  assert np.max(np.abs(np.asarray(old) - want)) > 100 * TOL
+
+
 def test_hf_clip_without_pre_norm_is_refused_by_name(hf_clip):
   _, path = hf_clip
   config = _clip_config(path)

@@ -203,6 +203,9 @@ def clip_model_config(config: Mapping[str, Any]) -> ml_collections.ConfigDict:
       max_text_len=int(text["max_position_embeddings"]),
       # CLIP pools the end-of-text token, the largest id of its vocabulary.
       text_pool="argmax", text_causal=True, image_pre_norm=True,
+      # CLIP's id 0 is a real token ("!"): no padding by id. Its causal attention and
+      # end-token pooling never see padding after the end; a batch's `text_mask` is used.
+      pad_id=None,
       # One activation / epsilon for both towers; `load` notes a text tower that differs.
       **_numerics_fields(vision, "clip")))
 

@@ -7,8 +7,8 @@ leading axis; numpy on the host, global jax.Arrays inside the train step):
   video     float32 [B, T, H, W, 3]
   audio     float32 [B, num_samples]  mono waveform (models compute the spectrogram)
   sensor    float32 [B, T, C]         time series
-  text      int32   [B, L]            caption token ids, 0 = padding
-  question  int32   [B, L]            question token ids, 0 = padding
+  text      int32   [B, L]            caption token ids, padded with the tokenizer's pad id
+  question  int32   [B, L]            question token ids, likewise
   answer    int32   [B]               index into the answer vocabulary
   label     int32   [B]               class index
   valid     bool    [B]               eval batches only: False on padding rows
@@ -25,7 +25,12 @@ Extra keys some pipelines add (models may ignore them):
   task           int32   [B]          generative VLM: index into preprocess.VLM_TASKS
                                       (caption / vqa), which metric scores the row
 
-Token id 0 is padding in every tokenizer (the attention mask of text is `ids != 0`).
+  text_mask, question_mask  bool [B, L]  True on real tokens; written when the tokenizer's
+                                      pad id is also a real token (CLIP BPE)
+
+Token id 0 is padding for the SentencePiece and byte tokenizers (models mask `ids != 0`);
+where the pad id is a real token (CLIP's BPE, whose id 0 is "!") the `<key>_mask` arrays
+mark padding instead, and models use them when present.
 
 Modules: pipeline.py (the grain iterators and config.data), dataset.py (what a dataset
 provides, record checks), preprocess.py (ops named in the config), tokenizer.py,

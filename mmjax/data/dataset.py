@@ -13,6 +13,8 @@ A dataset is a class registered by name in `mmjax.registry.DATASETS` and built w
   info()                       facts for the model config and the run summary
   splits()                     {split name: number of examples}
   spm_path                     the prepare-time SentencePiece model file (or None)
+  references(split, task)      reference texts per example, for generated-text metrics:
+                               task "caption" -> its captions, "vqa" -> its human answers
 
 A research fork registers its own dataset from its own file:
 
@@ -28,7 +30,7 @@ import abc
 import dataclasses
 import fcntl
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -137,6 +139,29 @@ class Dataset(abc.ABC):
 
   def info(self) -> Dict[str, Any]:
     return {}
+
+  def references(self, split: str, task: str) -> List[List[str]]:
+    """Reference texts of every example of `split`, in order (see the module docstring).
+
+    This default reads raw fields: `captions` (several) or `caption` for "caption";
+    `answers` (several) for "vqa", or the `answer` index through info()['answers'],
+    repeated 10 times (one answer counts as all ten annotators agreeing).
+    """
+    source, names = self.source(split), self.info().get("answers")
+    out = []
+    for i in range(len(source)):
+      record = source[i]
+      if task == "caption" and ("captions" in record or "caption" in record):
+        texts = record["captions"] if "captions" in record else [record["caption"]]
+      elif task == "vqa" and "answers" in record:
+        texts = record["answers"]
+      elif task == "vqa" and "answer" in record and names:
+        texts = [names[int(record["answer"])]] * 10
+      else:
+        raise ValueError(f"Dataset {self.config.name!r} has no {task!r} references; records "
+                         f"have fields {sorted(record)}.")
+      out.append([t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts])
+    return out
 
 
 def fields_from_tfds(features) -> Dict[str, Field]:

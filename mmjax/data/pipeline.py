@@ -41,6 +41,8 @@ a (deterministic) function of num_workers too: resume with the same num_workers.
   image_size        images are resized to this by the default preprocessing; None = native
   max_text_len      caption tokens (`text`), padded / truncated
   max_question_len  question tokens (`question`), padded / truncated
+  max_answer_len    0: answers are class indices only; N > 0: also their text, as N
+                    tokens (`answer_text`), for generative VQA (model.vqa_mode="generate")
   preprocess        train preprocessing string (see mmjax.data.preprocess); None -> the
                     dataset's default
   eval_preprocess   the same at evaluation (random ops become deterministic); None -> the
@@ -79,7 +81,9 @@ CONTRACT_DTYPES = {
     "image": np.float32, "video": np.float32, "audio": np.float32, "sensor": np.float32,
     "spectrogram": np.float32, "text": np.int32, "question": np.int32,
     "answer": np.int32, "label": np.int32, "question_type": np.int32, "index": np.int32,
-    "valid": np.bool_, "prefix": np.int32, "suffix": np.int32, "task": np.int32,
+    "valid": np.bool_, "text_mask": np.bool_, "question_mask": np.bool_,
+    "answer_text": np.int32, "answer_text_mask": np.bool_,
+    "prefix": np.int32, "suffix": np.int32, "task": np.int32,
 }
 
 
@@ -97,6 +101,7 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
       "image_size": placeholder(int),
       "max_text_len": 24,
       "max_question_len": 16,
+      "max_answer_len": 0,
       "preprocess": placeholder(str),
       "eval_preprocess": placeholder(str),
       "num_workers": 0,
@@ -151,7 +156,11 @@ class _ExampleMaker:
     tokenizer = _tokenizer(data_config, ds)
     spec = data_config.preprocess if train else data_config.eval_preprocess
     self.pp_spec = spec or ds.default_preprocess(train)
-    self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(tokenizer=tokenizer))
+    answers = None
+    if data_config.max_answer_len:  # generative VQA: the answer's text as tokens too
+      self.pp_spec += f"|answer_text({data_config.max_answer_len})"
+      answers = ds.info().get("answers")
+    self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(tokenizer=tokenizer, answers=answers))
 
   def __call__(self, index: int, epoch: int = 0) -> Optional[Dict[str, np.ndarray]]:
     """The preprocessed example `index` of the split, or None if bad and dropped."""
@@ -179,6 +188,15 @@ class _ExampleMaker:
 def _tokenizer(data_config, ds: dataset_lib.Dataset) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.build_tokenizer(data_config.tokenizer or ds.default_tokenizer,
                                        ds.spm_path)
+
+
+def data_tokenizer(data_config) -> tokenizer_lib.Tokenizer:
+  """The tokenizer the pipeline uses for `data_config` (to decode generated text, or to
+  tokenize zero-shot prompts the way the model's training text was)."""
+  data_config = _complete(data_config)
+  ds = get_dataset(data_config)
+  ds.prepare()
+  return _tokenizer(data_config, ds)
 
 
 def _to_contract(key: str, value: Any, where: str) -> np.ndarray:

@@ -34,6 +34,7 @@ Op = Callable[[Example, Optional[np.random.Generator]], Example]
 class Context:
   """What ops may need besides the example."""
   tokenizer: Any = None
+  answers: Optional[List[str]] = None  # the dataset's answer vocabulary (answer_text)
 
 
 def parse(spec: str) -> List[tuple]:
@@ -182,7 +183,11 @@ def normalize(mean=0.5, std=0.5, key: str = "image", *, ctx: Context) -> Op:
 
 @PP_OPS.register("tokenize")
 def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Context) -> Op:
-  """Text (bytes/str) -> int32 [max_len] ids with 0 padding, via the config's tokenizer."""
+  """Text (bytes/str) -> int32 [max_len] ids padded with the tokenizer's pad id.
+
+  When that pad id is also a real token (CLIP's BPE), the attention mask is written too,
+  as `<dst>_mask` (bool [max_len]): models then take padding from it, not from the ids.
+  """
   if ctx.tokenizer is None:
     raise ValueError("tokenize needs a tokenizer; set config.data.tokenizer.")
   dst = dst or src
@@ -194,7 +199,45 @@ def tokenize(src: str, dst: Optional[str] = None, max_len: int = 16, *, ctx: Con
       text = text[0]  # e.g. several captions per image: take the first
     if isinstance(text, (bytes, np.bytes_)):
       text = text.decode("utf-8")
-    ex[dst] = ctx.tokenizer.encode_padded(str(text), max_len)
+    ex[dst], mask = ctx.tokenizer.encode_with_mask(str(text), max_len)
+    if ctx.tokenizer.pad_is_token:
+      ex[f"{dst}_mask"] = mask
+    return ex
+  return fn
+
+
+@PP_OPS.register("pick")
+def pick(src: str, dst: Optional[str] = None, *, ctx: Context) -> Op:
+  """One entry of a list (e.g. one of an image's captions): drawn at random in training,
+  the first at evaluation, so every caption is trained on and evaluation is fixed."""
+  del ctx
+  dst = dst or src
+
+  def fn(ex, rng):
+    values = _need(ex, src, "pick")
+    if len(values) == 0:
+      raise ValueError(f"pick({src!r}): the list is empty.")
+    ex[dst] = values[int(rng.integers(len(values)))] if rng is not None else values[0]
+    return ex
+  return fn
+
+
+@PP_OPS.register("answer_text")
+def answer_text(max_len: int = 8, src: str = "answer", dst: str = "answer_text", *,
+                ctx: Context) -> Op:
+  """Answer index -> its text's token ids int32 [max_len] (generative VQA targets)."""
+  if ctx.tokenizer is None or not ctx.answers:
+    raise ValueError("answer_text needs a tokenizer and a dataset with an answer vocabulary "
+                     "(dataset_info()['answers']).")
+
+  def fn(ex, rng):
+    del rng
+    index = int(_need(ex, src, "answer_text"))
+    if not 0 <= index < len(ctx.answers):
+      raise ValueError(f"answer_text: {src}={index} is outside the {len(ctx.answers)} answers.")
+    ex[dst], mask = ctx.tokenizer.encode_with_mask(ctx.answers[index], max_len)
+    if ctx.tokenizer.pad_is_token:
+      ex[f"{dst}_mask"] = mask
     return ex
   return fn
 
@@ -259,12 +302,15 @@ def astype(key: str, dtype: str, *, ctx: Context) -> Op:
 
 @PP_OPS.register("keep")
 def keep(*keys: str, ctx: Context) -> Op:
-  """Keeps only `keys` (batch-contract keys); errors if one is missing."""
+  """Keeps only `keys` (batch-contract keys), and their `<key>_mask` if tokenize wrote one;
+  errors if a key is missing."""
   del ctx
 
   def fn(ex, rng):
     del rng
-    return {k: _need(ex, k, "keep") for k in keys}
+    out = {k: _need(ex, k, "keep") for k in keys}
+    out.update({f"{k}_mask": ex[f"{k}_mask"] for k in keys if f"{k}_mask" in ex})
+    return out
   return fn
 
 

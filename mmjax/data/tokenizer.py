@@ -1,11 +1,18 @@
-"""Text tokenizers: strings -> int32 token ids, with id 0 always meaning padding.
+"""Text tokenizers: strings -> int32 token ids, padded with each tokenizer's `pad_id`.
 
-Three kinds, chosen by `config.data.tokenizer`:
+Four kinds, chosen by `config.data.tokenizer`:
 
   "sentencepiece"   a SentencePiece model trained at prepare time on the dataset's own
                     text and stored next to it (`<dataset dir>/spm_<vocab>.model`);
   "bytes"           UTF-8 bytes shifted by one (byte b -> id b + 1), no file needed;
-  "/path/x.model"   any SentencePiece model file (T5, mT5, Gemma vocabularies, ...).
+  "/path/x.model"   any SentencePiece model file (T5, mT5, Gemma vocabularies, ...);
+  "/path/clip/"     a folder with CLIP's `vocab.json` and `merges.txt` (or the path of
+                    that vocab.json): CLIP's byte-level BPE (clip_tokenizer.py).
+
+Padding: these SentencePiece / byte tokenizers pad with id 0, which is no token of theirs.
+Where the padding id is also a real token (CLIP: id 0 is "!", and it pads with
+<|endoftext|>), `pad_is_token` is True and the attention mask (`encode_with_mask`, batch
+key `<name>_mask`) is what marks padding, never the id.
 
 A user model whose padding id is not 0 (e.g. LLaMA's, which has none) is shifted by one
 so that id 0 stays free for padding; `vocab_size` accounts for the shift.
@@ -15,16 +22,17 @@ Tokenizers are plain picklable objects, so grain worker processes can carry them
 import abc
 import io
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import sentencepiece as spm
 
 
 class Tokenizer(abc.ABC):
-  """Interface: `encode` a string to ids (no padding), `vocab_size`, `pad_id` = 0."""
+  """Interface: `encode` a string to ids (no padding), `vocab_size`, `pad_id`."""
 
   pad_id = 0
+  pad_is_token = False  # True: pad_id is also a real token, only the mask marks padding
   vocab_size: int
 
   @abc.abstractmethod
@@ -35,12 +43,16 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Iterable[int]) -> str:
     ...
 
-  def encode_padded(self, text: str, max_len: int) -> np.ndarray:
-    """int32 [max_len] ids, truncated to `max_len` and padded with 0."""
+  def encode_with_mask(self, text: str, max_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(int32 [max_len] ids truncated and padded with `pad_id`, bool [max_len] mask)."""
     ids = self.encode(text)[:max_len]
-    out = np.zeros([max_len], np.int32)
+    out = np.full([max_len], self.pad_id, np.int32)
     out[:len(ids)] = ids
-    return out
+    return out, np.arange(max_len) < len(ids)
+
+  def encode_padded(self, text: str, max_len: int) -> np.ndarray:
+    """int32 [max_len] ids, truncated to `max_len` and padded with `pad_id`."""
+    return self.encode_with_mask(text, max_len)[0]
 
 
 class ByteTokenizer(Tokenizer):
@@ -119,7 +131,8 @@ def train_sentencepiece(sentences: Iterable[str], path: str, *, vocab_size: int)
 
 
 def build_tokenizer(spec: str, spm_path: Optional[str] = None) -> Tokenizer:
-  """Tokenizer from `config.data.tokenizer` ("sentencepiece", "bytes" or a .model path).
+  """Tokenizer from `config.data.tokenizer` ("sentencepiece", "bytes", a .model path or a
+  CLIP vocabulary folder / vocab.json path).
 
   `spm_path` is the dataset's prepare-time SentencePiece model, used for "sentencepiece".
   """
@@ -132,8 +145,14 @@ def build_tokenizer(spec: str, spm_path: Optional[str] = None) -> Tokenizer:
           f"(got {spm_path!r}), but this dataset has none; use tokenizer='bytes' or a "
           ".model path.")
     return SentencePieceTokenizer(spm_path)
-  if spec.endswith(".model") or os.path.exists(spec):
-    return SentencePieceTokenizer(os.path.expanduser(spec))
+  path = os.path.expanduser(spec)
+  if os.path.isdir(path) or path.endswith("vocab.json"):
+    from mmjax.data.clip_tokenizer import ClipBpeTokenizer  # pylint: disable=g-import-not-at-top
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    return ClipBpeTokenizer(os.path.join(folder, "vocab.json"),
+                            os.path.join(folder, "merges.txt"))
+  if spec.endswith(".model") or os.path.exists(path):
+    return SentencePieceTokenizer(path)
   raise ValueError(
-      f"Unknown tokenizer {spec!r}; expected 'sentencepiece', 'bytes' or a path to a "
-      "SentencePiece .model file.")
+      f"Unknown tokenizer {spec!r}; expected 'sentencepiece', 'bytes', a path to a "
+      "SentencePiece .model file, or a folder with CLIP's vocab.json and merges.txt.")

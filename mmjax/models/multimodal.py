@@ -13,7 +13,11 @@ weighted sum; every term is also logged):
             recall@1/5/10 in both directions over the whole split.
   vqa       the `modalities` (e.g. image + question + audio + sensor) fused, pooled per
             modality, combined (`combine`: concat / sum / gate) and classified over
-            `num_answers` answers (batch key `answer`); accuracy.
+            `num_answers` answers (batch key `answer`); accuracy. With
+            `vqa_mode="generate"` the answer is text instead: a causal decoder
+            cross-attends to the fused tokens of `modalities` and predicts the answer's
+            tokens (batch key `answer_text`, see config.data.max_answer_len); evaluation
+            decodes it (`generate`) and scores it with the official VQAv2 accuracy.
   classify  the same over `num_classes` classes (batch key `label`); accuracy.
   itm       image-text matching: the fused (image, caption) pair is a match or not;
             negatives are hard ones drawn from the contrastive similarities (ALBEF).
@@ -23,12 +27,18 @@ weighted sum; every term is also logged):
             and predicts the caption (teacher forcing); `generate_captions` decodes
             greedily or with beam search using the key/value cache.
 
+Generation: `generation_tasks()` names what the model can write ("caption", "vqa") and
+`generate(variables, batch, task=...)` decodes it greedily or with beam search.
+
+Zero-shot classification (as two_tower): `class_embeddings(prompt_tokens)` embeds class
+prompts with the contrastive text path, `zero_shot_logits(batch, class_embeddings)`.
+
 Token ids: the data vocabulary is [0, vocab_size) with 0 = padding; the model appends
 three ids of its own, MASK = vocab_size, BOS = vocab_size + 1, EOS = vocab_size + 2.
 
 Parameter tree: `token_embed` (shared by the text modalities), `embed_{modality}`
 (tokenizers), `fusion` (see fusion.py), `image_proj` / `text_proj` / `contrastive`,
-`combine`, `vqa_head`, `cls_head`, `itm_head`, `caption_decoder`.
+`combine`, `vqa_head`, `cls_head`, `itm_head`, `caption_decoder`, `answer_decoder`.
 """
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -54,6 +64,7 @@ MODALITY_KINDS = {"image": "image", "video": "video", "audio": "audio", "sensor"
                   "text": "text", "question": "text"}
 OBJECTIVES = ("itc", "vqa", "classify", "itm", "mlm", "caption")
 NUM_SPECIAL_TOKENS = 3  # MASK, BOS, EOS appended after the data vocabulary
+VQA_MODES = ("classify", "generate")
 
 
 def fusion_names():
@@ -93,6 +104,8 @@ class MultimodalModel(Model):
   # Objectives and heads.
   loss_weights: Optional[Mapping[str, float]] = None   # None: {"itc": 1, "vqa": 1}
   num_answers: int = 0
+  vqa_mode: str = "classify"         # "classify" over num_answers, or "generate" the text
+  max_answer_len: int = 8            # answer tokens (vqa_mode="generate")
   num_classes: int = 0
   head_hidden_dim: int = 0           # 0: a linear head; >0: one GELU hidden layer
   head_zeroinit: bool = True         # classifier heads start at uniform predictions
@@ -140,7 +153,11 @@ class MultimodalModel(Model):
     if not self.modalities:
       raise ValueError("`modalities` is empty; list the batch keys to fuse, e.g. "
                        "('image', 'question').")
+    if self.vqa_mode not in VQA_MODES:
+      raise ValueError(f"Unknown vqa_mode {self.vqa_mode!r}; expected one of {VQA_MODES}.")
     for objective, count in (("vqa", self.num_answers), ("classify", self.num_classes)):
+      if objective == "vqa" and self.vqa_mode == "generate":
+        continue  # answers are text: no answer vocabulary
       if objective in weights and count <= 0:
         field = "num_answers" if objective == "vqa" else "num_classes"
         raise ValueError(f"Objective {objective!r} needs {field} > 0; got {count}.")
@@ -161,8 +178,13 @@ class MultimodalModel(Model):
     if "itc" in weights or "itm" in weights:
       self.image_proj, self.text_proj = dense(self.embed_dim), dense(self.embed_dim)
       self.contrastive = heads.ContrastiveHead(self.contrastive_loss)
-    if "vqa" in weights:
+    if "vqa" in weights and self.vqa_mode == "classify":
       self.vqa_head = classifier(self.num_answers)
+    if "vqa" in weights and self.vqa_mode == "generate":
+      self.answer_decoder = TextDecoder(
+          text_vocab, self.width, depth=self.decoder_layers, num_heads=self.num_heads,
+          mlp_dim=self.mlp_dim, max_len=self.max_answer_len + 1,
+          dropout_rate=self.dropout_rate, dtype=dtype, implementation=self.implementation)
     if "classify" in weights:
       self.cls_head = classifier(self.num_classes)
     if "itm" in weights:
@@ -212,7 +234,10 @@ class MultimodalModel(Model):
     tokens, masks = {}, {}
     for m in modalities:
       inputs = overrides[m] if overrides and m in overrides else batch[m]
-      tokens[m], masks[m] = self.embed[m](inputs)
+      if MODALITY_KINDS[m] == "text":  # a tokenizer whose pad id is a real token sends a mask
+        tokens[m], masks[m] = self.embed[m](inputs, batch.get(f"{m}_mask"))
+      else:
+        tokens[m], masks[m] = self.embed[m](inputs)
     return self.fusion_encoder(tokens, masks, deterministic=not train), masks
 
   def pooled(self, batch: Batch, modalities: Sequence[str], *, train: bool = False,
@@ -285,6 +310,38 @@ class MultimodalModel(Model):
                      train: bool = False, decode: bool = False) -> Array:
     return self.caption_decoder(tokens, memory, memory_mask, train=train, decode=decode)
 
+  def vqa_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
+    """The fused tokens of `modalities` the answer decoder attends to: ([B, N, D], [B, N])."""
+    encoded, masks = self.encode(batch, self.modalities, train=train)
+    return (jnp.concatenate([encoded[m] for m in self.modalities], axis=1),
+            jnp.concatenate([masks[m] for m in self.modalities], axis=1))
+
+  def vqa_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
+                 train: bool = False, decode: bool = False) -> Array:
+    return self.answer_decoder(tokens, memory, memory_mask, train=train, decode=decode)
+
+  def _generated_vqa(self, batch, train):
+    """Teacher-forced answer tokens from the fused modalities; token statistics."""
+    memory, memory_mask = self.vqa_memory(batch, train=train)
+    inputs, targets = self.caption_targets(batch["answer_text"])
+    return metrics.token_statistics(self.vqa_logits(inputs, memory, memory_mask, train=train),
+                                    targets)
+
+  def class_embeddings(self, prompt_tokens: Array, prompt_mask: Optional[Array] = None) -> Array:
+    """Zero-shot prompts [C, P, L] (+ mask) -> contrastive text embeddings [C, P, embed_dim]."""
+    if prompt_tokens.ndim != 3:
+      raise ValueError("Zero-shot prompts must be token ids [classes, prompts, length]; got "
+                       f"shape {prompt_tokens.shape}.")
+    c, p, length = prompt_tokens.shape
+    batch = {"text": prompt_tokens.reshape(c * p, length)}
+    if prompt_mask is not None:
+      batch["text_mask"] = prompt_mask.reshape(c * p, length)
+    return self.embed_text(batch).reshape(c, p, -1)
+
+  def zero_shot_logits(self, batch: Batch, class_embeddings: Array) -> Array:
+    """Zero-shot class logits [B, C] of batch['image'] against prompt-ensembled classes."""
+    return heads.zero_shot_logits(self.embed_image(batch), class_embeddings)
+
   def _caption(self, batch, train):
     memory, memory_mask = self.caption_memory(batch, train=train)
     inputs, targets = self.caption_targets(batch["text"])
@@ -294,29 +351,49 @@ class MultimodalModel(Model):
   def _objectives(self, batch: Batch, train: bool) -> Tuple[Dict[str, Array], Dict[str, Array]]:
     """(per-objective scalar losses, per-example evaluation outputs)."""
     weights = self.objective_weights()
+    generate_vqa = "vqa" in weights and self.vqa_mode == "generate"
     keys = list(self.used_modalities())
-    keys += [k for o, k in (("vqa", "answer"), ("classify", "label")) if o in weights]
+    keys += [k for o, k in (("vqa", "answer_text" if generate_vqa else "answer"),
+                            ("classify", "label")) if o in weights]
     self.check_batch(batch, keys)
     terms, outputs = {}, {}
     if "itc" in weights or "itm" in weights:
       zimg, ztxt = self.embed_image(batch, train=train), self.embed_text(batch, train=train)
       terms["itc"], _ = self.contrastive(zimg, ztxt)
       outputs.update(image_embedding=zimg, text_embedding=ztxt)
-    if "vqa" in weights or "classify" in weights:  # one fused pass serves both heads
-      fused = self.pooled(batch, self.modalities, train=train)
+    if ("vqa" in weights and not generate_vqa) or "classify" in weights:
+      fused = self.pooled(batch, self.modalities, train=train)  # one pass serves both heads
     for objective, key, head in (("vqa", "answer", "vqa_head"), ("classify", "label", "cls_head")):
-      if objective in weights:
+      if objective in weights and not (objective == "vqa" and generate_vqa):
         logits = getattr(self, head)(fused)
         terms[objective] = jnp.mean(losses.cross_entropy(logits, batch[key]))
         outputs[f"{objective}_correct"] = metrics.correct(logits, batch[key])
     if "itm" in weights:
       terms["itm"], outputs["itm_correct"] = self._itm(batch, zimg, ztxt, train)
-    for objective, fn in (("mlm", self._mlm), ("caption", self._caption)):
+    tasks = [("mlm", self._mlm), ("caption", self._caption)]
+    if generate_vqa:
+      tasks.append(("vqa", self._generated_vqa))
+    for objective, fn in tasks:
       if objective in weights:
         stats = fn(batch, train)
         terms[objective] = jnp.sum(stats["nll_sum"]) / jnp.maximum(jnp.sum(stats["num_tokens"]), 1)
         outputs.update({f"{objective}_{k}": v for k, v in stats.items()})
     return terms, outputs
+
+  # ---------------------------------------------------------------------- generation
+
+  def generation_tasks(self) -> Tuple[str, ...]:
+    """What `generate` can write: "caption" and / or "vqa" (answers, vqa_mode="generate")."""
+    weights = self.objective_weights()
+    tasks = ("caption",) if "caption" in weights else ()
+    return tasks + (("vqa",) if "vqa" in weights and self.vqa_mode == "generate" else ())
+
+  def generate(self, variables, batch: Batch, *, task: str = "caption",
+               beam_size: Optional[int] = None, max_len: Optional[int] = None,
+               length_penalty: float = 0.0) -> Array:
+    """Generated token ids [B, max_len] (0 after the end) of `task`; see generate_text."""
+    return generate_text(self, variables, batch, task=task, beam_size=beam_size,
+                         max_len=max_len, length_penalty=length_penalty)
 
   # ---------------------------------------------------------------- trainer contract
 
@@ -326,7 +403,7 @@ class MultimodalModel(Model):
     total = sum(weights[k] * terms[k] for k in weights)
     logged = {f"{k}_loss": v for k, v in terms.items()}
     for objective in ("vqa", "classify"):
-      if objective in weights:
+      if f"{objective}_correct" in outputs:
         logged[f"{objective}_accuracy"] = jnp.mean(outputs[f"{objective}_correct"])
     if "itc" in weights or "itm" in weights:
       scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
@@ -346,7 +423,7 @@ class MultimodalModel(Model):
     for key in ("vqa_correct", "classify_correct", "itm_correct"):
       if key in outputs:
         summary[key.replace("_correct", "_accuracy")] = float(np.mean(outputs[key]))
-    for objective in ("mlm", "caption"):
+    for objective in ("mlm", "caption", "vqa"):
       if f"{objective}_num_tokens" in outputs:
         stats = {k: outputs[f"{objective}_{k}"]
                  for k in ("nll_sum", "correct_tokens", "num_tokens")}
@@ -369,29 +446,39 @@ class CaptioningModel(MultimodalModel):
 def generate_captions(model: MultimodalModel, variables, batch: Batch, *,
                       beam_size: Optional[int] = None, max_len: Optional[int] = None,
                       length_penalty: float = 0.0) -> Array:
-  """Captions [B, max_len] (data token ids, 0 after the end): greedy decoding when
-  `beam_size` is None, else beam search. Jit it with `static_argnames=("beam_size",
-  "max_len")` (and the model bound by functools.partial) to compile once.
+  """Captions [B, max_len] (data token ids, 0 after the end); see generate_text."""
+  return generate_text(model, variables, batch, task="caption", beam_size=beam_size,
+                       max_len=max_len, length_penalty=length_penalty)
 
-  Encodes `model.caption_from` once, sizes the decoder's key/value cache for
-  B * beam_size rows (zeros: `jax.eval_shape`, no decoder pass) and runs decoding.py.
+
+def generate_text(model: MultimodalModel, variables, batch: Batch, *, task: str = "caption",
+                  beam_size: Optional[int] = None, max_len: Optional[int] = None,
+                  length_penalty: float = 0.0) -> Array:
+  """Captions or answers [B, max_len] (data token ids, 0 after the end): greedy decoding
+  when `beam_size` is None, else beam search. Jit it with `static_argnames=("task",
+  "beam_size", "max_len")` (and the model bound by functools.partial) to compile once.
+
+  Encodes the decoder's memory once (`caption_from`, or the fused `modalities` for
+  "vqa"), sizes the decoder's key/value cache for B * beam_size rows (zeros:
+  `jax.eval_shape`, no decoder pass) and runs decoding.py.
   """
-  if "caption" not in model.objective_weights():
-    raise ValueError("generate_captions needs a model with the 'caption' objective; "
-                     f"loss_weights={model.loss_weights}.")
-  max_len = max_len or model.max_text_len + 1
-  if max_len > model.max_text_len + 1:
-    raise ValueError(f"max_len={max_len} exceeds the decoder's {model.max_text_len + 1} "
-                     "positions.")
+  if task not in model.generation_tasks():
+    raise ValueError(f"This model generates {model.generation_tasks() or 'nothing'}; got task "
+                     f"{task!r} (captions need the 'caption' objective, answers "
+                     f"vqa_mode='generate'; loss_weights={model.loss_weights}).")
+  limit = (model.max_text_len if task == "caption" else model.max_answer_len) + 1
+  max_len = max_len or limit
+  if max_len > limit:
+    raise ValueError(f"max_len={max_len} exceeds the {task} decoder's {limit} positions.")
   params = {"params": variables["params"]}
-  memory, mask = model.apply(params, batch, method="caption_memory")
+  memory, mask = model.apply(params, batch, method=f"{task}_memory")
   batch_size = memory.shape[0]
   rows = batch_size * (beam_size or 1)
   memory, mask = (jnp.repeat(x, rows // batch_size, axis=0) for x in (memory, mask))
 
   def run(tokens, cache=None):
     v = dict(params, cache=cache) if cache is not None else params
-    return model.apply(v, tokens, memory, mask, decode=True, method="caption_logits",
+    return model.apply(v, tokens, memory, mask, decode=True, method=f"{task}_logits",
                        mutable=["cache"])
 
   shapes = jax.eval_shape(lambda: run(jnp.zeros((rows, max_len), jnp.int32)))[1]["cache"]

@@ -1,7 +1,8 @@
 """Text towers: a Transformer encoder (BERT / CLIP style) and a causal decoder for generation.
 
 TextTransformer: ids [B, L] -> (pooled [B, D], tokens [B, L, D]). Pre-LN, learned position
-embeddings, padding (id 0) masked out of attention, optionally causal (CLIP's text tower).
+embeddings, padding masked out of attention (the given mask, else ids != pad_id),
+optionally causal (CLIP's text tower).
 Pooling: "last" = the last non-padding token (CLIP's EOS token when captions end with it),
 "argmax" = the position of the largest id (original CLIP, whose EOS has the largest id),
 "mean" over valid tokens, or "first" (a BERT [CLS] token).
@@ -48,13 +49,15 @@ class TextTransformer(nn.Module):
   implementation: Optional[str] = None
   activation: str = "gelu_tanh"       # MLP activation, see mmjax.nn.transformer
   layer_norm_epsilon: float = 1e-6
+  pad_id: Optional[int] = 0           # see TextTokenizer; None for an imported CLIP
 
   @nn.compact
-  def __call__(self, tokens: Array, *, train: bool = False) -> Tuple[Array, Array]:
+  def __call__(self, tokens: Array, mask: Optional[Array] = None, *,
+               train: bool = False) -> Tuple[Array, Array]:
     if self.pool not in TEXT_POOLING:
       raise ValueError(f"Unknown text pooling {self.pool!r}; expected one of {TEXT_POOLING}.")
     x, valid = TextTokenizer(self.vocab_size, self.width, self.max_len, type_embedding=False,
-                             dtype=self.dtype, name="embed")(tokens)
+                             dtype=self.dtype, pad_id=self.pad_id, name="embed")(tokens, mask)
     mask = valid[:, None, None, :]
     if self.causal:
       length = tokens.shape[1]

@@ -5,7 +5,8 @@ Every tokenizer returns (tokens [B, N, width], mask bool [B, N]) and adds
   * a learned modality-type embedding (`type_embedding`, [width]) so that a joint
     encoder can tell the modalities apart after concatenation.
 
-  TextTokenizer     token ids [B, L] (0 = padding)   -> L tokens, mask = ids != 0
+  TextTokenizer     token ids [B, L] (+ mask)        -> L tokens, mask = the given one,
+                                                        else ids != pad_id (0 by default)
   ImageTokenizer    image [B, H, W, C]               -> (H/p)(W/p) patch tokens (ViT)
   VideoTokenizer    video [B, T, H, W, C]            -> tubelet tokens (ViViT)
   AudioTokenizer    waveform [B, S]                  -> log-mel spectrogram patches (AST)
@@ -83,9 +84,12 @@ class TextTokenizer(nn.Module):
   type_embedding: bool = True         # False for a text-only tower (nothing to tell apart)
   dtype: Any = jnp.float32
   name_in_batch: str = "text"
+  # Padding id when no mask is given; None: every position is real (CLIP's text tower,
+  # whose causal attention and end-token pooling never look at padding after the end).
+  pad_id: Optional[int] = 0
 
   @nn.compact
-  def __call__(self, tokens: Array) -> Tuple[Array, Array]:
+  def __call__(self, tokens: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
     check_token_ids(tokens, self.vocab_size, self.name_in_batch)
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"{self.name_in_batch!r} has {tokens.shape[1]} tokens; at most "
@@ -101,7 +105,14 @@ class TextTokenizer(nn.Module):
       x = x + self.param("type_embedding", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed",)), (self.width,))
     x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
-    return x, tokens != 0
+    if mask is not None:
+      if mask.shape != tokens.shape:
+        raise ValueError(f"{self.name_in_batch + '_mask'!r} must have the shape of the ids "
+                         f"{tokens.shape}; got {mask.shape}.")
+      return x, mask.astype(bool)
+    if self.pad_id is None:
+      return x, jnp.ones(tokens.shape, bool)
+    return x, tokens != self.pad_id
 
 
 class ImageTokenizer(nn.Module):

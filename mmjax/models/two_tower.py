@@ -63,6 +63,8 @@ class TwoTower(Model):
   max_text_len: int = 32
   text_pool: str = "last"
   text_causal: bool = True
+  pad_id: Optional[int] = 0           # padding id when the batch has no `text_mask`; None: none
+
   dropout_rate: float = 0.0
   activation: str = "gelu_tanh"       # both towers' MLPs; CLIP: "quick_gelu"
   layer_norm_epsilon: float = 1e-6    # both towers; CLIP: 1e-5
@@ -81,7 +83,8 @@ class TwoTower(Model):
     self.txt = TextTransformer(
         self.vocab_size, width=self.text_width, depth=self.text_depth,
         num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_len=self.max_text_len,
-        causal=self.text_causal, pool=self.text_pool, dropout_rate=self.dropout_rate,
+        causal=self.text_causal, pool=self.text_pool, pad_id=self.pad_id,
+        dropout_rate=self.dropout_rate,
         activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
         dtype=dtype, implementation=self.implementation)
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None))
@@ -98,18 +101,20 @@ class TwoTower(Model):
       raise ValueError(f"'image' must be [batch, height, width, 3]; got shape {image.shape}.")
     return heads.l2_normalize(self.img_proj(self.img(image, train=train)))
 
-  def embed_text(self, text: Array, *, train: bool = False) -> Array:
-    """Token ids [B, L] -> L2-normalised embeddings [B, embed_dim] (float32)."""
-    pooled, _ = self.txt(text, train=train)
+  def embed_text(self, text: Array, mask: Optional[Array] = None, *,
+                 train: bool = False) -> Array:
+    """Token ids [B, L] (+ bool mask [B, L]) -> L2-normalised embeddings [B, embed_dim]."""
+    pooled, _ = self.txt(text, mask, train=train)
     return heads.l2_normalize(self.txt_proj(pooled))
 
-  def class_embeddings(self, prompt_tokens: Array) -> Array:
-    """Prompts [C, P, L] (P prompts per class) -> embeddings [C, P, embed_dim]."""
+  def class_embeddings(self, prompt_tokens: Array, prompt_mask: Optional[Array] = None) -> Array:
+    """Prompts [C, P, L] (P prompts per class, + mask) -> embeddings [C, P, embed_dim]."""
     if prompt_tokens.ndim != 3:
       raise ValueError("Zero-shot prompts must be token ids [classes, prompts, length]; got "
                        f"shape {prompt_tokens.shape}.")
     c, p, length = prompt_tokens.shape
-    return self.embed_text(prompt_tokens.reshape(c * p, length)).reshape(c, p, -1)
+    mask = None if prompt_mask is None else prompt_mask.reshape(c * p, length)
+    return self.embed_text(prompt_tokens.reshape(c * p, length), mask).reshape(c, p, -1)
 
   def zero_shot_logits(self, batch: Mapping[str, Array], class_embeddings: Array) -> Array:
     """Zero-shot class logits [B, C] of batch['image'] against prompt-ensembled classes."""
@@ -123,7 +128,7 @@ class TwoTower(Model):
       raise ValueError(f"'image' and 'text' batch sizes differ: {batch['image'].shape[0]} vs "
                        f"{batch['text'].shape[0]}.")
     return (self.embed_image(batch["image"], train=train),
-            self.embed_text(batch["text"], train=train))
+            self.embed_text(batch["text"], batch.get("text_mask"), train=train))
 
   def loss(self, batch: Mapping[str, Array], train: bool = False) -> Tuple[Array, Dict]:
     zimg, ztxt = self._embeddings(batch, train)

@@ -79,6 +79,23 @@ def default_config() -> ml_collections.ConfigDict:
       end_lr_fraction=0.0,         # cosine / linear: final lr = lr * this
       timescale=0,                 # rsqrt: lr / sqrt(1 + (step - warmup) / timescale); 0 -> warmup
   ))
+  # Evaluation that generates text (models with generation_tasks(), e.g. captioning,
+  # multimodal with vqa_mode="generate"); see mmjax/train/text_eval.py.
+  c.generation = ml_collections.ConfigDict(dict(
+      decode="",                   # "" (off), "greedy" or "beam"
+      beam_size=4,                 # beam search width
+      length_penalty=0.0,          # beam search: log-prob / length**penalty
+      max_len=0,                   # tokens generated; 0: the model's decoder length
+      java_metrics=False,          # also METEOR / SPICE when Java runs (~10 s more per eval)
+      predictions=True,            # write DIR/predictions/STEP.jsonl
+  ))
+  # Zero-shot classification at evaluation (models with class_embeddings / zero_shot_logits).
+  c.zeroshot = ml_collections.ConfigDict(dict(
+      enabled=False,
+      data=ml_collections.ConfigDict({"name": ""}),  # a classification config.data; "" = config.data
+      prompts=("a photo of a {}.",),  # templates, averaged per class (prompt ensemble)
+      classes=(),                  # class names; () = the dataset's info()['classes']
+  ))
   c.init_from = ml_collections.ConfigDict(dict(
       checkpoint="",               # directory of an mmjax run, or one of its step dirs
       include=(r".*",),            # regexes on (renamed) names of parameters to load

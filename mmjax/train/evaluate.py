@@ -5,9 +5,14 @@ evaluates its rows of each global batch under the same jit as training, the per-
 outputs of the model's `evaluate` are gathered to the host, padding rows dropped, and the
 model's own `summarize` turns the whole split into metrics (accuracy, recall@K, ...).
 Nothing is averaged per batch, so the numbers are exact for any batch size.
+
+Evaluations the config switches on run after it, over the same split and mesh
+(`make_extra_evaluators`): text generation scored with caption / VQA metrics
+(text_eval.py, `config.generation`) and zero-shot classification (zeroshot.py,
+`config.zeroshot`).
 """
 import collections
-from typing import Any, Callable, Dict, Iterable, Mapping
+from typing import Any, Callable, Dict, Iterable, List, Mapping
 
 import flax.linen as nn
 import jax
@@ -25,7 +30,7 @@ def make_eval_step(model: nn.Module, param_shardings: Any, mesh: Mesh) -> Callab
   return jax.jit(eval_step, in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)))
 
 
-def _to_host(tree: Any) -> Any:
+def to_host(tree: Any) -> Any:
   """Global arrays -> full numpy arrays on every process."""
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(tree, tiled=True)
@@ -42,7 +47,7 @@ def evaluate(model: nn.Module, eval_step: Callable, params: Any,
       raise ValueError(f"Eval batches need a boolean 'valid' key marking real rows; got keys "
                        f"{sorted(local_batch)}.")
     batch = sharding_lib.global_batch(local_batch, mesh)
-    out, valid = _to_host((eval_step(params, batch), batch["valid"]))
+    out, valid = to_host((eval_step(params, batch), batch["valid"]))
     valid = np.asarray(valid, bool)
     num_examples += int(valid.sum())
     for key, value in out.items():
@@ -57,3 +62,17 @@ def evaluate(model: nn.Module, eval_step: Callable, params: Any,
   summary = {k: float(v) for k, v in summary.items()}
   summary["num_examples"] = num_examples
   return summary
+
+
+def make_extra_evaluators(config, model: nn.Module, param_shardings: Any, mesh: Mesh,
+                          workdir: str, make_eval_iter: Callable) -> List[Callable]:
+  """The config's extra evaluations, each a callable(params, step) -> {metric: value}."""
+  # pylint: disable=g-import-not-at-top  (they import this module)
+  from mmjax.train import text_eval, zeroshot
+  extra = []
+  if config.get("generation") is not None and config.generation.decode:
+    extra.append(text_eval.GenerationEvaluator(config, model, param_shardings, mesh, workdir,
+                                               make_eval_iter))
+  if config.get("zeroshot") is not None and config.zeroshot.enabled:
+    extra.append(zeroshot.ZeroShotEvaluator(config, model, param_shardings, mesh))
+  return extra

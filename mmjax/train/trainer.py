@@ -312,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       global_example = _example_batch(first_batch, config.batch_size)
       flops_per_step = _flops(train_step, abstract, global_example)
       eval_step = evaluate_lib.make_eval_step(model, shardings.params, mesh)
+      extra_evals = evaluate_lib.make_extra_evaluators(  # generation, zero-shot (if configured)
+          config, model, shardings.params, mesh, workdir, make_eval_iter)
       peak = writers.device_peak_flops() * jax.device_count()
 
       if start_step == 0:
@@ -322,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
       results = _train_loop(config, state, start_step, pending, train_iter, make_eval_iter,
                             train_step, eval_step, model, mesh, writer, checkpointer,
-                            preemption, flops_per_step, peak)
+                            preemption, flops_per_step, peak, extra_evals)
   finally:
     checkpointer.close()  # first: SIGTERM must not kill the process while the last save runs
     preemption.close()
@@ -334,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, train_step,
                 eval_step, model, mesh, writer, checkpointer, preemption, flops_per_step,
-                peak) -> Dict[str, Any]:
+                peak, extra_evals=()) -> Dict[str, Any]:
   total = config.total_steps
   is_chief = jax.process_index() == 0
   bar = writers.ProgressBar(total, start_step, active=is_chief and config.progress_bar)
@@ -383,6 +385,8 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
       if (config.eval_every and step % config.eval_every == 0) or step == total:
         eval_start = time.perf_counter()
         eval_metrics = evaluate_lib.evaluate(model, eval_step, state.params, make_eval_iter(), mesh)
+        for extra in extra_evals:
+          eval_metrics.update(extra(state.params, step))
         eval_metrics["seconds"] = time.perf_counter() - eval_start
         last_log_time += eval_metrics["seconds"]  # throughput counts training time only
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})

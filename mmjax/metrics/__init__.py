@@ -4,6 +4,10 @@ Per-example functions (jnp, used inside `evaluate`) return one value per row so 
 trainer can drop padding rows before `summarize`; split-level functions (numpy, used in
 `summarize`) see the whole evaluation split at once, which retrieval needs: recall@K
 ranks every query against *all* candidates of the split, not of one batch.
+
+Text-level metrics the papers print live in their own modules and are re-exported here:
+`caption_scores` (COCO caption evaluation: BLEU, ROUGE-L, CIDEr-D, METEOR, SPICE) and
+`vqa_accuracy` (the official VQAv2 accuracy).
 """
 from typing import Dict, Sequence
 
@@ -12,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import losses
+from mmjax.metrics.captions import caption_scores  # noqa: F401  (re-exported)
+from mmjax.metrics.vqa import vqa_accuracy  # noqa: F401  (re-exported)
 
 
 def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
