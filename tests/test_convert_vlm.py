@@ -110,7 +110,7 @@ def test_paligemma_logits_with_prefix_mask_and_greedy_generation(paligemma, tmp_
     out = hf_model.generate(input_ids=ids, pixel_values=pixels, token_type_ids=types,
                             max_new_tokens=8, do_sample=False, eos_token_id=-1,
                             pad_token_id=0)[:, ids.shape[1]:].numpy()
-  tokens = model.apply(params, _mmjax_batch(PROMPT, SUFFIX), method="generate", max_len=8)
+  tokens = model.apply(params, _mmjax_batch(PROMPT, SUFFIX), method="generate_tokens", max_len=8)
   np.testing.assert_array_equal(np.asarray(tokens), out)
   assert len(set(out.ravel().tolist())) > 3, out       # not one repeated token
 

@@ -72,7 +72,7 @@ def test_loss_is_on_the_suffix_only_and_prefix_attention_matters(model_and_param
 def test_cached_greedy_generation_equals_full_forward(model_and_params, prefix_attention):
   _, params, batch = model_and_params
   model = tiny(prefix_attention=prefix_attention)
-  tokens = jax.jit(lambda p: model.apply(p, batch, method="generate", max_len=6))(params)
+  tokens = jax.jit(lambda p: model.apply(p, batch, method="generate_tokens", max_len=6))(params)
   # Teacher-forcing the generated tokens, every argmax is the token generated next.
   forced = dict(batch, suffix=jnp.pad(tokens, ((0, 0), (0, 1))))
   logits = model.apply(params, forced, method="suffix_logits")
@@ -85,16 +85,16 @@ def test_cached_greedy_generation_equals_full_forward(model_and_params, prefix_a
 def test_beam_of_one_equals_greedy_and_sampling_is_valid(model_and_params):
   _, params, batch = model_and_params
   model = tiny(beam_size=1)
-  greedy = model.apply(params, batch, method="generate")
-  np.testing.assert_array_equal(model.apply(params, batch, method="generate", decoding="beam"),
+  greedy = model.apply(params, batch, method="generate_tokens")
+  np.testing.assert_array_equal(model.apply(params, batch, method="generate_tokens", decoding="beam"),
                                 greedy)
-  cold = tiny(temperature=0.0).apply(params, batch, method="generate", decoding="sample",
+  cold = tiny(temperature=0.0).apply(params, batch, method="generate_tokens", decoding="sample",
                                      rng=jax.random.key(1))
   np.testing.assert_array_equal(cold, greedy)
-  top1 = tiny(top_k=1).apply(params, batch, method="generate", decoding="sample",
+  top1 = tiny(top_k=1).apply(params, batch, method="generate_tokens", decoding="sample",
                              rng=jax.random.key(1))
   np.testing.assert_array_equal(top1, greedy)
-  hot = tiny(temperature=5.0).apply(params, batch, method="generate", decoding="sample",
+  hot = tiny(temperature=5.0).apply(params, batch, method="generate_tokens", decoding="sample",
                                     rng=jax.random.key(1))
   assert hot.shape == greedy.shape and np.all((np.asarray(hot) >= 0) & (np.asarray(hot) < 50))
 
@@ -119,7 +119,7 @@ def test_every_weight_has_logical_axes_and_8_devices_equal_1():
 
   params = nn.meta.unbox(jax.jit(init)(jax.random.key(0)))
   one = jax.jit(loss_and_grads)(params, batch)
-  generated_one = jax.jit(lambda p: model.apply(p, batch, method="generate"))(params)
+  generated_one = jax.jit(lambda p: model.apply(p, batch, method="generate_tokens"))(params)
 
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = DEFAULT_AXIS_RULES
@@ -130,7 +130,7 @@ def test_every_weight_has_logical_axes_and_8_devices_equal_1():
     assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
                for x in jax.tree.leaves(sharded))
     eight = jax.jit(loss_and_grads)(sharded, batch)
-    generated_eight = jax.jit(lambda p: model.apply(p, batch, method="generate"))(sharded)
+    generated_eight = jax.jit(lambda p: model.apply(p, batch, method="generate_tokens"))(sharded)
   np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), eight[1], one[1])
   np.testing.assert_array_equal(generated_eight, generated_one)

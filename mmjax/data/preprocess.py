@@ -325,7 +325,8 @@ def vlm_task(tasks=VLM_TASKS, prefix_len: int = 16, suffix_len: int = 24, *,
              caption_key: str = "caption", question_key: str = "question",
              answer_key: str = "answer", ctx: Context) -> Op:
   """Raw text -> a generative example: `prefix` (prompt ids), `suffix` (target ids ending
-  with `eos_id`), `task` (index into VLM_TASKS).
+  with `eos_id`), `task` (index into VLM_TASKS), and `prompt_{task}` for every one of
+  `tasks` (so that evaluation can generate every task for every example).
 
   Each example becomes one of `tasks`: "caption" (prompt `caption_prompt`, target the
   caption) or "vqa" (prompt the question, target the answer; an integer answer is looked
@@ -358,20 +359,25 @@ def vlm_task(tasks=VLM_TASKS, prefix_len: int = 16, suffix_len: int = 24, *,
     out[:len(ids)] = ids[:length]
     return out
 
+  def prompt_ids(prompt):
+    # The prompt is truncated, never the bos / separator around it.
+    head = [bos_id] if bos_id is not None else []
+    tail = ctx.tokenizer.encode(separator) if separator else []
+    return padded(head + ctx.tokenizer.encode(prompt)[:prefix_len - len(head) - len(tail)]
+                  + tail, prefix_len)
+
   def fn(ex, rng):
     if rng is not None:
       task = tasks[int(rng.integers(len(tasks)))]
     else:
       key = "".join(text(ex, k) for k in (caption_key, question_key) if k in ex)
       task = tasks[zlib.crc32(key.encode("utf-8")) % len(tasks)]
-    prompt, target = ((caption_prompt, text(ex, caption_key)) if task == "caption"
-                      else (text(ex, question_key), text(ex, answer_key)))
-    # The prompt is truncated, never the bos / separator around it.
-    head = [bos_id] if bos_id is not None else []
-    tail = ctx.tokenizer.encode(separator) if separator else []
-    prefix = head + ctx.tokenizer.encode(prompt)[:prefix_len - len(head) - len(tail)] + tail
+    prompts = {t: prompt_ids(caption_prompt if t == "caption" else text(ex, question_key))
+               for t in tasks}
+    target = text(ex, caption_key if task == "caption" else answer_key)
     suffix = ctx.tokenizer.encode(target)[:suffix_len - 1] + [eos_id]
-    ex["prefix"], ex["suffix"] = padded(prefix, prefix_len), padded(suffix, suffix_len)
+    ex["prefix"], ex["suffix"] = prompts[task], padded(suffix, suffix_len)
     ex["task"] = np.int32(VLM_TASKS.index(task))
+    ex.update({f"prompt_{t}": ids for t, ids in prompts.items()})
     return ex
   return fn

@@ -19,13 +19,15 @@ Layout of one sequence: [image tokens | prompt, padding moved in front of it | s
 Padding is masked out as a key and does not consume rotary positions, so a prompt's
 first token is always at position `num_image_tokens`, whatever its padding.
 
-Generation (`generate`, and `evaluate` with `decoding`): the image and prompt are
+Generation (`generate_tokens`; `generate` for the evaluator): the image and prompt are
 computed once into the key/value cache (the prefill, with the prefix-LM mask), then
 greedy, beam or temperature / top-k decoding continues token by token (decoding.py).
 
-Metrics: `loss` logs the suffix loss and token accuracy; `evaluate` generates and
-`summarize` scores captions (CIDEr, BLEU-4 over token ids, see `summarize`) and answers
-(VQA accuracy) with mmjax.metrics.
+Metrics: `loss` logs the suffix loss and token accuracy, `evaluate` / `summarize` the
+teacher-forced suffix perplexity. Generated text is scored by the generation
+evaluation (`config.generation.decode`, mmjax/train/text_eval.py): for each of `tasks`
+("caption", "vqa") it calls `generate`, decodes with the data's tokenizer and logs
+eval/cider, eval/bleu4, ... and eval/vqa_accuracy.
 
 Parameter tree: `image_encoder` (a "vit" with pool_type "none"), `projection`
 (`kernel`/`bias`, or `fc1`/`fc2` for the MLP), `lm` (see language_model.py). The
@@ -103,6 +105,7 @@ class VLM(Model):
   embed_scale: bool = True                      # Gemma: embeddings x sqrt(width)
   tie_embeddings: bool = True
   prefix_attention: str = "full"                # "full" (prefix-LM) | "causal"
+  tasks: Tuple[str, ...] = ("caption",)         # what the generation evaluation asks for
   # Generation in `evaluate`.
   eos_id: int = 1                               # Gemma's <eos>
   max_decode_len: int = 32
@@ -202,45 +205,43 @@ class VLM(Model):
     return loss, {"token_accuracy": jnp.sum(stats["correct_tokens"]) / num}
 
   def evaluate(self, batch: Batch) -> Dict[str, Array]:
-    outputs = dict(self._token_stats(batch, False))
-    outputs["generated"] = self.generate(batch)
-    outputs["suffix"] = batch["suffix"]
-    rows = batch["suffix"].shape[:1]
-    outputs["task"] = batch.get("task", jnp.zeros(rows, jnp.int32))
-    outputs["eos_id"] = jnp.full(rows, self.eos_id, jnp.int32)  # summarize is static
-    return outputs
+    return self._token_stats(batch, False)
 
   @staticmethod
   def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    """Suffix loss / token accuracy, and on the generated text: CIDEr and BLEU-4 of the
-    caption rows (task 0), VQA accuracy of the answer rows (task 1).
-
-    Text is compared as its token ids (words "17 4 9"), so scores need no tokenizer
-    here; with a word-level vocabulary (as the shapes SentencePiece model is: one piece
-    per word) they are the word-level scores.
-    """
-    summary = metrics.summarize_tokens(
-        {k: outputs[k] for k in ("nll_sum", "correct_tokens", "num_tokens")})
-    summary = {f"suffix_{k}": v for k, v in summary.items()}
-    eos = int(outputs["eos_id"][0])
-    predictions = [ids_to_text(row, eos) for row in outputs["generated"]]
-    references = [ids_to_text(row, eos) for row in outputs["suffix"]]
-    task = np.asarray(outputs["task"])
-    captions = np.flatnonzero(task == 0)
-    answers = np.flatnonzero(task == 1)
-    if captions.size:
-      scores = metrics.caption_scores([predictions[i] for i in captions],
-                                      [[references[i]] for i in captions])
-      summary.update(cider=float(scores["cider"]), bleu4=float(scores["bleu4"]))
-    if answers.size:
-      summary["vqa_accuracy"] = float(metrics.vqa_accuracy(
-          [predictions[i] for i in answers], [[references[i]] for i in answers]))
-    return summary
+    """Teacher-forced suffix token accuracy and perplexity over the split (generated text
+    is scored by the generation evaluation, `config.generation`)."""
+    return {f"suffix_{k}": v for k, v in metrics.summarize_tokens(dict(outputs)).items()}
 
   # ------------------------------------------------------------------------ generation
 
-  def generate(self, batch: Batch, *, decoding: Optional[str] = None,
-               max_len: Optional[int] = None, rng: Optional[Array] = None) -> Array:
+  def generation_tasks(self) -> Tuple[str, ...]:
+    """What the generation evaluation asks `generate` for (mmjax/train/text_eval.py)."""
+    return tuple(self.tasks)
+
+  def generate(self, variables, batch: Batch, *, task: str = "caption",
+               beam_size: Optional[int] = None, max_len: Optional[int] = None,
+               length_penalty: float = 0.0) -> Array:
+    """Generated ids [B, max_len] for `task` (0 from the end token on), the interface of
+    the generation evaluation: greedy, or beam search when `beam_size` is given.
+
+    The prompt is `batch["prompt_{task}"]` when the batch has it (vlm_task writes one per
+    task, so one eval split serves captions and answers), else `batch["prefix"]`.
+    """
+    prompt = batch.get(f"prompt_{task}", batch.get("prefix"))
+    if prompt is None:
+      raise ValueError(f"vlm.generate(task={task!r}) needs batch['prompt_{task}'] or "
+                       f"batch['prefix']; given keys {sorted(batch)}.")
+    model = self.clone(beam_size=beam_size or self.beam_size)
+    tokens = model.apply({"params": variables["params"]}, {**batch, "prefix": prompt},
+                         method="generate_tokens", max_len=max_len,
+                         decoding="beam" if beam_size else "greedy",
+                         length_penalty=length_penalty)
+    return jnp.where(tokens == self.eos_id, 0, tokens)
+
+  def generate_tokens(self, batch: Batch, *, decoding: Optional[str] = None,
+                      max_len: Optional[int] = None, rng: Optional[Array] = None,
+                      length_penalty: float = 0.0) -> Array:
     """Suffix tokens [B, max_len] for image + prompt (0 after `eos_id`, eos included).
 
     The prefix goes through the LM once (prefill into a cache of N + P + max_len
@@ -295,19 +296,9 @@ class VLM(Model):
     if decoding == "greedy":
       return decoding_lib.greedy_decode(step_fn, state, **common)
     if decoding == "beam":
-      return decoding_lib.beam_search(step_fn, state, beam_size=beams, **common)[0]
+      return decoding_lib.beam_search(step_fn, state, beam_size=beams,
+                                      length_penalty=length_penalty, **common)[0]
     if rng is None:
       rng = self.make_rng("sample") if self.has_rng("sample") else jax.random.key(0)
     return decoding_lib.sample_decode(step_fn, state, rng=rng, temperature=self.temperature,
                                       top_k=self.top_k, **common)
-
-
-def ids_to_text(ids, eos_id: int) -> str:
-  """Token ids up to (not including) `eos_id`, padding dropped, as space-separated words."""
-  words = []
-  for i in np.asarray(ids).tolist():
-    if i == eos_id:
-      break
-    if i:
-      words.append(str(i))
-  return " ".join(words)
