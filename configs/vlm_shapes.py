@@ -21,7 +21,7 @@ from mmjax.data import pipeline
 from mmjax.data.builders.shapes import ANSWERS
 from mmjax.train.config import default_config
 
-PREFIX_LEN, SUFFIX_LEN = 12, 28   # prompt / target tokens (longest question ~10, caption ~25)
+PREFIX_LEN, SUFFIX_LEN = 12, 54   # prompt / target tokens: the longest question has 10, caption 52
 VOCAB = 256                       # the data's SentencePiece vocabulary (an upper bound)
 EOS = VOCAB                       # one id past the data's ids
 
