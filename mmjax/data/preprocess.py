@@ -341,10 +341,13 @@ def vlm_task(tasks=VLM_TASKS, prefix_len: int = 16, suffix_len: int = 24, *,
     raise ValueError(f"vlm_task: tasks {list(tasks)}; expected a non-empty subset of {VLM_TASKS}.")
   import zlib  # pylint: disable=g-import-not-at-top
 
-  def text(ex, key):
+  def text(ex, key, rng=None):
     value = _need(ex, key, "vlm_task")
     if isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, (bytes, str)):
-      value = value[0] if np.ndim(value) else value.item()
+      if np.ndim(value):  # several references: a random one in training, else the first
+        value = value[int(rng.integers(len(value))) if rng is not None else 0]
+      else:
+        value = value.item()
     if isinstance(value, (bytes, np.bytes_)):
       value = value.decode("utf-8")
     if isinstance(value, (int, np.integer)):
@@ -374,7 +377,7 @@ def vlm_task(tasks=VLM_TASKS, prefix_len: int = 16, suffix_len: int = 24, *,
       task = tasks[zlib.crc32(key.encode("utf-8")) % len(tasks)]
     prompts = {t: prompt_ids(caption_prompt if t == "caption" else text(ex, question_key))
                for t in tasks}
-    target = text(ex, caption_key if task == "caption" else answer_key)
+    target = text(ex, caption_key if task == "caption" else answer_key, rng)
     suffix = ctx.tokenizer.encode(target)[:suffix_len - 1] + [eos_id]
     ex["prefix"], ex["suffix"] = prompts[task], padded(suffix, suffix_len)
     ex["task"] = np.int32(VLM_TASKS.index(task))

@@ -106,7 +106,7 @@ class VLM(Model):
   tie_embeddings: bool = True
   prefix_attention: str = "full"                # "full" (prefix-LM) | "causal"
   tasks: Tuple[str, ...] = ("caption",)         # what the generation evaluation asks for
-  # Generation in `evaluate`.
+  # Generation (`generate_tokens`; the evaluation decodes as config.generation says).
   eos_id: int = 1                               # Gemma's <eos>
   max_decode_len: int = 32
   decoding: str = "greedy"                      # "greedy" | "beam" | "sample"
@@ -147,10 +147,12 @@ class VLM(Model):
     self.image_encoder = ViT(**self.encoder_config(), dtype=dtype,
                              implementation=self.implementation)
     if self.projector == "linear":
-      self.projection = nn.Dense(self.width, dtype=dtype, kernel_init=nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), ("mlp", "embed")),
-                                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                        ("embed",)))
+      # Encoder width on 'mlp' (tensor), LM width on 'embed' (fsdp): both axes sharded.
+      self.projection = nn.Dense(
+          self.width, dtype=dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                   ("mlp", "embed")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
     else:
       self.projection = Mlp(self.width, out_dim=self.width, activation="gelu_tanh", dtype=dtype)
     self.lm = self.lm_module()
