@@ -80,7 +80,7 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 100
 
   if arg == "ablation":
-    config.total_steps = 400
+    config.total_steps = 300
     config.checkpoint_every = 0
     config.progress_bar = False
   elif arg:

@@ -149,3 +149,25 @@ def test_bad_config_and_batch_raise():
                                                                method="loss")
   with pytest.raises(ValueError, match="missing \\['suffix'\\]"):
     tiny().init(jax.random.key(0), {k: batch[k] for k in ("image", "prefix")}, method="loss")
+
+
+def test_vlm_task_op_makes_prefix_suffix_and_one_prompt_per_task():
+  from mmjax.data import preprocess
+  from mmjax.data.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  op = preprocess.build("vlm_task(prefix_len=8, suffix_len=6, eos_id=300, answers=('no', 'yes'))",
+                        preprocess.Context(tokenizer=tok))
+  record = {"caption": b"red circle", "question": b"is it red?", "answer": 1}
+  tasks = {int(op(dict(record), np.random.default_rng(i))["task"]) for i in range(20)}
+  assert tasks == {0, 1}                                # training draws both tasks
+  ex = op(dict(record), None)
+  assert all(int(op(dict(record), None)["task"]) == ex["task"] for _ in range(3))
+  np.testing.assert_array_equal(ex["prompt_caption"], tok.encode("caption")[:8] + [0])
+  np.testing.assert_array_equal(ex["prompt_vqa"], tok.encode("is it red?")[:8])
+  task = preprocess.VLM_TASKS[int(ex["task"])]
+  target = "red c" if task == "caption" else "yes"      # truncated to suffix_len - 1, + EOS
+  want = tok.encode(target) + [300]
+  np.testing.assert_array_equal(ex["suffix"], want + [0] * (6 - len(want)))
+  np.testing.assert_array_equal(ex["prefix"], ex[f"prompt_{task}"])
+  with pytest.raises(ValueError, match="expected a non-empty subset"):
+    preprocess.build("vlm_task(('ocr',), eos_id=1)", preprocess.Context(tokenizer=tok))
