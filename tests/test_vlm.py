@@ -97,9 +97,13 @@ def test_beam_of_one_equals_greedy_and_sampling_is_valid(model_and_params):
     sample = dict(decoding="sample", rng=jax.random.key(1))
     return (generate(tiny()), generate(tiny(beam_size=1), decoding="beam"),
             generate(tiny(temperature=0.0), **sample), generate(tiny(top_k=1), **sample),
-            generate(tiny(temperature=5.0), **sample))
-  greedy, beam, cold, top1, hot = run(params)
+            generate(tiny(temperature=5.0), **sample),
+            # The generation evaluation's interface: prompt_{task}, eos -> 0.
+            tiny().generate(params, {**batch, "prompt_caption": batch["prefix"]},
+                            task="caption", beam_size=1))
+  greedy, beam, cold, top1, hot, evaluator = run(params)
   np.testing.assert_array_equal(beam, greedy)
+  np.testing.assert_array_equal(evaluator, np.where(np.asarray(greedy) == 3, 0, greedy))
   np.testing.assert_array_equal(cold, greedy)
   np.testing.assert_array_equal(top1, greedy)
   assert hot.shape == greedy.shape and np.all((np.asarray(hot) >= 0) & (np.asarray(hot) < 50))
