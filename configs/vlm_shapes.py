@@ -11,7 +11,9 @@ decoder (RMSNorm, RoPE, GQA, GeGLU, tied embeddings) with the prefix-LM mask; th
 on the answer / caption only. The final evaluation generates greedily and logs
 `eval/cider` (captions) and `eval/vqa_accuracy` (answers), next to the most-frequent-
 caption / answer baselines (eval/baseline_*); the question-only VQA baseline is the
-dataset's (`answer_question_only_overall`, printed at the end).
+dataset's `answer_question_only_overall` (0.255, in Shapes.info()['chance']). Measured:
+CIDEr 4.49 (baseline 0.50), VQA accuracy 0.538 (question-only 0.255), 529 s of CPU time
+(README, "Trained from scratch on shapes").
 
 `get_config("ablation")` is the cheaper variant configs/ablations/vlm_prefix.py sweeps.
 """
