@@ -11,6 +11,7 @@ through the config's own `fields` and preprocessing. A config added without an e
 override keys fail), trace every point's model, and train their first point one step.
 """
 import glob
+import importlib.util
 import os
 
 import numpy as np
@@ -22,6 +23,10 @@ from mmjax.train.config import load_config_file
 from mmjax.train.trainer import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "paligemma_224", os.path.join(ROOT, "configs", "paligemma_224.py"))
+paligemma_224 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paligemma_224)
 
 # Tiny offline data, prepared once per session (see the `data_dir` fixture).
 TINY_SHAPES = {"data.shapes": dict(num_train=64, num_validation=16, num_test=16,
@@ -92,6 +97,23 @@ class TinyVggsound(tfds.core.GeneratorBasedBuilder):
       yield i, {"video": rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
                 "audio": rng.integers(-2**15, 2**15, 16000, dtype=np.int16),
                 "label": int(rng.integers(309))}
+
+
+# The VLM configs keep their prompt layout; paligemma_224 trains on shapes captions (COCO
+# is not here) with its own preprocessing at 32 px.
+TINY_VLM = {
+    "model.encoder": dict(variant=None, width=16, depth=1, mlp_dim=32, num_heads=2,
+                          patch_size=8),
+    "model.width": 16, "model.depth": 1, "model.num_heads": 2, "model.num_kv_heads": 1,
+    "model.head_dim": 8, "model.mlp_dim": 32, "model.max_decode_len": 4,
+    "generation.max_len": 4, **TINY_SHAPES}
+TINY["vlm_shapes.py"] = TINY_VLM
+TINY["paligemma_224.py"] = {
+    **TINY_VLM, "model.vocab_size": 300, "model.dtype": "float32", "data.name": "shapes",
+    "data.tokenizer": "sentencepiece",
+    "data.preprocess": paligemma_224.preprocess(True, 32, "caption"),
+    "data.eval_preprocess": paligemma_224.preprocess(False, 32, "caption")}
+ABLATION_TINY["vlm_prefix.py"] = TINY_VLM
 
 
 def _config_names(folder):

@@ -8,6 +8,9 @@ DST/model_config.json and DST/conversion_report.txt):
   python -m mmjax.convert --from big_vision --src vit_b16.npz --dst /ckpt/vit_b16 \
       --image-size 384                       # position grid resampled from 224
   python -m mmjax.convert --from timm --src vit_small.pth --dst /ckpt/vit_s16 --num-heads 6
+  python -m mmjax.convert --from hf --src ./paligemma-3b-pt-224 --dst /ckpt/paligemma
+  python -m mmjax.convert --from hf --src ./gemma-2b ./siglip-so400m-patch14-224 \
+      --dst /ckpt/my_vlm                     # LM + vision tower; the projector is new
 
   The derived model config computes the checkpoint's activation and LayerNorm epsilon
   (exact GELU / 1e-12 for Hub ViTs, quick GELU / 1e-5 for CLIP, exact GELU / 1e-6 for
@@ -22,6 +25,8 @@ Export (an mmjax checkpoint: a converted DST, a run directory or one of its step
 Hugging Face model directory):
 
   python -m mmjax.convert --to hf --src /ckpt/vit_b16 --dst ./vit-b16-hf --image-size 224
+  python -m mmjax.convert --to hf --src /runs/my_vlm --dst ./my-paligemma \
+      --model-config /ckpt/paligemma/model_config.json     # a "vlm" -> PaliGemma
 """
 import argparse
 import json
@@ -56,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="import a checkpoint of this format")
   direction.add_argument("--to", dest="target_format", choices=("hf",),
                          help="export an mmjax checkpoint to this format")
-  p.add_argument("--src", required=True, help="checkpoint file or directory to read")
+  p.add_argument("--src", required=True, nargs="+",
+                 help="checkpoint file or directory to read (several only for VLM parts: "
+                      "a Gemma / Llama LM and a SigLIP vision tower)")
   p.add_argument("--dst", required=True, help="directory to write (must not exist yet)")
   p.add_argument("--model-config", help="configs/NAME.py or model_config.json")
   p.add_argument("--image-size", type=int, help="image size the mmjax model runs at")
@@ -77,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = _parser().parse_args(argv)
   model_config = read_model_config(args.model_config)
+  sources = args.src
+  from mmjax.convert import hf_vlm  # pylint: disable=g-import-not-at-top
+  vlm_parts = args.source_format == "hf" and all(hf_vlm.is_vlm_source(s) for s in sources)
+  if len(sources) > 1 and not vlm_parts:
+    raise SystemExit(f"--src takes several directories only for Hugging Face VLM parts "
+                     f"({', '.join(hf_vlm.MODEL_TYPES)}); given {sources}.")
+  args.src = sources[0]
   if args.target_format == "hf":
     from mmjax.convert import export_hf  # pylint: disable=g-import-not-at-top
     if model_config is None:
@@ -86,12 +100,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       model_config = read_model_config(path)
     from mmjax.train.checkpoint import load_params  # pylint: disable=g-import-not-at-top
     params = load_params(args.src)  # what init_from reads: a converted DST or a run
-    export_hf.export(params, model_config, args.dst, image_size=args.image_size)
+    if model_config.get("name") == "vlm":
+      hf_vlm.export(params, model_config, args.dst, image_size=args.image_size)
+    else:
+      export_hf.export(params, model_config, args.dst, image_size=args.image_size)
     print(f"wrote Hugging Face model to {args.dst}")
     return 0
 
   strict = not args.no_strict
-  if args.source_format == "hf":
+  if vlm_parts:
+    params, model_config, report = hf_vlm.load(
+        sources, model_config, image_size=args.image_size, skip=args.skip, strict=strict)
+  elif args.source_format == "hf":
     from mmjax.convert import hf  # pylint: disable=g-import-not-at-top
     params, model_config, report = hf.load(
         args.src, model_config, image_size=args.image_size, skip=args.skip,

@@ -20,6 +20,12 @@ Extra keys some pipelines add (models may ignore them):
   question_type  int32   [B]          kind of question (e.g. which modalities it needs),
                                       for accuracy per type; see dataset_info()
   spectrogram    float32 [B, T, F]    log-magnitude STFT, when the `spectrogram` op runs
+  prefix         int32   [B, P]       generative VLM: prompt ids (0 = padding), full attention
+  suffix         int32   [B, S]       generative VLM: target ids ending with EOS, causal
+  task           int32   [B]          generative VLM: index into preprocess.VLM_TASKS
+                                      (caption / vqa), which metric scores the row
+  prompt_caption, prompt_vqa  int32 [B, P]  generative VLM: each task's prompt, so that
+                                      evaluation generates every task for every example
 
   text_mask, question_mask  bool [B, L]  True on real tokens; written when the tokenizer's
                                       pad id is also a real token (CLIP BPE)

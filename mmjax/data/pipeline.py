@@ -90,6 +90,8 @@ CONTRACT_DTYPES = {
     "answer": np.int32, "label": np.int32, "question_type": np.int32, "index": np.int32,
     "valid": np.bool_, "text_mask": np.bool_, "question_mask": np.bool_,
     "answer_text": np.int32, "answer_text_mask": np.bool_,
+    "prefix": np.int32, "suffix": np.int32, "task": np.int32, "prompt_caption": np.int32,
+    "prompt_vqa": np.int32,
 }
 
 

@@ -313,3 +313,75 @@ def keep(*keys: str, ctx: Context) -> Op:
     out.update({f"{k}_mask": ex[f"{k}_mask"] for k in keys if f"{k}_mask" in ex})
     return out
   return fn
+
+
+# Tasks of a generative VLM example (`task` in the batch is an index into this tuple).
+VLM_TASKS = ("caption", "vqa")
+
+
+@PP_OPS.register("vlm_task")
+def vlm_task(tasks=VLM_TASKS, prefix_len: int = 16, suffix_len: int = 24, *,
+             eos_id: int, bos_id: Optional[int] = None, separator: str = "",
+             caption_prompt: str = "caption", answers: Optional[tuple] = None,
+             caption_key: str = "caption", question_key: str = "question",
+             answer_key: str = "answer", ctx: Context) -> Op:
+  """Raw text -> a generative example: `prefix` (prompt ids), `suffix` (target ids ending
+  with `eos_id`), `task` (index into VLM_TASKS), and `prompt_{task}` for every one of
+  `tasks` (so that evaluation can generate every task for every example).
+
+  Each example becomes one of `tasks`: "caption" (prompt `caption_prompt`, target the
+  caption) or "vqa" (prompt the question, target the answer; an integer answer is looked
+  up in `answers`). Training draws the task at random; evaluation picks it from a hash of
+  the record's text, so every run scores the same rows. PaliGemma's format is
+  `bos_id=2, separator="\\n"`: [bos] prompt "\\n" | target [eos].
+  """
+  if ctx.tokenizer is None:
+    raise ValueError("vlm_task needs a tokenizer; set config.data.tokenizer.")
+  unknown = [t for t in tasks if t not in VLM_TASKS]
+  if unknown or not tasks:
+    raise ValueError(f"vlm_task: tasks {list(tasks)}; expected a non-empty subset of {VLM_TASKS}.")
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def text(ex, key, rng=None):
+    value = _need(ex, key, "vlm_task")
+    if isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, (bytes, str)):
+      if np.ndim(value):  # several references: a random one in training, else the first
+        value = value[int(rng.integers(len(value))) if rng is not None else 0]
+      else:
+        value = value.item()
+    if isinstance(value, (bytes, np.bytes_)):
+      value = value.decode("utf-8")
+    if isinstance(value, (int, np.integer)):
+      if answers is None:
+        raise ValueError(f"vlm_task: {key!r} is an integer ({value}); pass `answers`, the "
+                         "answer strings it indexes.")
+      value = answers[int(value)]
+    return str(value)
+
+  def padded(ids, length):
+    out = np.zeros([length], np.int32)
+    out[:len(ids)] = ids[:length]
+    return out
+
+  def prompt_ids(prompt):
+    # The prompt is truncated, never the bos / separator around it.
+    head = [bos_id] if bos_id is not None else []
+    tail = ctx.tokenizer.encode(separator) if separator else []
+    return padded(head + ctx.tokenizer.encode(prompt)[:prefix_len - len(head) - len(tail)]
+                  + tail, prefix_len)
+
+  def fn(ex, rng):
+    if rng is not None:
+      task = tasks[int(rng.integers(len(tasks)))]
+    else:
+      key = "".join(text(ex, k) for k in (caption_key, question_key) if k in ex)
+      task = tasks[zlib.crc32(key.encode("utf-8")) % len(tasks)]
+    prompts = {t: prompt_ids(caption_prompt if t == "caption" else text(ex, question_key))
+               for t in tasks}
+    target = text(ex, caption_key if task == "caption" else answer_key, rng)
+    suffix = ctx.tokenizer.encode(target)[:suffix_len - 1] + [eos_id]
+    ex["prefix"], ex["suffix"] = prompts[task], padded(suffix, suffix_len)
+    ex["task"] = np.int32(VLM_TASKS.index(task))
+    ex.update({f"prompt_{t}": ids for t, ids in prompts.items()})
+    return ex
+  return fn

@@ -1,4 +1,4 @@
-"""Autoregressive decoding with a key/value cache: greedy and beam search.
+"""Autoregressive decoding with a key/value cache: greedy, beam search and sampling.
 
 Both take a `step_fn(tokens [N], cache) -> (logits [N, vocab], cache)` that feeds one
 token per sequence through the decoder and returns the next-token logits together with
@@ -9,7 +9,8 @@ Both run exactly `max_len` steps under `lax.scan` (static shapes, one compilatio
 sequence that emitted `eos_id` continues with padding (0) at no cost, so the outputs are
 [B, max_len] with 0 after the end. The first input token is `bos_id`; it is not part of
 the output. With beam_size=1 beam search takes the same argmax as greedy at every step,
-hence returns the same tokens (tested).
+hence returns the same tokens (tested). Sampling draws from softmax(logits / temperature),
+optionally restricted to the `top_k` most likely tokens.
 """
 from typing import Any, Callable, Tuple
 
@@ -32,6 +33,36 @@ def greedy_decode(step_fn: StepFn, cache: Any, *, batch_size: int, max_len: int,
 
   init = (jnp.full((batch_size,), bos_id, jnp.int32), jnp.zeros((batch_size,), bool), cache)
   _, tokens = jax.lax.scan(step, init, None, length=max_len)
+  return tokens.T
+
+
+def sample_decode(step_fn: StepFn, cache: Any, *, rng: jax.Array, batch_size: int,
+                  max_len: int, bos_id: int, eos_id: int, temperature: float = 1.0,
+                  top_k: int = 0) -> jax.Array:
+  """Temperature / top-k sampling -> tokens [batch_size, max_len] (0 after the first eos).
+
+  temperature 0 is greedy decoding; top_k 0 samples from the whole vocabulary.
+  """
+  if temperature < 0 or top_k < 0:
+    raise ValueError(f"sample_decode: temperature and top_k must be >= 0; given "
+                     f"temperature={temperature}, top_k={top_k}.")
+
+  def step(carry, key):
+    token, finished, cache = carry
+    logits, cache = step_fn(token, cache)
+    logits = logits.astype(jnp.float32)
+    if top_k:
+      kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if temperature == 0:
+      token = jnp.argmax(logits, axis=-1)
+    else:
+      token = jax.random.categorical(key, logits / temperature, axis=-1)
+    token = jnp.where(finished, 0, token.astype(jnp.int32))
+    return (token, finished | (token == eos_id), cache), token
+
+  init = (jnp.full((batch_size,), bos_id, jnp.int32), jnp.zeros((batch_size,), bool), cache)
+  _, tokens = jax.lax.scan(step, init, jax.random.split(rng, max_len))
   return tokens.T
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from mmjax.nn.rope import apply_rope
 from mmjax.registry import ATTENTION_BACKENDS
 
 Array = jax.Array
@@ -440,6 +441,12 @@ class MultiHeadAttention(nn.Module):
   given while decoding is against the whole cache: broadcastable to [B, H, L, max_length].
   The cache index is a traced value, so it cannot be checked at trace time: the caller
   keeps the total number of decoded tokens <= max_length (XLA clamps writes past it).
+  With `full_cache_mask=True` the given mask alone decides what each new token sees (a
+  prefix-LM prefill attends to the whole prefix in both directions); it must then hide
+  the cache positions not written yet.
+
+  Rotary position embeddings (`rope_base` set, see mmjax.nn.rope): queries and keys are
+  rotated by `positions` [B, L] before attention (and before caching).
   """
   num_heads: int
   num_kv_heads: Optional[int] = None
@@ -451,13 +458,15 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
   decode: bool = False
+  rope_base: Optional[float] = None
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None, *,
                mask: Optional[Array] = None, bias: Optional[Array] = None,
-               is_causal: bool = False, deterministic: bool = True) -> Array:
+               is_causal: bool = False, deterministic: bool = True,
+               positions: Optional[Array] = None, full_cache_mask: bool = False) -> Array:
     if self.decode and inputs_kv is not None:
       raise ValueError("MultiHeadAttention(decode=True) caches self-attention only; given "
                        "inputs_kv for cross-attention. Build cross-attention with decode=False.")
@@ -486,9 +495,18 @@ class MultiHeadAttention(nn.Module):
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    if self.rope_base is not None:
+      if positions is None or inputs_kv is not inputs_q:
+        raise ValueError("MultiHeadAttention(rope_base=...) is self-attention with explicit "
+                         "`positions` [batch, length]; given positions="
+                         f"{None if positions is None else positions.shape}"
+                         f"{'' if inputs_kv is inputs_q else ' and cross-attention inputs'}.")
+      query = apply_rope(query, positions, self.rope_base)
+      key = apply_rope(key, positions, self.rope_base)
 
     if self.decode:
-      key, value, mask, is_causal = self._use_cache(key, value, mask, is_causal)
+      key, value, mask, is_causal = self._use_cache(key, value, mask, is_causal,
+                                                    full_cache_mask)
 
     dropout_rate = 0.0 if deterministic else self.dropout_rate
     dropout_rng = self.make_rng("dropout") if dropout_rate > 0.0 else None
@@ -499,7 +517,7 @@ class MultiHeadAttention(nn.Module):
                      name="out")(x)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
-  def _use_cache(self, key, value, mask, is_causal):
+  def _use_cache(self, key, value, mask, is_causal, full_cache_mask=False):
     """Writes this step's keys/values into the cache; returns the cached K/V and mask."""
     initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -520,10 +538,15 @@ class MultiHeadAttention(nn.Module):
     cached_value.value = jax.lax.dynamic_update_slice(
         cached_value.value, value, (0, index, 0, 0))
     cache_index.value = index + step_length
+    del is_causal  # The cache mask is already causal over absolute positions.
+    if full_cache_mask:
+      if mask is None:
+        raise ValueError("MultiHeadAttention decode: full_cache_mask=True needs a mask "
+                         "[B, H, L, max_length]; given None.")
+      return cached_key.value, cached_value.value, mask, False
     # New token t (at absolute position index + t) sees cached positions 0..index + t.
     query_position = index + jnp.arange(step_length)
     visible = jnp.arange(max_length)[None, :] <= query_position[:, None]
     visible = visible[None, None]                                   # [1, 1, L, max_length]
     mask = visible if mask is None else jnp.logical_and(mask, visible)
-    del is_causal  # The cache mask is already causal over absolute positions.
     return cached_key.value, cached_value.value, mask, False

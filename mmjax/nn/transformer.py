@@ -54,6 +54,7 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "gelu": functools.partial(nn.gelu, approximate=False),   # erf; torch nn.GELU()
     "quick_gelu": _quick_gelu,                               # OpenAI CLIP
+    "silu": nn.silu,                                         # SwiGLU (Llama)
 }
 
 

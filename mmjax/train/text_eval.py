@@ -52,6 +52,8 @@ def decode_ids(tokenizer, ids: np.ndarray) -> str:
   ids = np.asarray(ids)
   end = np.flatnonzero(ids == 0)
   ids = ids[:end[0]] if end.size else ids
+  # A model vocabulary larger than the tokenizer's (e.g. an EOS id after it) can emit ids
+  # the tokenizer has no piece for; they decode to nothing instead of failing.
   return tokenizer.decode(ids[ids < tokenizer.vocab_size])
 
 

@@ -1,0 +1,70 @@
+"""A decoder-only Transformer language model of the Gemma / Llama family.
+
+    tokens -> embedding (x sqrt(width) for Gemma) -> `depth` LMBlocks -> RMSNorm
+           -> logits (the embedding transposed when tied, else a `head` kernel)
+
+The LM does not decide who attends to whom: the caller passes positions and the mask
+(causal, prefix-LM, padding), so one module serves text-only LMs and VLMs alike. With
+`decode=True` every block keeps a key/value cache (see MultiHeadAttention).
+
+Parameter tree (what the Hugging Face importer fills): `embedding/embedding` [vocab,
+width], `layers_{i}/...` (see mmjax.nn.lm_block), `final_norm/scale`, `head/kernel`
+[width, vocab] when the embeddings are not tied.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.nn.lm_block import LMBlock, LMBlockConfig
+from mmjax.nn.norms import RMSNorm
+
+
+class DecoderLM(nn.Module):
+  """Token embedding, `depth` Gemma / Llama blocks, final norm and logits."""
+  vocab_size: int
+  width: int
+  depth: int
+  block: LMBlockConfig
+  embed_scale: bool = True        # Gemma multiplies embeddings by sqrt(width); Llama not
+  tie_embeddings: bool = True     # Gemma: logits = x @ embedding.T; Llama: a `head`
+  decode: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ("vocab", "embed")))
+    self.layers = [LMBlock(self.block, decode=self.decode, dtype=self.dtype,
+                           param_dtype=self.param_dtype) for _ in range(self.depth)]
+    self.final_norm = RMSNorm(self.block.norm_epsilon, self.block.norm_scale_offset,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    if not self.tie_embeddings:
+      self.head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           kernel_init=nn.with_logical_partitioning(
+                               nn.initializers.normal(0.02), ("embed", "vocab")))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token ids [B, L] -> embeddings [B, L, width] (scaled as the family does)."""
+    x = self.embedding(tokens)
+    if self.embed_scale:  # in the compute dtype, as Gemma does
+      x = x * jnp.asarray(np.sqrt(self.width), x.dtype)
+    return x
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Embeddings [B, L, width] -> float32 logits [B, L, vocab].
+
+    `positions` [B, L] are the rotary positions; `mask` bool [B, 1, L, L] (or against the
+    whole cache [B, 1, L, cache_length] when decoding), True = may attend.
+    """
+    x = nn.with_logical_constraint(x.astype(self.dtype), ("batch", "length", "embed"))
+    for layer in self.layers:
+      x = layer(x, positions, mask)
+    x = self.final_norm(x)
+    logits = self.embedding.attend(x) if self.tie_embeddings else self.head(x)
+    return logits.astype(jnp.float32)
