@@ -8,12 +8,15 @@ data 2 x fsdp 2 mesh, for two-tower CLIP and SigLIP and the demo's multimodal mo
 (ITC + VQA), with ITM and MLM switched on as well (their hard negatives and masks are
 drawn per example, so they must not change when the batch is split).
 """
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from configs import demo
+from mmjax import sweep as sweep_lib
 from mmjax.models import multimodal, two_tower
 from mmjax.models.base import build_model
 from mmjax.train import config as config_lib
@@ -21,6 +24,9 @@ from mmjax.train import optim
 from mmjax.train import sharding
 from mmjax.train import state as state_lib
 from mmjax.train import trainer
+from mmjax.train.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BATCH, STEPS = 32, 3
 TINY_TOWER = dict(vocab_size=50, max_text_len=8, image_width=32, text_width=32, image_depth=1,
@@ -84,3 +90,14 @@ def test_accumulating_4_micro_batches_equals_one_big_batch(case):
     np.testing.assert_allclose(accumulated[key], big[key], rtol=1e-5, err_msg=key)
   for key, value in big.items():  # every logged term (itc_loss, vqa_accuracy, ...) too
     np.testing.assert_allclose(accumulated[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_siglip_vs_clip_sweep_reaches_batch_256_by_accumulating_16_x_16():
+  sweep = load_config_file(os.path.join(ROOT, "configs", "ablations", "siglip_vs_clip.py"))
+  configs = {r.label: r.config for r in sweep_lib.expand(sweep) if r.seed == sweep.base.seed}
+  for name in ("CLIP", "SigLIP"):
+    big, accumulated = configs[f"{name} b256"], configs[f"{name} b256 = 16x16"]
+    assert accumulated.batch_size == 256 and accumulated.grad_accum_steps == 16
+    assert big.grad_accum_steps == 1
+    big.grad_accum_steps = 16  # the only difference from the batch-256 point
+    assert accumulated.to_dict() == big.to_dict()
