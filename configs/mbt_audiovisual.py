@@ -40,7 +40,11 @@ def get_config(arg=None):
   config.data = pipeline.default_config(
       "tfds", image_size=224,
       tfds=dict(tfds_name="vggsound", eval_split="test",
-                   fields={"video": "video", "audio": "audio", "label": "label"}),
+                   fields={"video": "video", "audio": "audio", "label": "label"},
+                   # 8 frames and 8 s of 16 kHz audio, as stored: what `mmjax.aot`
+                   # compiles for without the data.
+                   declared={"video": [(8, 256, 256, 3), "uint8"],
+                             "audio": [(128_000,), "int16"], "label": [(), "int64"]}),
       preprocess="decode('video')|resize(224, key='video')|"
                  "normalize(0.5, 0.5, key='video')|decode('audio')|"
                  "keep('video', 'audio', 'label')",

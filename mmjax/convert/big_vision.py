@@ -147,7 +147,7 @@ def fill_siglip(m: common.Mapper) -> None:
           f"SigLIP's image embedding is the {width}-wide pooled output; the model's embed_dim "
           f"is {embed_dim}.")
     m.put(layout.IMG_PROJ, np.eye(width, dtype=np.float32), src="identity (SigLIP has none)")
-  m.move("txt/Embed_0/embedding", layout.TXT_EMBEDDING)
+  m.move("txt/Embed_0/embedding", layout.TXT_EMBEDDING, common.token_table)
   m.move("txt/pos_embedding", layout.TXT_POSEMB)
   for i in range(_depth(m.source, "txt/Encoder_0/")):
     common.move_block(m, f"txt/Encoder_0/encoderblock_{i}/", layout.block(layout.TXT_ENCODER, i),

@@ -155,6 +155,15 @@ def copy(x: np.ndarray, shape: Shape) -> np.ndarray:
   return _reshape(x, shape)
 
 
+def token_table(x: np.ndarray, shape: Shape) -> np.ndarray:
+  """A [vocab, D] token table with zero rows appended up to mmjax's padded row count."""
+  from mmjax.nn.embed import padded_vocab_size  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x)
+  if x.ndim != 2 or tuple(shape) != (padded_vocab_size(x.shape[0]), x.shape[1]):
+    raise _ShapeMismatch()
+  return np.concatenate([x, np.zeros((shape[0] - x.shape[0], x.shape[1]), x.dtype)])
+
+
 def dense(x: np.ndarray, shape: Shape) -> np.ndarray:
   """torch Linear weight [out, in] -> flax kernel [in, out] (reshaped to the target)."""
   return _reshape(np.asarray(x).T, shape)

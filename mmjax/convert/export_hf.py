@@ -149,6 +149,7 @@ def clip_state_dict(params: Mapping[str, np.ndarray], model_config=None
   sd[v + "post_layernorm.bias"] = params[img + layout.ENCODER_NORM + "/bias"]
   text = _encoder_config(params, layout.TXT_ENCODER, model_config)
   table = params[layout.TXT_EMBEDDING]
+  table = table[:int((model_config or {}).get("vocab_size", table.shape[0]))]  # cut the padding
   posemb = params[layout.TXT_POSEMB].reshape(-1, table.shape[1])
   sd[t + "embeddings.token_embedding.weight"] = table
   sd[t + "embeddings.position_embedding.weight"] = posemb

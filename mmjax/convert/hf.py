@@ -271,7 +271,7 @@ def _fill_clip_vision(m: common.Mapper, w, img: str, v: str) -> None:
 
 def _fill_clip_text(m: common.Mapper, w) -> None:
   t = "text_model."
-  m.move(t + "embeddings.token_embedding.weight", layout.TXT_EMBEDDING)
+  m.move(t + "embeddings.token_embedding.weight", layout.TXT_EMBEDDING, common.token_table)
   m.move(t + "embeddings.position_embedding.weight", layout.TXT_POSEMB)
   for i in range(_num_layers(w, r"text_model\.encoder\.layers\.(\d+)\.")):
     common.move_block(m, f"{t}encoder.layers.{i}.", layout.block(layout.TXT_ENCODER, i),

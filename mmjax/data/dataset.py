@@ -11,6 +11,8 @@ A dataset is a class registered by name in `mmjax.registry.DATASETS` and built w
   default_preprocess(train)    the preprocessing string used when the config gives none
   default_eval_split, default_tokenizer   used when the config gives none
   info()                       facts for the model config and the run summary
+  declared_fields()            `fields()` known without the data (default: `fields()`);
+                               `mmjax.aot` builds its abstract batch from them
   splits()                     {split name: number of examples}
   spm_path                     the prepare-time SentencePiece model file (or None)
 
@@ -47,10 +49,21 @@ class Field:
 
   kind: "array" (numeric; `shape` with None for any size, floats must be finite),
         "text" (bytes or str, must be non-empty), or "index" (integer in [0, num_values)).
+  dtype: numpy dtype name of an "array" when known (used to make example records).
   """
   kind: str
   shape: Optional[Tuple[Optional[int], ...]] = None
   num_values: Optional[int] = None
+  dtype: Optional[str] = None
+
+  def example(self, unknown_size: int = 256) -> Any:
+    """A good record value of this field (None dims take `unknown_size`)."""
+    if self.kind == "text":
+      return b"a b c"
+    if self.kind == "index":
+      return np.int64(0)
+    shape = tuple(unknown_size if d is None else d for d in (self.shape or ()))
+    return np.zeros(shape, self.dtype or np.float32)
 
 
 class BadRecordError(ValueError):
@@ -138,6 +151,10 @@ class Dataset(abc.ABC):
   def info(self) -> Dict[str, Any]:
     return {}
 
+  def declared_fields(self) -> Dict[str, Field]:
+    """What a raw record looks like, answered without reading or preparing any data."""
+    return self.fields()
+
 
 def fields_from_tfds(features) -> Dict[str, Field]:
   """Field checks derived from a TFDS FeaturesDict (Tensor/Image shapes, Text, ClassLabel)."""
@@ -149,7 +166,8 @@ def fields_from_tfds(features) -> Dict[str, Field]:
     elif isinstance(feature, tfds.features.Text):
       fields[key] = Field("text")
     elif isinstance(feature, (tfds.features.Tensor, tfds.features.Image)):
-      fields[key] = Field("array", shape=tuple(feature.shape))
+      fields[key] = Field("array", shape=tuple(feature.shape),
+                          dtype=np.dtype(feature.np_dtype).name)
   return fields
 
 

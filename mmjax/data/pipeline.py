@@ -277,6 +277,29 @@ def _padding_example(maker: _ExampleMaker) -> Dict[str, np.ndarray]:
   raise ValueError(f"Split {maker.name}/{maker.split} has no good record to evaluate.")
 
 
+def batch_spec(data_config, *, train: bool = True) -> Dict[str, Any]:
+  """{batch key: (shape without the batch axis, dtype)} of one preprocessed example.
+
+  Answered from the dataset's `declared_fields()` without reading or preparing data: a
+  made-up good record goes through the configured preprocessing. Token ids come from the
+  byte tokenizer (shapes do not depend on the tokenizer: text is padded to its length).
+  Evaluation examples also carry `valid`.
+  """
+  data_config = _complete(data_config)
+  ds = get_dataset(data_config)
+  record = {k: field.example() for k, field in ds.declared_fields().items()}
+  spec = (data_config.preprocess if train else data_config.eval_preprocess)
+  spec = spec or ds.default_preprocess(train)
+  pp = pp_lib.build(spec, pp_lib.Context(tokenizer=tokenizer_lib.ByteTokenizer()))
+  example = pp(record, np.random.default_rng(0) if train else None)
+  example = {k: _to_contract(k, v, f"declared {data_config.name} record")
+             for k, v in example.items()}
+  example["index"] = np.int32(0)
+  if not train:
+    example["valid"] = np.True_
+  return {k: (tuple(v.shape), v.dtype) for k, v in example.items()}
+
+
 def dataset_info(data_config) -> Dict[str, Any]:
   """Facts about the configured data: sizes, vocabularies, answers, chance levels, shapes.
 

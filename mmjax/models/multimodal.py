@@ -41,6 +41,7 @@ from mmjax import losses, metrics
 from mmjax.models import decoding, heads, tokenizers
 from mmjax.models.base import Model, example_ids
 from mmjax.models.text import TextDecoder
+from mmjax.nn.embed import TokenEmbed
 from mmjax.registry import FUSIONS, MODELS
 
 # Importing fusion registers the built-in strategies.
@@ -147,8 +148,7 @@ class MultimodalModel(Model):
         field = "num_answers" if objective == "vqa" else "num_classes"
         raise ValueError(f"Objective {objective!r} needs {field} > 0; got {count}.")
     text_vocab = self.vocab_size + NUM_SPECIAL_TOKENS
-    self.token_embed = nn.Embed(text_vocab, self.width, embedding_init=nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.token_embed = TokenEmbed(text_vocab, self.width)
     self.embed = {m: self._tokenizer(m, dtype) for m in self.used_modalities()}
     self.fusion_encoder = FUSIONS.get(self.fusion)(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from mmjax.models.heads import pool as pool_tokens
 from mmjax.models.tokenizers import TextTokenizer, check_token_ids
+from mmjax.nn.embed import TokenEmbed
 from mmjax.nn.transformer import Decoder, Encoder
 
 Array = jax.Array
@@ -91,9 +92,7 @@ class TextDecoder(nn.Module):
     length = tokens.shape[1]
     if length > self.max_len:
       raise ValueError(f"TextDecoder got {length} tokens; at most max_len={self.max_len}.")
-    embedding = nn.Embed(self.vocab_size, self.width, name="embedding",
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(0.02), ("vocab", "embed")))
+    embedding = TokenEmbed(self.vocab_size, self.width, name="embedding")
     posemb = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), (None, "length", "embed")), (1, self.max_len, self.width))
     start = 0
@@ -111,4 +110,4 @@ class TextDecoder(nn.Module):
                 dtype=self.dtype, implementation=self.implementation, name="decoder")(
                     x, encoded.astype(self.dtype), cross_mask=cross_mask,
                     deterministic=not train, decode=decode)
-    return embedding.attend(x).astype(jnp.float32)
+    return embedding.attend(x)

@@ -90,9 +90,7 @@ class TextTokenizer(nn.Module):
     if tokens.shape[1] > self.max_len:
       raise ValueError(f"{self.name_in_batch!r} has {tokens.shape[1]} tokens; at most "
                        f"max_len={self.max_len} are supported.")
-    table = self.shared_embedding or nn.Embed(
-        self.vocab_size, self.width, name="embedding", embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("vocab", "embed")))
+    table = self.shared_embedding or embed.TokenEmbed(self.vocab_size, self.width, name="embedding")
     x = table(tokens.astype(jnp.int32))
     posemb = self.param("pos_embedding", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), (None, "length", "embed")), (1, self.max_len, self.width))

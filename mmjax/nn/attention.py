@@ -30,8 +30,10 @@ from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from mmjax.registry import ATTENTION_BACKENDS
 
@@ -162,44 +164,89 @@ ATTENTION_BACKENDS.register("xla")(functools.partial(_jax_nn_attention, "xla"))
 
 @ATTENTION_BACKENDS.register("cudnn")
 def cudnn_attention(query, key, value, **kwargs):
-  if jax.default_backend() != "gpu":
+  if target_platform() != "gpu":
     raise ValueError(f"attention backend 'cudnn' needs a GPU; this platform is "
-                     f"{jax.default_backend()!r}.")
+                     f"{target_platform()!r}.")
   return _jax_nn_attention("cudnn", query, key, value, **kwargs)
 
 
 _SPLASH_BLOCK = 128
 
 
-@ATTENTION_BACKENDS.register("splash")
-def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
-                     scale: float, dropout_rate=0.0, dropout_rng=None) -> Array:
-  """Pallas TPU splash attention; interpret mode off TPU. Causal or full attention only."""
-  del dropout_rng
-  _refuse("splash", dropout_rate, bias=bias, mask=mask)
+def target_platform() -> str:
+  """Platform of the devices the program is compiled for.
+
+  The mesh set by `jax.set_mesh` names it (a TPU topology when `mmjax.aot` compiles on a
+  CPU host); without a mesh, JAX's default backend.
+  """
+  return getattr(jax.sharding.get_abstract_mesh(), "platform", None) or jax.default_backend()
+
+
+def _mesh_axes_that_divide(logical: str, size: int) -> Tuple[str, ...]:
+  """Mesh axes the logical axis maps to under the active rules, if they divide `size`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ()))
+               if mesh.shape.get(a, 1) > 1)
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  return axes if axes and size % shards == 0 else ()
+
+
+def _splash_kernel(query, key, value, *, is_causal, interpret):
+  """Splash on local arrays: q [B, Tq, H, D] (already scaled), k / v [B, Tk, K, D]."""
   # Imported lazily: Pallas TPU kernels are only needed by this backend.
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as splash, splash_attention_mask as masks)
   batch, q_length, num_heads, head_dim = query.shape
   kv_length, num_kv_heads = key.shape[1], key.shape[2]
   groups = num_heads // num_kv_heads
-  if q_length % _SPLASH_BLOCK or kv_length % _SPLASH_BLOCK:
-    raise ValueError(f"attention backend 'splash' needs lengths divisible by "
-                     f"{_SPLASH_BLOCK} (its TPU lane width); given q_length {q_length}, "
-                     f"kv_length {kv_length}.")
   blocks = splash.BlockSizes(*(_SPLASH_BLOCK,) * 8)
   shape = (q_length, kv_length)
   head_mask = masks.CausalMask(shape) if is_causal else masks.FullMask(shape)
   # One multi-query kernel per key/value head serves its group of query heads (GQA).
   kernel = splash.make_splash_mqa(
       masks.MultiHeadMask([head_mask] * groups), block_sizes=blocks, head_shards=1,
-      q_seq_shards=1, interpret=jax.default_backend() != "tpu")
-  # Splash does not scale the logits itself.
-  q = (query * jnp.asarray(scale, query.dtype)).reshape(
-      batch, q_length, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+      q_seq_shards=1, interpret=interpret)
+  q = query.reshape(batch, q_length, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
   k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)   # [B, K, Tk, D]
   out = jax.vmap(jax.vmap(kernel))(q, k, v)                        # [B, K, G, Tq, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_length, num_heads, head_dim)
+
+
+@ATTENTION_BACKENDS.register("splash")
+def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
+                     scale: float, dropout_rate=0.0, dropout_rng=None) -> Array:
+  """Pallas TPU splash attention; causal or full attention only.
+
+  XLA cannot partition a Pallas kernel, so under a mesh it runs in `shard_map`: the batch
+  split like the activations' `batch` axis (data x fsdp), heads like `heads` (tensor),
+  each over the axes that divide it (others replicated). Key/value heads are split with
+  the query heads when they divide too (GQA kept); otherwise they are repeated to one
+  per query head first. Interpret mode wherever the target is not a TPU.
+  """
+  del dropout_rng
+  _refuse("splash", dropout_rate, bias=bias, mask=mask)
+  batch, q_length, num_heads, _ = query.shape
+  kv_length, num_kv_heads = key.shape[1], key.shape[2]
+  if q_length % _SPLASH_BLOCK or kv_length % _SPLASH_BLOCK:
+    raise ValueError(f"attention backend 'splash' needs lengths divisible by "
+                     f"{_SPLASH_BLOCK} (its TPU lane width); given q_length {q_length}, "
+                     f"kv_length {kv_length}.")
+  query = query * jnp.asarray(scale, query.dtype)  # splash does not scale the logits itself
+  kernel = functools.partial(_splash_kernel, is_causal=is_causal,
+                             interpret=target_platform() != "tpu")
+  batch_axes = _mesh_axes_that_divide("batch", batch)
+  head_axes = _mesh_axes_that_divide("heads", num_heads)
+  if not batch_axes and not head_axes:
+    return kernel(query, key, value)
+  if head_axes and _mesh_axes_that_divide("heads", num_kv_heads) != head_axes:
+    key = jnp.repeat(key, num_heads // num_kv_heads, axis=2)
+    value = jnp.repeat(value, num_heads // num_kv_heads, axis=2)
+  spec = P(batch_axes or None, None, head_axes or None, None)
+  return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(query, key, value)
 
 
 def _query_chunk(q_length: int) -> int:
@@ -255,23 +302,19 @@ def chunked_attention(query, key, value, *, bias=None, mask=None, is_causal=Fals
 def default_backend(*, platform: Optional[str] = None, dtype: Dtype = jnp.float32,
                     has_mask: bool = False, has_bias: bool = False, dropout: bool = False,
                     q_length: int = 0, kv_length: int = 0, head_dim: int = 64) -> str:
-  """The fastest backend that honours the request on `platform` (default: JAX's).
+  """The fastest backend that honours the request on `platform` (default: the target's).
 
   CPU: "chunked" from q_length 1024 on (when its query chunk divides q_length), else
-    "reference". Measured on the 2-core dev machine (B=2, 8 heads x 64, f32, jit of
-    forward + backward, best of 7, reference vs xla): T=256 5.8 vs 7.3 ms; T=1024 full
-    251 vs 365 ms, causal 222 vs 389 ms. jax.nn adds masking / casting passes that
-    XLA:CPU does not fuse away. With 2 key/value heads (GQA) the two were within noise
-    of each other (T=1024: full 540 vs 459 ms, causal 445 vs 612 ms on a loaded machine).
-    Chunked vs reference (experiments/benchmark.py, same heads): T=1024, B=2: 1.3-1.5x
-    faster, XLA temp memory 196 -> 67 MiB; T=4096, B=1: speed within noise (x0.8-1.3),
-    temp memory 1544 -> 219 MiB (0.43 [T, T] f32 blocks per example and head, vs 3.0).
+    "reference" (both faster than jax.nn's "xla" on XLA:CPU, and "chunked" keeps scratch
+    memory O(chunk x length); measured in experiments/results/benchmark.md).
   GPU: "cudnn" (fused flash attention) for bf16/fp16 with head_dim a multiple of 8 up to
-    128, its supported range; else "xla".
+    128, its supported range, else "xla"; a request cuDNN refuses when traced falls back
+    to "xla" (see `dot_product_attention`), so the default never fails where jax.nn's own
+    default (XLA) works.
   TPU: "splash" for full or causal attention on 128-multiple lengths, else "xla".
   Dropout on the weights: "reference" everywhere (the only backend that has it).
   """
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   if dropout:
     return "reference"
   if platform == "gpu":
@@ -324,14 +367,20 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
                      "dropout_rng; given None.")
   if scale is None:
     scale = 1.0 / float(np.sqrt(head_dim))
-  if implementation is None:
-    implementation = default_backend(
-        dtype=query.dtype, has_mask=mask is not None, has_bias=bias is not None,
-        dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length,
-        head_dim=head_dim)
-  backend = ATTENTION_BACKENDS.get(implementation)
-  return backend(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
-                 scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  chosen = implementation or default_backend(
+      dtype=query.dtype, has_mask=mask is not None, has_bias=bias is not None,
+      dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length,
+      head_dim=head_dim)
+  kwargs = dict(bias=bias, mask=mask, is_causal=is_causal, scale=scale,
+                dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  if implementation is None and chosen == "cudnn":
+    try:
+      return cudnn_attention(query, key, value, **kwargs)
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+      # cuDNN checks shapes, masks, its version and the GPU when traced; XLA takes the rest.
+      logging.log_first_n(logging.INFO, "cuDNN attention refused (%s); using 'xla'.", 1, e)
+      chosen = "xla"
+  return ATTENTION_BACKENDS.get(chosen)(query, key, value, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Tokenizers for images and video, and position embeddings.
+"""Token tables, tokenizers for images and video, and position embeddings.
+
+  TokenEmbed      ids [B, L]      -> [B, L, D]; `attend` gives logits over the vocabulary
 
   PatchEmbed      [B, H, W, C]    -> [B, (H/ph)(W/pw), D]    non-overlapping patches
   TubeletEmbed    [B, T, H, W, C] -> [B, (T/pt)(H/ph)(W/pw), D]   space-time tubelets
@@ -21,6 +23,45 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 Grid = Union[int, Sequence[int]]
+
+
+VOCAB_MULTIPLE = 128
+# Logit of the padding rows of a token table: exp() of it is exactly 0 in float32.
+_PAD_LOGIT = -1e30
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+  """Rows of a token table: `vocab_size` rounded up to a multiple of VOCAB_MULTIPLE."""
+  return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+class TokenEmbed(nn.Module):
+  """A token table [padded vocab, D] (parameter `embedding`, logical axes vocab, embed).
+
+  The rows are padded to a multiple of 128, as MaxText does, so the vocabulary axis
+  shards over any tensor-parallel size; ids are checked to be < `vocab_size`, and
+  `attend` gives the padding rows a logit of -1e30, so no loss, softmax or argmax ever
+  sees them. Importers append zero rows to a table of `vocab_size` rows; exporters cut them.
+  """
+  vocab_size: int
+  features: int
+  embedding_init: Callable = nn.initializers.normal(0.02)
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+        (padded_vocab_size(self.vocab_size), self.features), jnp.float32)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """x [..., D] -> float32 logits [..., padded vocab], padding columns at -1e30."""
+    logits = jnp.dot(x.astype(self.dtype), self.embedding.T.astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+    real = jnp.arange(logits.shape[-1]) < self.vocab_size
+    return jnp.where(real, logits, _PAD_LOGIT)
 
 
 def _as_tuple(name: str, value: Grid, rank: int) -> Tuple[int, ...]:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+from absl import logging
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -79,9 +80,33 @@ def axis_rules(rules) -> Tuple[Tuple[str, Any], ...]:
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree of (possibly) `nn.Partitioned` abstract values."""
+  """NamedShardings for a tree of (possibly) `nn.Partitioned` abstract values.
+
+  A dimension that its mesh axes do not divide (e.g. 10 classes over tensor=4) is
+  replicated instead, with a warning: every config runs on every mesh.
+  """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  leaves = jax.tree_util.tree_flatten_with_path(boxed_tree)[0]
+  sharding_leaves, treedef = jax.tree.flatten(shardings)
+  fixed = [divisible_sharding(jax.tree_util.keystr(path), leaf.shape, sharding)
+           for (path, leaf), sharding in zip(leaves, sharding_leaves)]
+  return jax.tree.unflatten(treedef, fixed)
+
+
+def divisible_sharding(name: str, shape: Tuple[int, ...], sharding: NamedSharding) -> NamedSharding:
+  """`sharding` with every mesh axis dropped from a dimension it does not divide."""
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  changed = False
+  for dim, axes in enumerate(spec):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([sharding.mesh.shape[a] for a in names]))
+    if shards > 1 and shape[dim] % shards:
+      logging.warning("%s: dimension %d (size %d) does not divide over mesh axes %s (%d "
+                      "shards); replicated on them instead.", name, dim, shape[dim], names,
+                      shards)
+      spec[dim], changed = None, True
+  return NamedSharding(sharding.mesh, P(*spec)) if changed else sharding
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -16,6 +16,7 @@ Records keep their TFDS decoding (images as uint8 arrays); `fields` renames them
 batch-contract keys, and the default preprocessing decodes / resizes / normalises images
 and tokenises text.
 """
+import functools
 from typing import Any, Dict, Mapping
 
 from mmjax.data import dataset as dataset_lib
@@ -55,6 +56,9 @@ class PublicTfds(dataset_lib.Dataset):
       "fields": {"image": "image", "label": "label"},  # batch key -> TFDS feature path
       "eval_split": "test",
       "image_size": None,                    # resize to this if config.data.image_size is None
+      # Raw record shapes known without the data (for `mmjax.aot`): batch key ->
+      # "text", or [shape, dtype] of the decoded feature. Empty: read the TFDS features.
+      "declared": {},
   }
 
   @classmethod
@@ -69,7 +73,10 @@ class PublicTfds(dataset_lib.Dataset):
     self.default_eval_split = self.options["eval_split"]
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
-    self.builder = tfds.builder(self.options["tfds_name"], data_dir=self.data_dir)
+
+  @functools.cached_property
+  def builder(self):
+    return self._tfds.builder(self.options["tfds_name"], data_dir=self.data_dir)
 
   def prepare(self) -> None:
     """Nothing to build here: public datasets are prepared once with `tfds build`."""
@@ -103,6 +110,18 @@ class PublicTfds(dataset_lib.Dataset):
       fields.update(dataset_lib.fields_from_tfds({key: feature}))
     return fields
 
+  def declared_fields(self) -> Dict[str, dataset_lib.Field]:
+    if not self.options["declared"]:
+      return self.fields()
+    fields = {}
+    for key, value in self.options["declared"].items():
+      if value == "text":
+        fields[key] = dataset_lib.Field("text")
+      else:
+        shape, dtype = value
+        fields[key] = dataset_lib.Field("array", shape=tuple(shape), dtype=dtype)
+    return fields
+
   def default_preprocess(self, train: bool) -> str:
     c, keys = self.config, list(self.options["fields"])
     ops = []
@@ -130,12 +149,13 @@ class PublicTfds(dataset_lib.Dataset):
     return out
 
 
-def _register_alias(name: str, fields: Dict[str, str], eval_split: str, image_size=None):
+def _register_alias(name: str, fields: Dict[str, str], eval_split: str, image_size=None,
+                    declared=None):
   """Registers `name` as PublicTfds with that dataset's fields, eval split, image size."""
 
   class Alias(PublicTfds):
     defaults = {"tfds_name": name, "fields": fields, "eval_split": eval_split,
-                "image_size": image_size}
+                "image_size": image_size, "declared": dict(declared or {})}
 
   Alias.__name__ = Alias.__qualname__ = f"Tfds_{name}"
   DATASETS.register(name)(Alias)
@@ -143,5 +163,8 @@ def _register_alias(name: str, fields: Dict[str, str], eval_split: str, image_si
 
 _register_alias("cifar10", {"image": "image", "label": "label"}, "test")
 _register_alias("mnist", {"image": "image", "label": "label"}, "test")
-_register_alias("imagenet2012", {"image": "image", "label": "label"}, "validation", 224)
-_register_alias("coco_captions", {"image": "image", "text": "captions/text"}, "val", 224)
+# Decoded images vary in size; a typical one is declared (resizing makes batches fixed).
+_register_alias("imagenet2012", {"image": "image", "label": "label"}, "validation", 224,
+                declared={"image": [(375, 500, 3), "uint8"], "label": [(), "int64"]})
+_register_alias("coco_captions", {"image": "image", "text": "captions/text"}, "val", 224,
+                declared={"image": [(480, 640, 3), "uint8"], "text": "text"})
