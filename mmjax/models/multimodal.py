@@ -9,19 +9,28 @@ weighted sum; every term is also logged):
   itc       image-text contrastive: the image alone and the caption (`text`) alone go
             through the same fusion encoder (each strategy accepts any subset of its
             modalities), are mean-pooled and projected; CLIP / SigLIP loss
-            (`contrastive_loss`). evaluate -> embeddings; summarize -> retrieval
+            (`contrastive_loss`; `contrastive_impl` "dense" or "ring", see
+            mmjax/ring_loss.py). evaluate -> embeddings; summarize -> retrieval
             recall@1/5/10 in both directions over the whole split.
   vqa       the `modalities` (e.g. image + question + audio + sensor) fused, pooled per
             modality, combined (`combine`: concat / sum / gate) and classified over
             `num_answers` answers (batch key `answer`); accuracy.
   classify  the same over `num_classes` classes (batch key `label`); accuracy.
   itm       image-text matching: the fused (image, caption) pair is a match or not;
-            negatives are hard ones drawn from the contrastive similarities (ALBEF).
+            negatives are hard ones drawn from the contrastive similarities of the
+            global batch (ALBEF), one draw per example (keyed by its id); in
+            evaluation the hardest valid wrong partner in the eval batch.
   mlm       masked language modelling of the caption, fused with the image; the
-            prediction head is tied to the text embedding table.
+            prediction head is tied to the text embedding table; masks are drawn
+            per example (keyed by its id), so they do not depend on the batch.
   caption   a causal text decoder cross-attends to the fused `caption_from` modalities
             and predicts the caption (teacher forcing); `generate_captions` decodes
             greedily or with beam search using the key/value cache.
+
+Trainer contract: `features` gives per-example embeddings, losses and statistics,
+`loss_from_features` the weighted total over the batch (token objectives weighted by
+tokens over the whole batch), and `feature_context` ITM's negatives from the global
+batch, so gradient accumulation is exact for every objective (mmjax/models/base.py).
 
 Token ids: the data vocabulary is [0, vocab_size) with 0 = padding; the model appends
 three ids of its own, MASK = vocab_size, BOS = vocab_size + 1, EOS = vocab_size + 2.
