@@ -659,7 +659,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--fsdp-variant", default="S/16")
   p.add_argument("--json", default="", help="write every record to this file")
   p.add_argument("--markdown", default="", help="write the table to this file")
-  p.add_argument("--ring-batch", type=int, default=8192, help="global batch of the ring case")
+  p.add_argument("--ring-batch", type=int, default=4096, help="global batch of the ring case")
   p.add_argument("--ring-dim", type=int, default=256, help="embedding size of the ring case")
   p.add_argument("--accum-batch", type=int, default=256,
                  help="global batch of the ring case's accumulation-memory train steps")
