@@ -10,19 +10,17 @@ drawn per example, so they must not change when the batch is split).
 """
 import os
 
-import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import demo
 from mmjax import sweep as sweep_lib
-from mmjax.models import multimodal, two_tower
-from mmjax.models.base import build_model
+from mmjax.models import multimodal
 from mmjax.train import config as config_lib
-from mmjax.train import optim
+from mmjax.train import program as program_lib
 from mmjax.train import sharding
-from mmjax.train import state as state_lib
 from mmjax.train import trainer
 from mmjax.train.config import load_config_file
 
@@ -38,53 +36,49 @@ TINY_FUSION = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_layer
 
 
 def _two_tower(loss_type):
-  model = two_tower.TwoTower(loss_type=loss_type, **TINY_TOWER)
   rng = np.random.default_rng(0)
   text = rng.integers(1, 50, (BATCH, 8)).astype(np.int32)
   text[:, 5:] = 0
-  return model, {"image": rng.normal(size=(BATCH, 16, 16, 3)).astype(np.float32),
-                 "text": text}
+  return (dict(name="two_tower", loss_type=loss_type, **TINY_TOWER),
+          {"image": rng.normal(size=(BATCH, 16, 16, 3)).astype(np.float32), "text": text})
 
 
 def _demo():
   fields = {**demo.get_config().model.to_dict(), **TINY_FUSION}
   fields["loss_weights"] = {**fields["loss_weights"], "itm": 1.0, "mlm": 1.0}
-  model = build_model(fields)
+  model_config = dict(fields)
   fields.pop("name")
   _, batch = multimodal.example_model_and_batch(batch_size=BATCH, **fields)
-  return model, {k: np.asarray(batch[k]) for k in ("image", "question", "text", "answer")}
+  return model_config, {k: np.asarray(batch[k]) for k in ("image", "question", "text", "answer")}
 
 
-def _run(model, batch, grad_accum_steps):
-  """Metrics of step STEPS of the jitted trainer step on a (data 2, fsdp 2) mesh."""
+def _run(model_config, batch, grad_accum_steps):
+  """Metrics of step STEPS of the trainer's own program on a (data 2, fsdp 2) mesh."""
   config = config_lib.default_config()
+  config.model = ml_collections.ConfigDict(model_config)
+  config.batch_size, config.grad_accum_steps = BATCH, grad_accum_steps
+  config.eval_batch_size = BATCH
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 1
   config.schedule.warmup_steps = 1
-  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), jax.devices()[:4])
-  rules = sharding.axis_rules(config.axis_rules)
-  example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
-  tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
-  init, _, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
-  state = init()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(trainer.make_train_step(model, tx, schedule, grad_accum_steps),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-    global_batch = sharding.global_batch(batch, mesh)
+  spec = {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+  program = program_lib.build(config, spec, jax.devices()[:4])
+  state = program.init()
+  with program.context():
+    global_batch = sharding.global_batch(batch, program.mesh)
     for _ in range(STEPS):
-      state, metrics = step(state, global_batch)
+      state, metrics = program.train_step(state, global_batch)
   metrics.pop(trainer.GRADS_FINITE)
   return jax.device_get(metrics)
 
 
 @pytest.mark.parametrize("case", ["clip", "siglip", "demo itc+vqa+itm+mlm"])
 def test_accumulating_4_micro_batches_equals_one_big_batch(case):
-  model, batch = {
+  model_config, batch = {
       "clip": lambda: _two_tower("softmax"),
       "siglip": lambda: _two_tower("sigmoid"),
       "demo itc+vqa+itm+mlm": _demo,
   }[case]()
-  big, accumulated = _run(model, batch, 1), _run(model, batch, 4)
+  big, accumulated = _run(model_config, batch, 1), _run(model_config, batch, 4)
   assert set(big) == set(accumulated)
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose(accumulated[key], big[key], rtol=1e-5, err_msg=key)

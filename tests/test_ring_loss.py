@@ -99,3 +99,29 @@ def test_ring_refuses_what_it_cannot_do_exactly():
       loss_weights={"itc": 1.0, "itm": 1.0}, contrastive_impl="ring")
   with pytest.raises(ValueError, match="cannot serve the 'itm' objective"):
     model.init(jax.random.key(0), batch, method="loss")
+
+
+def test_two_tower_with_ring_loss_equals_dense_loss_and_gradients():
+  from mmjax.models import two_tower  # pylint: disable=g-import-not-at-top
+  mesh = _mesh()
+  tiny = dict(vocab_size=50, max_text_len=8, image_width=16, text_width=16, image_depth=1,
+              text_depth=1, image_heads=2, text_heads=2, embed_dim=16, patch_size=8,
+              loss_type="sigmoid")
+  rng = np.random.default_rng(1)
+  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+           "text": rng.integers(1, 50, (16, 8)).astype(np.int32)}
+  out = {}
+  with jax.set_mesh(mesh):
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()}
+    for impl in ("dense", "ring"):
+      model = two_tower.TwoTower(contrastive_impl=impl, **tiny)
+      params = nn.meta.unbox(model.init(jax.random.key(0), batch, method="loss"))["params"]
+      loss = lambda p, m=model: m.apply({"params": p}, batch, method="loss")
+      out[impl] = jax.device_get(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+  (dense, dense_logged), dense_grads = out["dense"]
+  (ring, ring_logged), ring_grads = out["ring"]
+  np.testing.assert_allclose(ring, dense, rtol=1e-5)
+  np.testing.assert_allclose(ring_logged["i2t_batch_accuracy"],
+                             dense_logged["i2t_batch_accuracy"])
+  for a, b in zip(jax.tree.leaves(ring_grads), jax.tree.leaves(dense_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
