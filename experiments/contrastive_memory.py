@@ -14,6 +14,7 @@ whole steps).
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any, Dict, List
 
@@ -65,6 +66,14 @@ def measure(topology: str, batches: List[int], dim: int, kinds: List[str]) -> Li
   return records
 
 
+def _short_error(error: str) -> str:
+  """The compiler's out-of-memory verdict in a few words, else the start of the error."""
+  needed = re.search(r"temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", error)
+  if needed:
+    return f"out of HBM (temporaries {needed.group(1)} > {needed.group(2)})"
+  return f"does not compile: {error[:60]}"
+
+
 def markdown(records: List[Dict[str, Any]]) -> str:
   lines = ["| loss | global batch | per chip | dense peak | ring peak | ring / dense |",
            "|---|---:|---:|---:|---:|---:|"]
@@ -74,7 +83,7 @@ def markdown(records: List[Dict[str, Any]]) -> str:
   for (kind, n), pair in rows.items():
     dense, ring = pair.get("dense", {}), pair.get("ring", {})
     show = lambda r: (f"{r['peak_bytes'] / GIB:.3f} GiB" if "peak_bytes" in r
-                      else "does not compile")
+                      else _short_error(r.get("error", "")))
     ratio = (f"{ring['peak_bytes'] / dense['peak_bytes']:.4f}"
              if "peak_bytes" in ring and "peak_bytes" in dense else "")
     chips = (dense or ring)["chips"]
@@ -90,12 +99,17 @@ def main(argv=None):
   p.add_argument("--losses", default="sigmoid,softmax")
   p.add_argument("--json", default="")
   p.add_argument("--markdown", default="")
+  p.add_argument("--from-json", default="", help="only tabulate the records of this file")
   args = p.parse_args(argv)
-  records = measure(args.topology, [int(b) for b in args.batches.split(",")], args.dim,
-                    args.losses.split(","))
+  if args.from_json:
+    with open(args.from_json) as f:
+      records = json.load(f)
+  else:
+    records = measure(args.topology, [int(b) for b in args.batches.split(",")], args.dim,
+                      args.losses.split(","))
   table = markdown(records)
   print(table)
-  if args.json:
+  if args.json and not args.from_json:
     with open(args.json, "w") as f:
       json.dump(records, f, indent=1)
   if args.markdown:
