@@ -32,5 +32,8 @@ setup(
         "convert": ["torch", "transformers>=4.40", "safetensors"],
         "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets
         "gpu": ["jax[cuda12]"],
+        # The TPU compiler (libtpu) matched to the jax version mmjax is tested with:
+        # `python -m mmjax.aot` compiles for TPU topologies on any machine with it.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

@@ -8,6 +8,9 @@ Builds the train and eval steps exactly as `python -m mmjax.main` would for that
 state and batch shardings) over the devices of TPU topology TOPO, and compiles them with
 the TPU compiler in libtpu; no TPU and no data are needed (the batch comes from the
 dataset's declared shapes). `NxTOPO` (e.g. `2xv5e:16x16`) compiles for N slices.
+GPUs compile deviceless too, with JAX's CUDA plugin (`pip install -e ".[gpu]"`):
+`--topology h100:8` (one host of 8) or `h200:2x8` (2 hosts x 8), cuDNN attention
+included; `--topology local` compiles for this machine's own devices.
 
 Reports per-chip bytes (arguments, outputs, temporaries, aliased, peak) against the
 chip's HBM, whether it fits, compile seconds, XLA's FLOPs per chip and the analytic model
@@ -15,7 +18,7 @@ FLOPs per step, and parameter / optimizer-state bytes per chip. `--find-max-batc
 bisects the largest global batch (a multiple of the data-parallel size) that fits.
 Exits 1 when the program does not compile or does not fit, naming why.
 
-Needs the TPU compiler: `pip install -e ".[tpu]"`.
+Needs the TPU compiler for TPU topologies: `pip install -e ".[tpu]"`.
 """
 import dataclasses
 import importlib.util
@@ -38,10 +41,21 @@ HBM_GIB_PER_CHIP = (
 )
 GIB = 2**30
 
+# GPUs for deviceless compiles (`--topology h100:8`, `h200:2x8`): XLA's GpuTargetConfig of
+# each, from the vendor datasheets (SXM parts). The memory is what CUDA reports as usable.
+GPU_TARGETS = {
+    "h100": dict(description="NVIDIA H100 80GB HBM3", memory=84_942_979_072, cores=132,
+                 bandwidth=3_352_320_000_000, clock_ghz=1.755),
+    "h200": dict(description="NVIDIA H200", memory=149_250_113_536, cores=132,
+                 bandwidth=4_800_000_000_000, clock_ghz=1.755),
+}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/NAME.py file.",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x4, v4:2x2x2, "
-                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices.")
+                                "v5p:4x4x4, v6e:8x8; NxTOPO for N slices; GPUs as h100:8 or "
+                                "h200:2x8 (hosts x GPUs per host); 'local' for this "
+                                "machine's own devices.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 _FIND_MAX_BATCH = flags.DEFINE_bool("find-max-batch", False, "Bisect the largest global "
                                     "batch that fits (multiples of the data-parallel size).")
@@ -52,26 +66,69 @@ class AotError(Exception):
   """A user-facing reason the compile could not be attempted."""
 
 
-def _quiet_libtpu() -> None:
-  """libtpu expects to run on a TPU VM; these keep it from looking for one (and let
-  several processes, e.g. test workers, load it at once)."""
+def _compile_only_environment() -> None:
+  """Settings for compiling without the accelerators: libtpu expects a TPU VM (these keep
+  it from looking for one, and let several processes load it at once); set before JAX
+  starts its backends."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # The CUDA plugin checks the installed CUDA against a GPU; compiling needs none.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+def _gpu_target_config(gpu: Dict[str, Any]) -> str:
+  """A Hopper GpuTargetConfig (text proto) for the CUDA plugin's deviceless topology."""
+  return (
+      "gpu_device_info { cuda_compute_capability { major: 9 minor: 0 } "
+      "threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152 "
+      "shared_memory_per_core: 233472 threads_per_core_limit: 2048 "
+      f"core_count: {gpu['cores']} fpus_per_core: 128 block_dim_limit_x: 2147483647 "
+      "block_dim_limit_y: 65535 block_dim_limit_z: 65535 "
+      f"memory_bandwidth: {gpu['bandwidth']} l2_cache_size: 52428800 "
+      f"clock_rate_ghz: {gpu['clock_ghz']} device_memory_size: {gpu['memory']} "
+      "shared_memory_per_block_optin: 232448 registers_per_core_limit: 65536 "
+      "registers_per_block_limit: 65536 } platform_name: \"CUDA\" "
+      f"dnn_version_info {{ major: 9 minor: 1 }} device_description_str: \"{gpu['description']}\"")
+
+
+def _gpu_devices(gpu: str, hosts: int, per_host: int):
+  """Compile-only devices of `hosts` x `per_host` GPUs, from the CUDA plugin (no GPU needed)."""
+  import jax._src.xla_bridge as xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    raise AotError("GPU topologies need JAX's CUDA plugin; install it with "
+                   "`pip install -e \".[gpu]\"` (no GPU is needed to compile).")
+  xla_bridge._discover_and_register_pjrt_plugins()  # pylint: disable=protected-access
+  try:
+    return list(topologies.get_topology_desc(
+        platform="cuda", topology=f"1x{hosts}x{per_host}",
+        target_config=_gpu_target_config(GPU_TARGETS[gpu])).devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise AotError(f"the CUDA plugin cannot describe {hosts}x{per_host} {gpu}: "
+                   f"{' '.join(str(e).split())[:300]}") from e
 
 
 def topology_devices(topology: str):
-  """The devices of TPU topology `topology` ("v5e:2x4", or "2xv5e:2x4" for 2 slices)."""
+  """The devices of TPU topology `topology` ("v5e:2x4", or "2xv5e:2x4" for 2 slices), or
+  this machine's own devices for "local" (e.g. to read per-GPU memory on a GPU host)."""
+  if topology == "local":
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.devices()
+  gpu = re.fullmatch(r"(%s):(?:(\d+)x)?(\d+)" % "|".join(GPU_TARGETS), topology.lower())
+  if gpu:
+    return _gpu_devices(gpu.group(1), int(gpu.group(2) or 1), int(gpu.group(3)))
   if importlib.util.find_spec("libtpu") is None:
     raise AotError("mmjax.aot needs the TPU compiler (libtpu); install it with "
                    "`pip install -e \".[tpu]\"`.")
-  _quiet_libtpu()
+  _compile_only_environment()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   match = re.fullmatch(r"(?:(\d+)x)?(v\w+:[\dx]+)", topology)
   if match is None:
     raise AotError(f"--topology={topology!r}; expected a TPU topology such as v5e:2x4, "
-                   "v4:2x2x2, v5p:4x4x4, v6e:8x8, or NxTOPO for N slices (2xv5e:16x16).")
+                   "v4:2x2x2, v5p:4x4x4, v6e:8x8, NxTOPO for N slices (2xv5e:16x16), GPUs as "
+                   "h100:8 or h200:2x8 (hosts x GPUs), or local.")
   slices, name = match.groups()
   kwargs = {"num_slices": int(slices)} if slices else {}
   try:
@@ -86,6 +143,15 @@ def topology_devices(topology: str):
 def hbm_bytes_per_device(devices) -> float:
   """HBM of one device: the chip's, divided among the devices a chip shows (v4 cores)."""
   kind = devices[0].device_kind
+  try:  # a real (not compile-only) device knows its own memory
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except  (compile-only devices have none)
+    limit = None
+  if limit:
+    return float(limit)
+  gpu = next((g for g in GPU_TARGETS.values() if g["description"] == kind), None)
+  if gpu:
+    return float(gpu["memory"])
   per_chip = next((gib for name, gib in HBM_GIB_PER_CHIP if name.lower() in kind.lower()),
                   None)
   if per_chip is None:
@@ -112,6 +178,8 @@ class Report:
   global_batch: int
   compiled: bool = False
   error: Optional[str] = None
+  out_of_memory: bool = False       # the TPU compiler refused: it cannot fit in HBM
+  needed_bytes: int = 0             # what the refusing compiler said it needed
   fits: bool = False
   hbm_bytes: float = 0.0
   peak_bytes: int = 0
@@ -131,6 +199,8 @@ class Report:
   def summary(self) -> str:
     head = (f"{self.config} on {self.topology} ({self.devices} x {self.device_kind}, mesh "
             f"{self.mesh}), global batch {self.global_batch}")
+    if self.out_of_memory:
+      return f"{head}\n  DOES NOT FIT (the compiler ran out of HBM): {self.error}"
     if not self.compiled:
       return f"{head}\n  does not compile: {self.error}"
     g = lambda b: f"{b / GIB:.2f} GiB"
@@ -177,6 +247,10 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
       compiled = program.train_step.trace(state, train_batch).lower().compile()
   except Exception as e:  # the compiler's own words say why
     report.error = f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"
+    report.out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+    needed = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
+    if needed:  # the compiler says how much it would have needed
+      report.needed_bytes = int(float(needed.group(1)) * 1024 ** "KMGT".index(needed.group(2)) * 1024)
     return report
   report.compile_seconds = time.perf_counter() - start
   report.compiled = True
@@ -212,52 +286,56 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
   return report
 
 
-def find_max_batch(config, topology: str, devices, config_name: str,
-                   first: Report) -> int:
-  """The largest global batch, a multiple of data x fsdp, whose train step fits (0: none)."""
-  from mmjax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
+def find_max_batch(config, topology: str, devices, config_name: str, first: Report,
+                   tolerance: float = 0.02, max_compiles: int = 10) -> int:
+  """The largest global batch, a multiple of data x fsdp, whose train step fits (0: none).
 
-  def fits(batch: int) -> bool:
+  Peak memory is close to linear in the batch, so each guess is where the line through
+  the two measurements nearest the boundary meets the HBM; each guess is compiled, and the
+  search stops when a fitting and a non-fitting batch are within `tolerance` (or one
+  data-parallel step) of each other.
+  """
+  step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
+  peaks = {first.global_batch: first.peak_bytes if first.compiled else None}
+  fits = {first.global_batch: first.fits}
+
+  def measure(batch: int) -> None:
     trial = config.copy_and_resolve_references()
     trial.batch_size = batch
-    trial.eval_batch_size = min(config.eval_batch_size, batch)
-    trial.eval_batch_size -= trial.eval_batch_size % (step // config.grad_accum_steps)
     report = compile_config(trial, topology, devices, config_name)
-    print(f"  batch {batch}: " + ("fits" if report.fits else
-                                   "does not fit" if report.compiled else "does not compile")
+    peaks[batch], fits[batch] = (report.peak_bytes if report.compiled else None), report.fits
+    print(f"  batch {batch}: " + ("fits" if report.fits else "does not fit"
+                                   if report.compiled or report.out_of_memory
+                                   else "does not compile")
           + (f", peak {report.peak_bytes / GIB:.2f} GiB" if report.compiled else ""),
           flush=True)
-    return report.fits
-  del sharding_lib
-  low, high = 0, None  # low fits (0 = nothing known), high does not
-  batch = max(step, config.batch_size - config.batch_size % step)
-  if first.fits:
-    low = batch
-    while high is None:
-      batch *= 2
-      if fits(batch):
-        low = batch
-      else:
-        high = batch
-  else:
-    high = batch
-  while high - low > step:
-    middle = (low + high) // 2 // step * step
-    if middle <= low:
+
+  for _ in range(max_compiles):
+    low = max((b for b, ok in fits.items() if ok), default=0)
+    high = min((b for b, ok in fits.items() if not ok and b > low), default=None)
+    if high is not None and high - low <= max(step, tolerance * low):
       break
-    if fits(middle):
-      low = middle
+    known = sorted(b for b, peak in peaks.items() if peak)
+    near = sorted(known, key=lambda b: abs(peaks[b] - first.hbm_bytes))[:2]
+    if high is not None:  # bracketed: bisect (the compiler refuses what does not fit)
+      guess = (low + high) / 2
+    elif len(near) == 2 and peaks[near[0]] != peaks[near[1]]:
+      (b0, b1), (p0, p1) = near, (peaks[near[0]], peaks[near[1]])
+      guess = max(b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0), 2 * low)
     else:
-      high = middle
-  return low
+      guess = 2 * low
+    guess = max(int(guess) // step * step, low + step)
+    if high is not None and guess >= high:
+      break
+    measure(guess)
+  return max((b for b, ok in fits.items() if ok), default=0)
 
 
 def run(config, topology: str, config_name: str = "", json_path: Optional[str] = None,
         max_batch: bool = False) -> Report:
   devices = topology_devices(topology)
   report = compile_config(config, topology, devices, config_name)
-  if max_batch and report.compiled:
+  if max_batch and (report.compiled or report.out_of_memory):
     report.max_global_batch = find_max_batch(config, topology, devices, config_name, report)
   print(report.summary(), flush=True)
   if json_path:
@@ -275,6 +353,8 @@ def main(argv):
                  _FIND_MAX_BATCH.value)
   except (AotError, ValueError) as e:
     sys.exit(f"error: {e}")
+  if report.out_of_memory:
+    sys.exit(f"error: does not fit on {report.topology}: {report.error}")
   if not report.compiled:
     sys.exit(f"error: does not compile for {report.topology}: {report.error}")
   if not report.fits:
@@ -283,5 +363,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _quiet_libtpu()
+  _compile_only_environment()
   app.run(main)

@@ -8,6 +8,11 @@ it halves the suite's CPU time and does not change results beyond float rounding
 import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# libtpu (the `tpu` extra, for the deviceless TPU compiles) would otherwise look for a TPU
+# VM's metadata, and refuse to load in two test workers at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import jax  # noqa: E402

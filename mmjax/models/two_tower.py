@@ -72,6 +72,8 @@ class TwoTower(Model):
   layer_norm_epsilon: float = 1e-6    # both towers; CLIP: 1e-5
   dtype: str = "float32"
   implementation: Optional[str] = None
+  scan_layers: bool = False           # both towers: one scanned block (compile time flat in depth)
+  remat_policy: str = "none"          # both towers: rematerialise blocks (see nn.transformer)
 
   def setup(self):
     dtype = jnp.dtype(self.dtype)
@@ -81,13 +83,15 @@ class TwoTower(Model):
                    pool_type=self.image_pool, pre_norm=self.image_pre_norm,
                    activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
                    dropout_rate=self.dropout_rate, dtype=dtype,
-                   implementation=self.implementation)
+                   implementation=self.implementation, scan_layers=self.scan_layers,
+                   remat_policy=self.remat_policy)
     self.txt = TextTransformer(
         self.vocab_size, width=self.text_width, depth=self.text_depth,
         num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_len=self.max_text_len,
         causal=self.text_causal, pool=self.text_pool, dropout_rate=self.dropout_rate,
         activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-        dtype=dtype, implementation=self.implementation)
+        dtype=dtype, implementation=self.implementation, scan_layers=self.scan_layers,
+        remat_policy=self.remat_policy)
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None))
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)

@@ -1,0 +1,145 @@
+"""Deviceless TPU compilation (`mmjax.aot`) and the path a TPU host runs.
+
+The compiles use libtpu's TPU compiler on this CPU-only machine for a v5e:2x4 slice
+(8 chips). Paper configs keep their width, heads, patching and sequence lengths but run
+2 layers per stack at a global batch of one example per chip: compile time grows with
+depth, and the full-depth, full-batch answers are the README's "Will it fit?" table
+(regenerated with `python -m mmjax.aot`). SigLIP runs at 256 px, so its 256 image tokens
+take the Pallas splash kernel, which must compile under `shard_map` on 8 chips.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmjax import aot
+from mmjax import sweep as sweep_lib
+from mmjax.nn import attention
+from mmjax.train.config import load_config_file
+from mmjax.train.trainer import train_and_evaluate
+
+from test_configs import TINY, _tiny  # pylint: disable=wrong-import-order
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "v5e:2x4"
+SMALL = {"batch_size": 8, "eval_batch_size": 8, "model.dtype": "bfloat16"}
+TWO_TOWER_2_LAYERS = {"model.image_depth": 2, "model.text_depth": 2}
+PAPER = {
+    "demo.py": {"batch_size": 8, "eval_batch_size": 8},
+    "vit_b16_imagenet.py": {**SMALL, "model.depth": 2},
+    "clip_b16.py": {**SMALL, **TWO_TOWER_2_LAYERS},
+    "siglip_b16.py": {**SMALL, **TWO_TOWER_2_LAYERS, "data.image_size": 256},
+    "mbt_audiovisual.py": {**SMALL, "model.num_layers": 2, "model.fusion_layer": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def devices():
+  return aot.topology_devices(TOPOLOGY)
+
+
+def _with(config, overrides):
+  config = sweep_lib.apply_overrides(config, {k: v for k, v in overrides.items()
+                                              if k.split(".")[-1] in _flat_keys(config, k)})
+  for key, value in overrides.items():  # model fields the config leaves at their defaults
+    section, _, field = key.partition(".")
+    if field and field not in config[section]:
+      config[section][field] = value
+  return config
+
+
+def _flat_keys(config, key):
+  section, _, field = key.partition(".")
+  node = config if not field else config[section]
+  return node.keys()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_config_compiles_and_fits_on_8_chips(name, devices, monkeypatch):
+  taken = []
+  original = attention.ATTENTION_BACKENDS.get
+  monkeypatch.setattr(attention.ATTENTION_BACKENDS, "get",
+                      lambda n: taken.append(n) or original(n))
+  config = _with(load_config_file(os.path.join(ROOT, "configs", name)), PAPER[name])
+  report = aot.compile_config(config, TOPOLOGY, devices, name)
+  assert report.compiled, report.error
+  assert report.eval_compiled, report.error
+  assert report.fits and 0 < report.peak_bytes <= report.hbm_bytes == 16 * 2**30
+  assert report.param_bytes > 0 and report.xla_flops_per_device > 0
+  if name == "siglip_b16.py":
+    assert "splash" in taken  # the TPU default for 256 unmasked image tokens
+  else:
+    assert "splash" not in taken
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_config_compiles_at_tensor_4(name, devices, tmp_path_factory):
+  config = load_config_file(os.path.join(ROOT, "configs", name))
+  overrides = {**TINY[name], "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 4}
+  if name == "mbt_audiovisual.py":  # compiles from the declared VGGSound shapes: no data
+    overrides = {k: v for k, v in overrides.items() if k != "data_pipeline"}
+    overrides["model.video_patch_size"] = (1, 16, 16)
+  config = _tiny(config, overrides, str(tmp_path_factory.mktemp("data")))
+  report = aot.compile_config(config, TOPOLOGY, devices, name)
+  assert report.compiled and report.eval_compiled, report.error
+  assert report.mesh == {"data": 2, "fsdp": 1, "tensor": 4}
+  assert report.fits
+
+
+def test_splash_in_shard_map_matches_reference_in_train_step(tmp_path, monkeypatch):
+  """On the 8-device CPU mesh data=2 x fsdp=2 x tensor=2, SigLIP's 256 image tokens
+  through splash (interpret mode, under shard_map) give the reference backend's loss."""
+  config = load_config_file(os.path.join(ROOT, "configs", "siglip_b16.py"))
+  config = _tiny(config, {**TINY["siglip_b16.py"], "data.image_size": 64,
+                          "model.patch_size": 4, "total_steps": 2, "log_every": 1},
+                 str(tmp_path / "data"))
+  reference = train_and_evaluate(config, str(tmp_path / "reference"))
+
+  original = attention.default_backend
+  taken = []
+
+  def splash_where_it_fits(**kw):
+    fits = kw["q_length"] % 128 == 0 and kw["kv_length"] % 128 == 0
+    choice = "splash" if fits and not kw["has_mask"] and not kw["has_bias"] else original(**kw)
+    taken.append(choice)
+    return choice
+
+  monkeypatch.setattr(attention, "default_backend", splash_where_it_fits)
+  splash = train_and_evaluate(config, str(tmp_path / "splash"))
+  assert "splash" in taken
+  for key in ("train/loss", "train/grad_norm"):
+    np.testing.assert_allclose(splash[key], reference[key], rtol=1e-5)
+
+
+def test_cli_reports_json_and_refuses_a_bad_topology(tmp_path):
+  out = tmp_path / "report.json"
+  base = [sys.executable, "-m", "mmjax.aot", "--config", "configs/vit_digits.py",
+          "--config.model.depth=1", "--config.batch_size=8", "--config.eval_batch_size=8"]
+  ok = subprocess.run(base + ["--topology", TOPOLOGY, "--json", str(out)], cwd=ROOT,
+                      capture_output=True, text=True, timeout=600)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report["compiled"] and report["fits"] and report["devices"] == 8
+  assert "fits" in ok.stdout
+  bad = subprocess.run(base + ["--topology", "v5e:banana"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e:banana'")
+
+
+def test_find_max_batch_brackets_the_largest_fitting_batch(devices, monkeypatch):
+  # A pretend 1 GiB chip keeps the batches (and compile times) small.
+  monkeypatch.setattr(aot, "HBM_GIB_PER_CHIP", (("TPU v5 lite", 1),))
+  config = load_config_file(os.path.join(ROOT, "configs", "vit_digits.py"))
+  config = _with(config, {"model.depth": 1, "batch_size": 8, "eval_batch_size": 8,
+                          "model.width": 256, "model.mlp_dim": 1024, "model.num_heads": 4})
+  first = aot.compile_config(config, TOPOLOGY, devices, "vit_digits")
+  assert first.fits
+  best = aot.find_max_batch(config, TOPOLOGY, devices, "vit_digits", first)
+  assert best % 8 == 0 and best > 8
+  above = config.copy_and_resolve_references()
+  above.batch_size = (int(best * 1.02) // 8 + 1) * 8
+  assert not aot.compile_config(above, TOPOLOGY, devices, "").fits
