@@ -48,6 +48,7 @@ def get_config(arg=None):
       image_pool="cls",
       text_width=512, text_depth=12, text_heads=8, text_mlp_dim=2048,
       max_text_len=CONTEXT_LENGTH, text_pool="last", text_causal=True,
+      contrastive_impl="dense",  # "ring": same loss, no [batch, batch] logits
       dtype="float32",           # bfloat16 on accelerators
   ))
 

@@ -66,6 +66,7 @@ def get_config(arg=None):
       num_answers=31,
       loss_weights={"itc": 1.0, "vqa": 1.0},
       contrastive_loss="softmax",
+      contrastive_impl="dense",  # "ring": same loss, no [batch, batch] logits
       embed_dim=64,
       dtype="float32",         # bfloat16 on accelerators
   ))

@@ -51,6 +51,7 @@ def get_config(arg=None):
       image_pool="map",
       text_width=768, text_depth=12, text_heads=12, text_mlp_dim=3072,
       max_text_len=TEXT_LENGTH, text_pool="last", text_causal=False,
+      contrastive_impl="dense",  # "ring": same loss, no [batch, batch] logits
       dtype="float32",           # bfloat16 on accelerators
   ))
 

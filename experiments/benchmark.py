@@ -21,6 +21,12 @@ Cases (`--cases`, comma-separated):
              unrolled stack for contrast).
   fsdp       per-device parameter + optimizer bytes of a ViT train state on an 8-device
              fsdp mesh (simulated CPU devices, in a child process).
+  ring       the contrastive losses (CLIP softmax, SigLIP sigmoid), loss + gradients of
+             a global batch on 8 simulated CPU devices (data 4 x fsdp 2, a child
+             process): the ring (mmjax/ring_loss.py) against the dense loss, step time
+             and XLA temp memory per device as ratios of the same run; and the temp
+             memory of a two-tower train step whose batch is reached by exact
+             accumulation against the same batch in one go.
 
 How it measures (the machine may be shared and noisy, so every figure that matters is a
 ratio inside one process):
@@ -69,7 +75,7 @@ from mmjax.train import optim, trainer  # noqa: E402
 from mmjax.train import sharding as sharding_lib  # noqa: E402
 from mmjax.train import state as state_lib  # noqa: E402
 
-CASES = ("attention", "vit", "clip", "fusion", "compile", "fsdp")
+CASES = ("attention", "vit", "clip", "fusion", "compile", "fsdp", "ring")
 MASKS = ("none", "padding", "causal")
 
 
@@ -196,7 +202,8 @@ def _train_config():
 
 
 def train_step_candidate(model: nn.Module, batch: Dict[str, Any],
-                         mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, Any]:
+                         mesh: Optional[jax.sharding.Mesh] = None,
+                         grad_accum_steps: int = 1) -> Dict[str, Any]:
   """The mmjax trainer's jitted, donating train step for `model` on `batch`, compiled.
 
   Returns {fn, flops, compile_s, temp_bytes, peak_bytes, extra}; `fn()` runs one step.
@@ -209,7 +216,7 @@ def train_step_candidate(model: nn.Module, batch: Dict[str, Any],
     boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
     tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
     init, abstract, shardings = state_lib.create_train_state(model, tx, example, 0, mesh, rules)
-    step = trainer.make_train_step(model, tx, schedule, grad_accum_steps=1)
+    step = trainer.make_train_step(model, tx, schedule, grad_accum_steps=grad_accum_steps)
     batch_shardings = {k: sharding_lib.batch_sharding(mesh) for k in batch}
     jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
                      out_shardings=(shardings, sharding_lib.replicated(mesh)),
@@ -420,6 +427,74 @@ def case_fsdp(ctx: Context) -> None:
         f"{record['bound_bytes'] / 2**20:.1f} MiB)  ok={record['within_bound']}", flush=True)
 
 
+def case_ring(ctx: Context) -> None:
+  """Runs `ring_records` in a child process with 8 simulated devices."""
+  a = ctx.args
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8")
+  cmd = [sys.executable, os.path.abspath(__file__), "--ring-child",
+         "--ring-batch", str(a.ring_batch), "--ring-dim", str(a.ring_dim),
+         "--accum-batch", str(a.accum_batch), "--accum-steps", str(a.accum_steps),
+         "--steps", str(a.steps), "--warmup", str(a.warmup), "--peak-size", str(a.peak_size)]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=_ROOT)
+  if out.returncode:
+    raise RuntimeError(f"ring child failed:\n{out.stderr[-4000:]}")
+  print("\n".join(l for l in out.stdout.splitlines()[:-1]), flush=True)
+  ctx.records.extend(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def ring_records(args: argparse.Namespace) -> List[Dict[str, Any]]:
+  """Dense vs ring contrastive loss + gradients, and accumulated vs one-go train steps."""
+  from mmjax import losses, ring_loss
+  from mmjax.models import two_tower
+  devices = jax.devices()
+  mesh = sharding_lib.make_mesh(dict(data=len(devices) // 2, fsdp=2, tensor=1), devices)
+  ctx = Context(args, peak=matmul_peak(args.peak_size))
+  n, d = args.ring_batch, args.ring_dim
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(2, n, d)).astype(np.float32)
+  z /= np.linalg.norm(z, axis=-1, keepdims=True)
+  dense = {"softmax": lambda x, y, s, b: losses.clip_loss(x, y, s)[0],
+           "sigmoid": lambda x, y, s, b: losses.siglip_loss(x, y, s, b)[0]}
+  ring = {"softmax": lambda x, y, s, b: ring_loss.ring_contrastive_loss(
+              x, y, s, kind="softmax")[0],
+          "sigmoid": lambda x, y, s, b: ring_loss.ring_contrastive_loss(
+              x, y, s, b, kind="sigmoid")[0]}
+  with jax.set_mesh(mesh):
+    x, y = (jax.device_put(v, sharding_lib.batch_sharding(mesh)) for v in z)
+    inputs = (x, y, jnp.float32(np.log(10.0)), jnp.float32(-10.0))
+    for kind in ("softmax", "sigmoid"):
+      candidates = {}
+      for impl, fns in (("dense", dense), ("ring", ring)):
+        grad = jax.jit(jax.value_and_grad(fns[kind], argnums=(0, 1, 2, 3)))
+        stats = compile_with_stats(grad, *inputs)
+        compiled = stats.pop("compiled")
+        candidates[impl] = dict(stats, fn=functools.partial(compiled, *inputs), extra=dict(
+            batch=n, dim=d, devices=len(devices), loss=kind))
+      ctx.time_group(f"{kind} loss+grads N={n} on {len(devices)} devices", candidates,
+                     subject="ring", examples=n)
+      ratio = ctx.records[-1]["temp_bytes_vs"].get("dense")
+      print(f"  ring / dense XLA temp memory per device: "
+            + (f"{ratio:.4f}" if ratio is not None else "n/a"), flush=True)
+  # Exact accumulation keeps about one micro-batch of activations: temp memory of a
+  # small two-tower train step at batch B in one go, accumulated K x B / K, and at B / K.
+  model = two_tower.TwoTower(vocab_size=1000, embed_dim=64, patch_size=8, image_width=128,
+                             image_depth=2, image_heads=4, text_width=128, text_depth=2,
+                             text_heads=4, max_text_len=32)
+  b, k = args.accum_batch, args.accum_steps
+  for rows, steps in ((b, 1), (b, k), (b // k, 1)):
+    batch = {"image": jnp.zeros((rows, 32, 32, 3), jnp.float32),
+             "text": jnp.ones((rows, 32), jnp.int32)}
+    c = train_step_candidate(model, batch, mesh, grad_accum_steps=steps)
+    record = {"group": "accumulation memory", "name": f"batch {rows}"
+              + (f" = {steps} x {rows // steps}" if steps > 1 else ""),
+              "batch": rows, "grad_accum_steps": steps, "devices": len(devices),
+              "temp_bytes": c["temp_bytes"], "compile_s": c["compile_s"]}
+    ctx.records.append(record)
+    print(f"accumulation memory  {record['name']:<20} temp "
+          f"{record['temp_bytes'] / 2**20:8.1f} MiB per device", flush=True)
+  return ctx.records
+
+
 def fsdp_bytes(variant: str, image_size: int) -> Dict[str, Any]:
   """Per-device bytes of a sharded ViT train state (params + adam) on an fsdp=N mesh."""
   devices = jax.devices()
@@ -493,6 +568,9 @@ def markdown_table(records: Sequence[Dict[str, Any]]) -> str:
     if r["group"] == "compile time":
       lines.append(f"- compile {r['name']}: {r['compile_s']:.2f} s "
                    f"({r['ratio_vs_shallowest']:.2f}x the shallowest)")
+    elif r["group"] == "accumulation memory":
+      lines.append(f"- accumulation memory, two-tower train step, {r['name']} on "
+                   f"{r['devices']} devices: temp {r['temp_bytes'] / 2**20:.1f} MiB per device")
     elif r["group"] == "fsdp":
       lines.append(f"- fsdp {r['name']} on {r['devices']} devices: per device "
                    f"{r['per_device_bytes'] / 2**20:.1f} MiB of {r['total_bytes'] / 2**20:.1f} "
@@ -532,7 +610,8 @@ def _environment(ctx: Context) -> Dict[str, Any]:
 QUICK = dict(attention_lengths=[64], chunk_from_length=64, attention_masks=["none", "padding"], attention_tokens=128,
              attention_heads=2, attention_head_dim=16, vit_variants=["Ti/16"], image_size=32,
              vit_batch=2, vit_depth=1, clip_batch=2, clip_depth=1, clip_vocab=100, fusion_batch=2,
-             compile_width=32, compile_depths=[1, 2], fsdp_variant="Ti/16", steps=2, warmup=1, peak_size=256)
+             compile_width=32, compile_depths=[1, 2], fsdp_variant="Ti/16", steps=2, warmup=1, peak_size=256,
+             ring_batch=256, ring_dim=32, accum_batch=64, accum_steps=4)
 
 
 def _ints(text: str) -> List[int]:
@@ -580,7 +659,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--fsdp-variant", default="S/16")
   p.add_argument("--json", default="", help="write every record to this file")
   p.add_argument("--markdown", default="", help="write the table to this file")
+  p.add_argument("--ring-batch", type=int, default=4096, help="global batch of the ring case")
+  p.add_argument("--ring-dim", type=int, default=256, help="embedding size of the ring case")
+  p.add_argument("--accum-batch", type=int, default=256,
+                 help="global batch of the ring case's accumulation-memory train steps")
+  p.add_argument("--accum-steps", type=int, default=16, help="micro-batches for that batch")
   p.add_argument("--fsdp-child", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--ring-child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.quick:
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:])}
@@ -603,7 +688,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   print(f"matmul peak ({args.peak_size}^2 float32): {ctx.peak['flops'] / best / 1e9:.1f} GFLOP/s "
         f"on {jax.devices()[0].device_kind}", flush=True)
   case_fns = {"attention": case_attention, "vit": case_vit, "clip": case_clip,
-              "fusion": case_fusion, "compile": case_compile, "fsdp": case_fsdp}
+              "fusion": case_fusion, "compile": case_compile, "fsdp": case_fsdp,
+              "ring": case_ring}
   for name in args.cases:
     case_fns[name](ctx)
   return add_mfu({"environment": _environment(ctx),
@@ -637,6 +723,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   args = parse_args(argv)
   if args.fsdp_child:
     print(json.dumps(fsdp_bytes(args.fsdp_variant, args.image_size)))
+    return {}
+  if args.ring_child:
+    print(json.dumps(ring_records(args)))
     return {}
   results = run(args)
   table = markdown_report(results)

@@ -13,8 +13,12 @@ nothing to gather by hand (tests/test_losses.py checks 8 devices == 1 device).
   clip_loss             CLIP: symmetric softmax cross-entropy over the similarity matrix
   siglip_loss           SigLIP: independent sigmoid per image-text pair
   token_cross_entropy   language-model loss over non-padding tokens
+  per_example_keys      one rng key per example, so draws do not depend on batch splits
   mask_tokens           BERT masking (80% [MASK], 10% random, 10% kept) for MLM
   hard_negatives        ITM negatives sampled from the contrastive similarities
+
+The ring versions of the contrastive losses (same values, no [N, N] matrix) are in
+mmjax/ring_loss.py.
 """
 from typing import Optional, Tuple
 
@@ -81,11 +85,25 @@ def token_cross_entropy(logits: Array, targets: Array) -> Tuple[Array, Array]:
   return jnp.sum(nll, axis=-1), jnp.sum(weights, axis=-1)
 
 
+def per_example_keys(rng: Array, example_ids: Array) -> Array:
+  """One key per example, `fold_in(rng, id)`: draws that follow the example, not its row."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(example_ids)
+
+
 def mask_tokens(rng: Array, tokens: Array, *, mask_id: int, vocab_size: int,
-                rate: float = 0.15) -> Tuple[Array, Array]:
+                rate: float = 0.15, example_ids: Optional[Array] = None) -> Tuple[Array, Array]:
   """BERT corruption: choose `rate` of the non-padding tokens; of those 80% -> mask_id,
   10% -> a random token, 10% unchanged. Returns (corrupted tokens, targets) where targets
-  are the original ids at chosen positions and 0 (ignored) elsewhere."""
+  are the original ids at chosen positions and 0 (ignored) elsewhere.
+
+  With `example_ids` [B], row b's draws come from `fold_in(rng, example_ids[b])` alone, so
+  an example's mask does not depend on the other rows of its batch (or how it is split).
+  """
+  if example_ids is not None:
+    mask_row = lambda key, row: mask_tokens(key, row[None], mask_id=mask_id,
+                                            vocab_size=vocab_size, rate=rate)
+    corrupted, targets = jax.vmap(mask_row)(per_example_keys(rng, example_ids), tokens)
+    return corrupted[:, 0], targets[:, 0]
   k_choose, k_kind, k_random = jax.random.split(rng, 3)
   chosen = (jax.random.uniform(k_choose, tokens.shape) < rate) & (tokens != 0)
   kind = jax.random.uniform(k_kind, tokens.shape)
@@ -95,20 +113,32 @@ def mask_tokens(rng: Array, tokens: Array, *, mask_id: int, vocab_size: int,
   return corrupted, jnp.where(chosen, tokens, 0)
 
 
-def hard_negatives(similarities: Array, rng: Optional[Array] = None) -> Tuple[Array, Array]:
+def hard_negatives(similarities: Array, rng: Optional[Array] = None, *,
+                   example_ids: Optional[Array] = None,
+                   candidates: Optional[Array] = None) -> Tuple[Array, Array]:
   """Hard negatives for image-text matching (as in ALBEF), from a similarity matrix [N, N].
 
   For every image, a text index j != i drawn with probability softmax(similarities[i])
   (the most similar wrong text when `rng` is None, i.e. at evaluation); likewise for
   every text an image. Returns (negative text per image [N], negative image per text [N]).
+  With `example_ids` [N] each row draws with its own key (`per_example_keys`), so a draw
+  depends on the similarities, not on the row's position; `candidates` (bool [N], e.g.
+  the eval batch's `valid`) excludes rows from being anyone's negative.
   """
   n = similarities.shape[0]
   if n < 2:
     raise ValueError(f"Hard negatives need a batch of at least 2 pairs; got {n}.")
   sim = jax.lax.stop_gradient(similarities.astype(jnp.float32))
   sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, sim)
+  if candidates is not None:
+    allowed = jnp.asarray(candidates, bool)
+    sim = jnp.where(allowed[None, :] & allowed[:, None], sim, -jnp.inf)
   if rng is None:
     return jnp.argmax(sim, axis=1), jnp.argmax(sim, axis=0)
   k_txt, k_img = jax.random.split(rng)
-  return (jax.random.categorical(k_txt, sim, axis=1),
-          jax.random.categorical(k_img, sim, axis=0))
+  if example_ids is None:
+    return (jax.random.categorical(k_txt, sim, axis=1),
+            jax.random.categorical(k_img, sim, axis=0))
+  draw = jax.vmap(jax.random.categorical)
+  return (draw(per_example_keys(k_txt, example_ids), sim),
+          draw(per_example_keys(k_img, example_ids), sim.T))

@@ -17,6 +17,35 @@ The trainer never special-cases a model. It only calls, through `model.apply`:
 
 and initialises with `model.init(rngs, batch, train=False, method="loss")`.
 
+Exact gradient accumulation (optional; every built-in model with a contrastive loss has
+it). A model whose loss couples examples (CLIP / SigLIP compare every image with every
+text of the global batch) splits its loss in two:
+
+  features = model.apply(variables, batch, train=True, method="features", rngs=...)
+      per-example float arrays (leading axis = batch): embeddings, per-example losses
+      (e.g. a VQA cross-entropy), token sums, correctness; everything the loss reads.
+  loss, metrics = model.apply(variables, features, train=True, method="loss_from_features")
+      the loss of the whole batch from its features: cheap, no encoder runs here.
+
+and `Model.loss` is then their composition. With `grad_accum_steps=K` the trainer embeds
+all K micro-batches without keeping activations, takes the loss and its gradient with
+respect to the features of the global batch, and backpropagates those through the
+encoders micro-batch by micro-batch (the GradCache method): the gradient of the global
+batch, with about one micro-batch of activations in memory. A model may also define
+
+  context = model.apply(variables, features, batch, method="feature_context", rngs=...)
+      extra per-example batch entries computed from the global batch's features without
+      gradient (e.g. ITM's hard negatives, drawn from the global similarities); the
+      trainer then adds them to the batch and computes the features again.
+
+Models without `features` accumulate by averaging micro-batch gradients: exact for
+losses that are means over examples.
+
+Per-example randomness (MLM masks, ITM negatives) is keyed by `example_ids(batch)`, so
+it does not depend on how the batch is split: in training the trainer adds
+`example_id` [B] int32 (the row's index in the global batch); evaluation falls back to
+the data's `index` (the example's index in its split), else the row.
+
 Randomness: rng stream "dropout" (dropout, stochastic depth) and "sample" (e.g. masking
 for masked-language modelling); both are given in training only.
 
@@ -26,14 +55,28 @@ from typing import Any, Dict, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
 from mmjax.registry import MODELS
 
 
+def example_ids(batch: Mapping[str, Any]) -> jnp.ndarray:
+  """Per-example ids [B] for per-example randomness (see the module docstring)."""
+  for key in ("example_id", "index"):
+    if key in batch:
+      return jnp.asarray(batch[key], jnp.int32)
+  first = next(iter(batch.values()))
+  return jnp.arange(first.shape[0], dtype=jnp.int32)
+
+
 class Model(nn.Module):
-  """Optional base class with the default `evaluate` / `summarize`; subclasses define `loss`."""
+  """Optional base class with the default `loss` / `evaluate` / `summarize`; subclasses
+  define `loss`, or `features` and `loss_from_features`."""
+
+  def loss(self, batch: Mapping[str, Any], train: bool = False):
+    return self.loss_from_features(self.features(batch, train=train), train=train)
 
   def evaluate(self, batch: Mapping[str, Any]) -> Dict[str, Any]:
     """Default: `loss` and its metrics computed on each example alone, as [B] arrays, so

@@ -21,12 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax import losses
+from mmjax import losses, metrics, ring_loss
 
 Array = jax.Array
 
 COMBINE_METHODS = ("concat", "sum", "gate")
 CONTRASTIVE_LOSSES = ("softmax", "sigmoid")
+CONTRASTIVE_IMPLS = ("dense", "ring")
 POOL_METHODS = ("mean", "first", "last")
 
 
@@ -122,27 +123,39 @@ class ContrastiveHead(nn.Module):
   """Contrastive loss with a learnable temperature: "softmax" (CLIP) or "sigmoid" (SigLIP).
 
   Takes L2-normalised embeddings [N, D] of N matching pairs (row i of each is a pair);
-  returns (loss, logits [N, N]). The logit scale starts at `scale_init` (None: CLIP's
-  1 / 0.07 for softmax, SigLIP's 10 for sigmoid) and is capped at `max_scale` (CLIP's
-  100, as OpenAI's training clamps it; None: no cap, as big_vision's SigLIP) for
-  stability; the SigLIP bias starts at `bias_init` = -10 so that the many negatives do
-  not dominate early training.
+  returns (loss, i2t_correct [N]: 1.0 where image i scores its own text highest). The
+  logit scale starts at `scale_init` (None: CLIP's 1 / 0.07 for softmax, SigLIP's 10
+  for sigmoid) and is capped at `max_scale` (CLIP's 100, as OpenAI's training clamps it; None: no cap, as big_vision's
+  SigLIP) for stability; the SigLIP bias starts at `bias_init` = -10 so that the many
+  negatives do not dominate early training. `impl` "dense" compares the gathered global
+  batch at once; "ring" passes text blocks around the data-parallel devices and never
+  holds more than [N / devices, N / devices] logits (mmjax/ring_loss.py); same values.
   """
   loss: str = "softmax"
   scale_init: Optional[float] = None
   bias_init: float = -10.0
   max_scale: Optional[float] = 100.0
+  impl: str = "dense"
 
   @nn.compact
   def __call__(self, zimg: Array, ztxt: Array) -> Tuple[Array, Array]:
     if self.loss not in CONTRASTIVE_LOSSES:
       raise ValueError(f"Unknown contrastive loss {self.loss!r}; expected one of "
                        f"{CONTRASTIVE_LOSSES}.")
+    if self.impl not in CONTRASTIVE_IMPLS:
+      raise ValueError(f"Unknown contrastive_impl {self.impl!r}; expected one of "
+                       f"{CONTRASTIVE_IMPLS}.")
     scale_init = self.scale_init or (1 / 0.07 if self.loss == "softmax" else 10.0)
     scale = self.param("logit_scale", nn.initializers.constant(math.log(scale_init)), ())
     if self.max_scale is not None:
       scale = jnp.minimum(scale, math.log(self.max_scale))
+    bias = None
+    if self.loss == "sigmoid":
+      bias = self.param("logit_bias", nn.initializers.constant(self.bias_init), ())
+    if self.impl == "ring":
+      return ring_loss.ring_contrastive_loss(zimg, ztxt, scale, bias, kind=self.loss)
     if self.loss == "softmax":
-      return losses.clip_loss(zimg, ztxt, scale)
-    bias = self.param("logit_bias", nn.initializers.constant(self.bias_init), ())
-    return losses.siglip_loss(zimg, ztxt, scale, bias)
+      loss, logits = losses.clip_loss(zimg, ztxt, scale)
+    else:
+      loss, logits = losses.siglip_loss(zimg, ztxt, scale, bias)
+    return loss, metrics.correct(logits, jnp.arange(logits.shape[0]))

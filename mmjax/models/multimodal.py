@@ -9,7 +9,8 @@ weighted sum; every term is also logged):
   itc       image-text contrastive: the image alone and the caption (`text`) alone go
             through the same fusion encoder (each strategy accepts any subset of its
             modalities), are mean-pooled and projected; CLIP / SigLIP loss
-            (`contrastive_loss`). evaluate -> embeddings; summarize -> retrieval
+            (`contrastive_loss`; `contrastive_impl` "dense" or "ring", see
+            mmjax/ring_loss.py). evaluate -> embeddings; summarize -> retrieval
             recall@1/5/10 in both directions over the whole split.
   vqa       the `modalities` (e.g. image + question + audio + sensor) fused, pooled per
             modality, combined (`combine`: concat / sum / gate) and classified over
@@ -20,9 +21,12 @@ weighted sum; every term is also logged):
             decodes it (`generate`) and scores it with the official VQAv2 accuracy.
   classify  the same over `num_classes` classes (batch key `label`); accuracy.
   itm       image-text matching: the fused (image, caption) pair is a match or not;
-            negatives are hard ones drawn from the contrastive similarities (ALBEF).
+            negatives are hard ones drawn from the contrastive similarities of the
+            global batch (ALBEF), one draw per example (keyed by its id); in
+            evaluation the hardest valid wrong partner in the eval batch.
   mlm       masked language modelling of the caption, fused with the image; the
-            prediction head is tied to the text embedding table.
+            prediction head is tied to the text embedding table; masks are drawn
+            per example (keyed by its id), so they do not depend on the batch.
   caption   a causal text decoder cross-attends to the fused `caption_from` modalities
             and predicts the caption (teacher forcing); `generate_captions` decodes
             greedily or with beam search using the key/value cache.
@@ -32,6 +36,11 @@ Generation: `generation_tasks()` names what the model can write ("caption", "vqa
 
 Zero-shot classification (as two_tower): `class_embeddings(prompt_tokens)` embeds class
 prompts with the contrastive text path, `zero_shot_logits(batch, class_embeddings)`.
+
+Trainer contract: `features` gives per-example embeddings, losses and statistics,
+`loss_from_features` the weighted total over the batch (token objectives weighted by
+tokens over the whole batch), and `feature_context` ITM's negatives from the global
+batch, so gradient accumulation is exact for every objective (mmjax/models/base.py).
 
 Token ids: the data vocabulary is [0, vocab_size) with 0 = padding; the model appends
 three ids of its own, MASK = vocab_size, BOS = vocab_size + 1, EOS = vocab_size + 2.
@@ -49,7 +58,7 @@ import numpy as np
 
 from mmjax import losses, metrics
 from mmjax.models import decoding, heads, tokenizers
-from mmjax.models.base import Model
+from mmjax.models.base import Model, example_ids
 from mmjax.models.text import TextDecoder
 from mmjax.nn.embed import TokenEmbed
 from mmjax.registry import FUSIONS, MODELS
@@ -66,6 +75,7 @@ MODALITY_KINDS = {"image": "image", "video": "video", "audio": "audio", "sensor"
 OBJECTIVES = ("itc", "vqa", "classify", "itm", "mlm", "caption")
 NUM_SPECIAL_TOKENS = 3  # MASK, BOS, EOS appended after the data vocabulary
 VQA_MODES = ("classify", "generate")
+ITM_CONTEXT = ("itm_negative_text", "itm_negative_image")  # batch keys of global negatives
 
 
 def fusion_names():
@@ -113,6 +123,7 @@ class MultimodalModel(Model):
   head_zeroinit: bool = True         # classifier heads start at uniform predictions
   embed_dim: int = 64                # contrastive embedding size
   contrastive_loss: str = "softmax"
+  contrastive_impl: str = "dense"    # "dense" or "ring" (mmjax/ring_loss.py): same loss
   mlm_rate: float = 0.15
   caption_from: Sequence[str] = ("image",)
   decoder_layers: int = 2
@@ -179,7 +190,11 @@ class MultimodalModel(Model):
                                                 dtype)
     if "itc" in weights or "itm" in weights:
       self.image_proj, self.text_proj = dense(self.embed_dim), dense(self.embed_dim)
-      self.contrastive = heads.ContrastiveHead(self.contrastive_loss)
+      if "itm" in weights and self.contrastive_impl == "ring":
+        raise ValueError("contrastive_impl='ring' cannot serve the 'itm' objective: its hard "
+                         "negatives are drawn from the full similarity matrix, which the ring "
+                         "never builds; use contrastive_impl='dense' with itm.")
+      self.contrastive = heads.ContrastiveHead(self.contrastive_loss, impl=self.contrastive_impl)
     if "vqa" in weights and self.vqa_mode == "classify":
       self.vqa_head = classifier(self.num_answers)
     if "vqa" in weights and self.vqa_mode == "generate":
@@ -265,31 +280,42 @@ class MultimodalModel(Model):
 
   # ---------------------------------------------------------------------- objectives
 
-  def _itm(self, batch, zimg, ztxt, train):
-    """Matching loss on B positives and 2B hard negatives; returns (loss, correct [B])."""
-    rng = self.make_rng("sample") if train and self.has_rng("sample") else None
+  def _sample_key(self, train: bool) -> Optional[Array]:
+    """The one "sample" key of a training call (None in evaluation): drawn once, first,
+    so that `features` and `feature_context` see the same key; objectives fold in a tag."""
+    return self.make_rng("sample") if train and self.has_rng("sample") else None
+
+  def _itm_negatives(self, batch, zimg, ztxt, key) -> Dict[str, Array]:
+    """Hard-negative inputs per row (a text per image, an image per text) drawn from these
+    rows' similarities; padding rows (`valid` False) are never negatives."""
     n = batch["image"].shape[0]
     if n < 2 and self.is_initializing():  # init on one device sees one row: shapes only
-      neg_text = neg_image = jnp.zeros((n,), jnp.int32)
-    else:
-      neg_text, neg_image = losses.hard_negatives(zimg @ ztxt.T, rng)
-    images = jnp.concatenate([batch["image"], batch["image"], batch["image"][neg_image]])
-    texts = jnp.concatenate([batch["text"], batch["text"][neg_text], batch["text"]])
+      return {"itm_negative_text": batch["text"], "itm_negative_image": batch["image"]}
+    neg_text, neg_image = losses.hard_negatives(
+        zimg @ ztxt.T, None if key is None else jax.random.fold_in(key, 1),
+        example_ids=example_ids(batch), candidates=batch.get("valid"))
+    return {"itm_negative_text": batch["text"][neg_text],
+            "itm_negative_image": batch["image"][neg_image]}
+
+  def _itm(self, batch, negatives, train):
+    """Matching on each positive and its 2 hard negatives -> (nll [B], correct [B])."""
+    images = jnp.concatenate([batch["image"], batch["image"], negatives["itm_negative_image"]])
+    texts = jnp.concatenate([batch["text"], negatives["itm_negative_text"], batch["text"]])
+    n = batch["image"].shape[0]
     pairs = {"image": images, "text": texts}
     logits = self.itm_head(self.pooled(pairs, ("image", "text"), train=train))
     labels = jnp.concatenate([jnp.ones(n, jnp.int32), jnp.zeros(2 * n, jnp.int32)])
     hits = metrics.correct(logits, labels).reshape(3, n)
-    return jnp.mean(losses.cross_entropy(logits, labels)), jnp.mean(hits, axis=0)
+    nll = losses.cross_entropy(logits, labels).reshape(3, n)
+    return jnp.mean(nll, axis=0), jnp.mean(hits, axis=0)
 
-  def _mlm(self, batch, train):
+  def _mlm(self, batch, key, train):
     """Masked caption tokens predicted from the (image, caption) fusion; token stats."""
-    if train and self.has_rng("sample"):
-      rng = self.make_rng("sample")
-    else:  # evaluation: a fixed mask so that numbers are comparable between runs
-      rng = jax.random.key(0)
+    # Evaluation: a fixed mask per example, so that numbers are comparable between runs.
+    key = jax.random.key(0) if key is None else jax.random.fold_in(key, 2)
     corrupted, targets = losses.mask_tokens(
-        rng, batch["text"], mask_id=self.vocab_size,
-        vocab_size=self.vocab_size, rate=self.mlm_rate)
+        key, batch["text"], mask_id=self.vocab_size, vocab_size=self.vocab_size,
+        rate=self.mlm_rate, example_ids=example_ids(batch))
     encoded, _ = self.encode(batch, ("image", "text"), train=train,
                              overrides={"text": corrupted})
     logits = self.token_embed.attend(encoded["text"]).astype(jnp.float32)
@@ -361,37 +387,52 @@ class MultimodalModel(Model):
     logits = self.caption_logits(inputs, memory, memory_mask, train=train)
     return metrics.token_statistics(logits, targets)
 
-  def _objectives(self, batch: Batch, train: bool) -> Tuple[Dict[str, Array], Dict[str, Array]]:
-    """(per-objective scalar losses, per-example evaluation outputs)."""
+  # ---------------------------------------------------------------- trainer contract
+
+  def features(self, batch: Batch, train: bool = False) -> Dict[str, Array]:
+    """Per-example features: contrastive embeddings, per-example losses and statistics."""
     weights = self.objective_weights()
     generate_vqa = "vqa" in weights and self.vqa_mode == "generate"
     keys = list(self.used_modalities())
     keys += [k for o, k in (("vqa", "answer_text" if generate_vqa else "answer"),
                             ("classify", "label")) if o in weights]
     self.check_batch(batch, keys)
-    terms, outputs = {}, {}
+    key = self._sample_key(train)
+    out = {}
     if "itc" in weights or "itm" in weights:
       zimg, ztxt = self.embed_image(batch, train=train), self.embed_text(batch, train=train)
-      terms["itc"], _ = self.contrastive(zimg, ztxt)
-      outputs.update(image_embedding=zimg, text_embedding=ztxt)
+      out.update(image_embedding=zimg, text_embedding=ztxt)
     if ("vqa" in weights and not generate_vqa) or "classify" in weights:
       fused = self.pooled(batch, self.modalities, train=train)  # one pass serves both heads
-    for objective, key, head in (("vqa", "answer", "vqa_head"), ("classify", "label", "cls_head")):
+    for objective, label, head in (("vqa", "answer", "vqa_head"), ("classify", "label", "cls_head")):
       if objective in weights and not (objective == "vqa" and generate_vqa):
         logits = getattr(self, head)(fused)
-        terms[objective] = jnp.mean(losses.cross_entropy(logits, batch[key]))
-        outputs[f"{objective}_correct"] = metrics.correct(logits, batch[key])
+        out[f"{objective}_nll"] = losses.cross_entropy(logits, batch[label])
+        out[f"{objective}_correct"] = metrics.correct(logits, batch[label])
     if "itm" in weights:
-      terms["itm"], outputs["itm_correct"] = self._itm(batch, zimg, ztxt, train)
-    tasks = [("mlm", self._mlm), ("caption", self._caption)]
-    if generate_vqa:
-      tasks.append(("vqa", self._generated_vqa))
+      # Negatives from the global batch when the trainer gives them (feature_context),
+      # else from these rows (the whole batch without accumulation; the eval batch).
+      negatives = {k: batch[k] for k in ITM_CONTEXT if k in batch}
+      if len(negatives) != len(ITM_CONTEXT):
+        negatives = self._itm_negatives(batch, zimg, ztxt, key)
+      out["itm_nll"], out["itm_correct"] = self._itm(batch, negatives, train)
+    tasks = [("mlm", lambda: self._mlm(batch, key, train)),
+             ("caption", lambda: self._caption(batch, train))]
+    if generate_vqa:  # answers as text: token statistics, like captions
+      tasks.append(("vqa", lambda: self._generated_vqa(batch, train)))
     for objective, fn in tasks:
       if objective in weights:
-        stats = fn(batch, train)
-        terms[objective] = jnp.sum(stats["nll_sum"]) / jnp.maximum(jnp.sum(stats["num_tokens"]), 1)
-        outputs.update({f"{objective}_{k}": v for k, v in stats.items()})
-    return terms, outputs
+        out.update({f"{objective}_{k}": v for k, v in fn().items()})
+    return out
+
+  def feature_context(self, features: Mapping[str, Array], batch: Batch) -> Dict[str, Array]:
+    """ITM's hard negatives drawn from the global batch's similarities (training only)."""
+    key = self._sample_key(train=True)
+    if "itm" not in self.objective_weights():
+      return {}
+    zimg = jax.lax.stop_gradient(features["image_embedding"])
+    ztxt = jax.lax.stop_gradient(features["text_embedding"])
+    return self._itm_negatives(batch, zimg, ztxt, key)
 
   # ---------------------------------------------------------------------- generation
 
@@ -408,24 +449,33 @@ class MultimodalModel(Model):
     return generate_text(self, variables, batch, task=task, beam_size=beam_size,
                          max_len=max_len, length_penalty=length_penalty)
 
-  # ---------------------------------------------------------------- trainer contract
 
-  def loss(self, batch: Batch, train: bool = False) -> Tuple[Array, Dict[str, Array]]:
+  def loss_from_features(self, features: Mapping[str, Array],
+                         train: bool = False) -> Tuple[Array, Dict[str, Array]]:
+    del train
     weights = self.objective_weights()
-    terms, outputs = self._objectives(batch, train)
+    terms = {}
+    if "itc" in weights or "itm" in weights:
+      terms["itc"], _ = self.contrastive(features["image_embedding"], features["text_embedding"])
+    for objective in ("vqa", "classify", "itm"):
+      if objective in weights and f"{objective}_nll" in features:
+        terms[objective] = jnp.mean(features[f"{objective}_nll"])
+    for objective in ("mlm", "caption", "vqa"):  # token-weighted over the whole batch
+      if objective in weights and f"{objective}_num_tokens" in features:
+        terms[objective] = (jnp.sum(features[f"{objective}_nll_sum"])
+                            / jnp.maximum(jnp.sum(features[f"{objective}_num_tokens"]), 1))
     total = sum(weights[k] * terms[k] for k in weights)
     logged = {f"{k}_loss": v for k, v in terms.items()}
     for objective in ("vqa", "classify"):
-      if f"{objective}_correct" in outputs:
-        logged[f"{objective}_accuracy"] = jnp.mean(outputs[f"{objective}_correct"])
+      if f"{objective}_correct" in features:
+        logged[f"{objective}_accuracy"] = jnp.mean(features[f"{objective}_correct"])
     if "itc" in weights or "itm" in weights:
       scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
       logged["logit_scale"] = jnp.minimum(scale, self.contrastive.max_scale)  # in effect
     return total, logged
 
   def evaluate(self, batch: Batch) -> Dict[str, Array]:
-    _, outputs = self._objectives(batch, train=False)
-    return outputs
+    return self.features(batch, train=False)
 
   @staticmethod
   def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:

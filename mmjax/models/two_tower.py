@@ -7,7 +7,10 @@
 The loss compares every image with every text of the *global* batch: under `jax.jit`
 with a batch sharded over the mesh, the arrays the loss sees are global, so XLA gathers
 the embeddings across devices itself (tests/test_two_tower.py checks that 8 simulated
-devices give the single-device value).
+devices give the single-device value); `contrastive_impl="ring"` computes the same loss
+without gathering (mmjax/ring_loss.py). The loss is split into per-example `features`
+(the two embeddings) and `loss_from_features`, so gradient accumulation is exact
+(mmjax/models/base.py).
 
 Zero-shot classification: `class_embeddings(prompt_tokens [C, P, L])` embeds P prompts
 per class ("a photo of a {}.", ...), and `zero_shot_logits(batch, class_embeddings)`
@@ -47,6 +50,7 @@ class TwoTower(Model):
   scale_init: Optional[float] = None  # None: 1 / 0.07 for softmax (CLIP), 10 for sigmoid
   bias_init: float = -10.0
   max_logit_scale: Optional[float] = 100.0  # cap on exp(logit_scale); None: none (SigLIP)
+  contrastive_impl: str = "dense"     # "dense" or "ring" (mmjax/ring_loss.py): same loss
   # Image tower (ViT).
   patch_size: int = 8
   image_width: int = 64
@@ -96,7 +100,8 @@ class TwoTower(Model):
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     self.contrastive = heads.ContrastiveHead(self.loss_type, scale_init=self.scale_init,
                                              bias_init=self.bias_init,
-                                             max_scale=self.max_logit_scale)
+                                             max_scale=self.max_logit_scale,
+                                             impl=self.contrastive_impl)
 
   def embed_image(self, image: Array, *, train: bool = False) -> Array:
     """Images [B, H, W, 3] -> L2-normalised embeddings [B, embed_dim] (float32)."""
@@ -133,15 +138,19 @@ class TwoTower(Model):
     return (self.embed_image(batch["image"], train=train),
             self.embed_text(batch["text"], batch.get("text_mask"), train=train))
 
-  def loss(self, batch: Mapping[str, Array], train: bool = False) -> Tuple[Array, Dict]:
+  def features(self, batch: Mapping[str, Array], train: bool = False) -> Dict[str, Array]:
     zimg, ztxt = self._embeddings(batch, train)
-    loss, logits = self.contrastive(zimg, ztxt)
-    labels = jnp.arange(logits.shape[0])
+    return {"image_embedding": zimg, "text_embedding": ztxt}
+
+  def loss_from_features(self, features: Mapping[str, Array],
+                         train: bool = False) -> Tuple[Array, Dict]:
+    del train
+    loss, i2t_correct = self.contrastive(features["image_embedding"], features["text_embedding"])
     scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
     if self.max_logit_scale is not None:
       scale = jnp.minimum(scale, self.max_logit_scale)  # in effect
     logged = {"contrastive_loss": loss,
-              "i2t_batch_accuracy": jnp.mean(metrics.correct(logits, labels)),
+              "i2t_batch_accuracy": jnp.mean(i2t_correct),
               "logit_scale": scale}
     if self.loss_type == "sigmoid":
       logged["logit_bias"] = self.contrastive.variables["params"]["logit_bias"]

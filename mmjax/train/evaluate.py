@@ -4,7 +4,12 @@ The eval pipeline pads the last batch and marks real rows with `valid`; every pr
 evaluates its rows of each global batch under the same jit as training, the per-example
 outputs of the model's `evaluate` are gathered to the host, padding rows dropped, and the
 model's own `summarize` turns the whole split into metrics (accuracy, recall@K, ...).
-Nothing is averaged per batch, so the numbers are exact for any batch size.
+Nothing is averaged per batch, so the numbers are exact for any batch size, with one
+exception: image-text matching (ITM) scores each pair against its hardest wrong partner
+*within the eval batch* (padding rows are never partners), so a larger eval batch gives
+harder negatives and a lower ITM accuracy; compare ITM only at equal eval_batch_size.
+MLM masks are drawn per example (keyed by the example's `index`), so MLM numbers do not
+depend on the batch.
 
 Evaluations the config switches on run after it, over the same split and mesh
 (`make_extra_evaluators`): text generation scored with caption / VQA metrics
