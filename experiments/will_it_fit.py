@@ -48,6 +48,8 @@ ROWS = {
     "siglip_so400m14": ("siglip_b16.py", "v5e:16x16", {**BF16, **SCAN, **SO400M_14},
                         [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "mbt": ("mbt_audiovisual.py", "v5e:2x4", BF16, [{}, {"mesh.fsdp": 8}]),
+    # PaliGemma 3B (So400m/14 + Gemma 2B), big_vision's transfer batch of 256.
+    "paligemma_224": ("paligemma_224.py", "v5e:4x4", {}, [{}, {"mesh.fsdp": 16}]),
 }
 
 def command(config: str, topology: str, overrides) -> str:

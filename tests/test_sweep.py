@@ -103,4 +103,4 @@ def test_real_tiny_runs_through_the_trainer(tmp_path):
   assert (tmp_path / "sweep" / "results.png").exists()
   lines.clear()
   sweep_lib.run_sweep(sweep, str(tmp_path / "sweep"), log=lines.append)
-  assert sum("skipped" in line for line in lines) == 4
+  assert sum(line.endswith("finished earlier, skipped.") for line in lines) == 4

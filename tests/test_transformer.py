@@ -52,6 +52,7 @@ REFERENCE_ACTIVATIONS = {   # the formulas HF / torch / OpenAI CLIP compute
     "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
     "gelu": lambda x: 0.5 * x * (1 + _ERF(x / np.sqrt(2))),
     "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+    "silu": lambda x: x / (1 + np.exp(-x)),
 }
 
 

@@ -84,10 +84,15 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._json is not None:
-      self._json.close()
-    if self._tb is not None:
-      self._tb.close()
+    """Flushes and closes; a failing flush (e.g. a full disk) is logged, not raised, so it
+    never masks the error that is already stopping the run."""
+    for name, handle in (("metrics.jsonl", self._json), ("TensorBoard", self._tb)):
+      if handle is None:
+        continue
+      try:
+        handle.close()
+      except OSError as e:
+        logging.error("Could not flush %s: %s; its last records may be missing.", name, e)
 
 
 def _to_python(value: Any) -> Any:
