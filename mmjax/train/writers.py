@@ -71,17 +71,23 @@ class MetricWriter:
       logging.warning("tensorboardX is not installed; metrics go to metrics.jsonl only.")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Appends one record. A write that fails for lack of space is logged as an error and
+    training goes on: the checkpointer then stops the run at its next save, naming the
+    save error and the steps kept (a metrics line is not worth losing the training)."""
     if not self.active:
       return
     record = {"step": int(step)}
     record.update({k: _to_python(v) for k, v in metrics.items()})
-    self._json.write(json.dumps(record) + "\n")
-    self._json.flush()
-    if self._tb is not None:
-      for key, value in record.items():
-        if key != "step" and isinstance(value, (int, float)):
-          self._tb.add_scalar(key, value, step)
-      self._tb.flush()
+    try:
+      self._json.write(json.dumps(record) + "\n")
+      self._json.flush()
+      if self._tb is not None:
+        for key, value in record.items():
+          if key != "step" and isinstance(value, (int, float)):
+            self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+    except OSError as e:
+      logging.error("Could not write the metrics of step %d: %s", step, e)
 
   def close(self) -> None:
     """Flushes and closes; a failing flush (e.g. a full disk) is logged, not raised, so it
