@@ -231,7 +231,8 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
   from mmjax.train import trainer  # pylint: disable=g-import-not-at-top
 
   trainer.import_models(config.imports)
-  program = program_lib.build(config, pipeline.batch_spec(config.data), devices)
+  spec = pipeline.batch_spec(config.data)
+  program = program_lib.build(config, spec, devices)
   report = Report(config=config_name, topology=topology, devices=len(devices),
                   device_kind=devices[0].device_kind, mesh=dict(program.mesh.shape),
                   global_batch=config.batch_size, hbm_bytes=hbm_bytes_per_device(devices))
@@ -240,7 +241,7 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
                                          program.shardings.params)
   report.opt_state_bytes = _bytes_per_device(program.abstract_state.opt_state,
                                              program.shardings.opt_state)
-  train_batch = program.batch(pipeline.batch_spec(config.data), config.batch_size)
+  train_batch = program.batch(spec, config.batch_size)
   eval_batch = program.batch(pipeline.batch_spec(config.data, train=False),
                              config.eval_batch_size)
   start = time.perf_counter()
@@ -277,7 +278,7 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
   try:
     report.model_flops_per_step = flops_lib.forward_flops(
         program.train_step.__wrapped__, program.abstract_state,
-        program_lib.abstract_batch(pipeline.batch_spec(config.data), config.batch_size))
+        program_lib.abstract_batch(spec, config.batch_size))
   except Exception:  # pylint: disable=broad-except  (best effort; XLA's count stands)
     pass
   try:
