@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch", reason="parity tests need torch (pip instal
 transformers = pytest.importorskip(
     "transformers", reason="parity tests need transformers (pip install -e '.[convert]')")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
@@ -74,8 +75,8 @@ def _lm_logits(config, params, tokens):
   model = build_model(config)
   valid = jnp.ones(tokens.shape, bool)
   mask = vlm_lib.prefix_lm_mask(valid, 0, False)     # a plain causal LM
-  return model.apply(params, tokens, method=lambda m, t: m.lm(
-      m.lm.embed(t), vlm_lib.positions_of(valid), mask))
+  return jax.jit(lambda p: model.apply(p, tokens, method=lambda m, t: m.lm(
+      m.lm.embed(t), vlm_lib.positions_of(valid), mask)))(params)
 
 
 def test_gemma2_causal_lm_logits_and_every_knob_matters(gemma2):
@@ -111,12 +112,13 @@ def test_gemma2_greedy_generation_with_the_cache_past_the_window(gemma2):
                              eos_token_id=-1, pad_token_id=0)[:, 5:].numpy()
   config = ml_collections.ConfigDict(config.to_dict())
   config.prefix_attention, config.eos_id = "causal", -1     # a plain LM, never stopping
-  model = build_model(config)
-  ids = jnp.asarray(prompt, jnp.int32)
-  got = model.apply(params, ids, method=lambda m, t: m.generate_after(
-      m.lm.embed(t), jnp.ones(t.shape, bool), max_len=8))
-  np.testing.assert_array_equal(np.asarray(got), want)
+  generate = lambda config: jax.jit(lambda p: build_model(config).apply(
+      p, jnp.asarray(prompt, jnp.int32), method=lambda m, t: m.generate_after(
+          m.lm.embed(t), jnp.ones(t.shape, bool), max_len=8)))(params)
+  np.testing.assert_array_equal(np.asarray(generate(config)), want)
   assert len(set(want.ravel().tolist())) > 3, want       # not one repeated token
+  config.sliding_window = None                            # the window changes the tokens
+  assert not np.array_equal(np.asarray(generate(config)), want)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ def test_paligemma2_logits_generation_and_exact_export_round_trip(paligemma2, tm
     want = hf_model(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits.numpy()
   batch = {"image": jnp.asarray(images), "prefix": jnp.asarray(prompt, jnp.int32),
            "suffix": jnp.asarray([s + [0] for s in suffix], jnp.int32)}
-  got = model.apply(params, batch, method="suffix_logits")
+  got = jax.jit(lambda p: model.apply(p, batch, method="suffix_logits"))(params)
   assert _relative_error(got, want[:, 8:]) < TOL
 
   # Greedy generation, token for token, through the cache and past the window.
@@ -167,7 +169,8 @@ def test_paligemma2_logits_generation_and_exact_export_round_trip(paligemma2, tm
                             max_new_tokens=8, do_sample=False, eos_token_id=-1,
                             pad_token_id=0)[:, 9:].numpy()
   config.eos_id = -1
-  tokens = build_model(config).apply(params, batch, method="generate_tokens", max_len=8)
+  tokens = jax.jit(lambda p: build_model(config).apply(
+      p, batch, method="generate_tokens", max_len=8))(params)
   np.testing.assert_array_equal(np.asarray(tokens), out)
 
   # --to hf writes a PaliGemma 2 that transformers loads as the same model; importing

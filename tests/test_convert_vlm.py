@@ -177,8 +177,8 @@ def test_siglip_vision_tower_and_pairing_with_an_lm(tmp_path):
 def test_unsupported_checkpoints_are_refused(tmp_path):
   with pytest.raises(ValueError, match="attention_bias=True"):
     hf_vlm.lm_fields(dict(TEXT, attention_bias=True), "llama")
-  with pytest.raises(ValueError, match="Gemma 2"):
-    hf_vlm.lm_fields(TEXT, "gemma2")
+  with pytest.raises(ValueError, match="'gemma3' is not supported"):
+    hf_vlm.lm_fields(TEXT, "gemma3")
   with pytest.raises(ValueError, match="RoPE variant"):
     hf_vlm.lm_fields(dict(TEXT, rope_parameters=dict(rope_type="llama3", rope_theta=1.0)), "llama")
 

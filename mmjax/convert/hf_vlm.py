@@ -1,15 +1,18 @@
-"""Hugging Face PaliGemma, Gemma / Llama causal LMs and SigLIP vision towers <-> "vlm".
+"""Hugging Face PaliGemma (1, 2), Gemma / Gemma 2 / Llama causal LMs and SigLIP vision
+towers <-> "vlm".
 
 Import (`load`): one or more model directories, each a whole PaliGemma
 (`PaliGemmaForConditionalGeneration`, PaliGemma 1 or 2), a language model alone
-(`GemmaForCausalLM`, `Gemma2ForCausalLM`, `LlamaForCausalLM`) or a vision tower alone (`SiglipVisionModel`, or the vision half of
-a `SiglipModel`). Parts combine: `--src gemma-2b --src siglip-so400m` gives a VLM whose
-projector is new. What no source fills (the projector, or the tower not given) is
-reported and left to `init_from`, which initialises parameters the checkpoint lacks.
+(`GemmaForCausalLM`, `Gemma2ForCausalLM`, `LlamaForCausalLM`) or a vision tower alone
+(`SiglipVisionModel`, or the vision half of a `SiglipModel`). Parts combine: `--src
+gemma-2b --src siglip-so400m` gives a VLM whose projector is new. What no source fills
+(the projector, or the tower not given) is reported and left to `init_from`, which
+initialises parameters the checkpoint lacks.
 
-Export (`export`): a "vlm" -> a PaliGemma (PaliGemma 2 when the LM is a Gemma 2) directory (config.json + model.safetensors,
-the names transformers writes) that `PaliGemmaForConditionalGeneration.from_pretrained`
-loads; importing it back gives the same parameters bit for bit.
+Export (`export`): a "vlm" -> a PaliGemma directory, PaliGemma 2 when the LM is a Gemma 2
+(config.json + model.safetensors, the names transformers writes) that
+`PaliGemmaForConditionalGeneration.from_pretrained` loads; importing it back gives the
+same parameters bit for bit.
 
 What is mapped, exactly (outputs match to float32 rounding):
   SigLIP: patch conv, position table (no class token), pre-LN blocks (same layout as
@@ -388,7 +391,8 @@ def _int_if_whole(x: float):
 
 
 def gemma2_config(model) -> Dict[str, Any]:
-  """The Gemma 2 keys of the text config ({} for a Gemma: refused if it has a Gemma 2 knob)."""
+  """The Gemma 2 keys of the text config; {} for a Gemma (refused if it has a Gemma 2
+  knob)."""
   knobs = dict(query_pre_attn_scalar=model.query_pre_attn_scalar,
                attn_logit_softcapping=model.attn_logit_softcapping,
                final_logit_softcapping=model.final_logit_softcapping,
@@ -402,7 +406,8 @@ def gemma2_config(model) -> Dict[str, Any]:
   local = [model.sliding_window is not None and (i + 1) % model.sliding_window_pattern != 0
            for i in range(model.depth)]
   return dict(knobs, model_type="gemma2",
-              query_pre_attn_scalar=_int_if_whole(model.query_pre_attn_scalar or model.head_dim),
+              query_pre_attn_scalar=_int_if_whole(
+                  model.query_pre_attn_scalar or model.head_dim),
               layer_types=["sliding_attention" if x else "full_attention" for x in local])
 
 

@@ -37,8 +37,8 @@ class DecoderLM(nn.Module):
   block: LMBlockConfig
   embed_scale: bool = True        # Gemma multiplies embeddings by sqrt(width); Llama not
   tie_embeddings: bool = True     # Gemma: logits = x @ embedding.T; Llama: a `head`
-  sliding_window_pattern: int = 2  # with block.sliding_window: layer i global iff (i+1) % this == 0
-  final_logit_softcapping: Optional[float] = None   # Gemma 2: logits -> c * tanh(logits / c)
+  sliding_window_pattern: int = 2  # block.sliding_window: layer i global iff (i+1) % n == 0
+  final_logit_softcapping: Optional[float] = None  # Gemma 2: logits -> c * tanh(logits / c)
   decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

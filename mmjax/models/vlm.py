@@ -3,7 +3,10 @@
     image ─► ViT / SigLIP encoder (all patch tokens) ─► projector (linear | 2-layer MLP) ─┐
     prefix (prompt ids) ─► LM token embedding ──────────────────────────────────────────┤
     suffix (target ids) ─► LM token embedding ──────────────────────────────────────────┘
-        ─► decoder-only LM (Gemma / Gemma 2 / Llama blocks: RMSNorm, RoPE, GQA, gated MLP) ─► logits
+        ─► decoder-only LM (Gemma / Llama blocks: RMSNorm, RoPE, GQA, gated MLP) ─► logits
+
+The LM may be a Gemma 2 (post-norms, soft-capped attention and logits, sliding-window
+local layers: the fields after `tie_embeddings`, all off by default).
 
 Attention (`prefix_attention`): "full" is PaliGemma's prefix-LM, the image tokens and
 the prompt see each other in both directions and the suffix is causal; "causal" makes

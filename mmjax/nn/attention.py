@@ -14,13 +14,15 @@ interchangeable backends, registered by name in `mmjax.registry.ATTENTION_BACKEN
 
 `implementation=None` picks the best backend for the platform (see `default_backend`).
 A backend that cannot honour a mask, bias, dropout or a logit soft-cap raises
-ValueError; none ignores one silently. Every backend returns zeros for a query whose keys are all masked.
+ValueError; none ignores one silently. Every backend returns zeros for a query whose
+keys are all masked.
 
 Masks are boolean, True = may attend, broadcastable to [batch, heads, q_length, kv_length];
-biases are additive and broadcast the same way. `logit_soft_cap` c (Gemma 2) bounds the
-scaled scores before bias and mask: s -> c * tanh(s / c); "reference", "chunked" and
-"splash" have it, jax.nn's "xla" / "cudnn" do not (they refuse it). Causal masks are aligned top-left
-(query i sees keys 0..i), as in `jax.nn.dot_product_attention`.
+biases are additive and broadcast the same way. Causal masks are aligned top-left
+(query i sees keys 0..i), as in `jax.nn.dot_product_attention`. `logit_soft_cap` c
+(Gemma 2) bounds the scaled scores before bias and mask, s -> c * tanh(s / c):
+"reference", "chunked" and "splash" have it; jax.nn's "xla" / "cudnn" do not and refuse
+it, and the default choice avoids them.
 
 `MultiHeadAttention` (flax.linen) projects inputs to query / key / value heads (fewer
 key/value heads gives grouped- or multi-query attention), attends, and projects back; with
@@ -250,7 +252,8 @@ def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False
                      f"kv_length {kv_length}.")
   query = query * jnp.asarray(scale, query.dtype)  # splash does not scale the logits itself
   kernel = functools.partial(_splash_kernel, is_causal=is_causal,
-                             interpret=target_platform() != "tpu", logit_soft_cap=logit_soft_cap)
+                             interpret=target_platform() != "tpu",
+                             logit_soft_cap=logit_soft_cap)
   batch_axes = _mesh_axes_that_divide("batch", batch)
   head_axes = _mesh_axes_that_divide("heads", num_heads)
   if not batch_axes and not head_axes:
