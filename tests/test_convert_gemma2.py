@@ -6,9 +6,6 @@ soft-caps bite: the logits test also shows that dropping any Gemma 2 knob (atten
 final soft-cap, window, post-norms, query_pre_attn_scalar) breaks parity by far more
 than the tolerance. Greedy generation runs through the key/value cache past the window.
 """
-import json
-import os
-
 import numpy as np
 import pytest
 
@@ -20,16 +17,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from mmjax.convert import __main__ as cli  # noqa: E402
-from mmjax.convert import common, hf_vlm  # noqa: E402
+from mmjax.convert import hf_vlm  # noqa: E402
 from mmjax.models import vlm as vlm_lib  # noqa: E402
 from mmjax.models.base import build_model  # noqa: E402
-from mmjax.train.checkpoint import load_params  # noqa: E402
+from test_convert_vlm import (  # noqa: E402
+    IMAGE, TOL, VISION, _convert, _relative_error, assert_exact_round_trip)
 
-TOL = 1e-4
-IMAGE, PATCH = 16, 8                          # 4 image tokens
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-              num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
 # Layers: local, global, local. query_pre_attn_scalar != head_dim so the scale matters.
 GEMMA2 = dict(vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, head_dim=12,
@@ -51,11 +44,6 @@ def _randomize(model, scale=0.3, post_norm_gain=4.0):
       p.add_(scale * torch.randn_like(p))
       if "post_" in name and "layernorm" in name:
         p.add_(post_norm_gain)
-
-
-def _relative_error(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +124,6 @@ def paligemma2(tmp_path_factory):
   return model, path
 
 
-def _convert(tmp_path, source):
-  dst = str(tmp_path / "converted")
-  assert cli.main(["--from", "hf", "--src", source, "--dst", dst]) == 0
-  with open(os.path.join(dst, "model_config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  return dst, config, {"params": common.unflatten(load_params(dst))}
-
-
 def test_paligemma2_logits_generation_and_exact_export_round_trip(paligemma2, tmp_path):
   hf_model, path = paligemma2
   dst, config, params = _convert(tmp_path, path)
@@ -175,19 +155,10 @@ def test_paligemma2_logits_generation_and_exact_export_round_trip(paligemma2, tm
 
   # --to hf writes a PaliGemma 2 that transformers loads as the same model; importing
   # it back gives the same parameters bit for bit.
-  exported = str(tmp_path / "exported")
-  assert cli.main(["--to", "hf", "--src", dst, "--dst", exported]) == 0
-  reloaded = transformers.PaliGemmaForConditionalGeneration.from_pretrained(exported).eval()
+  reloaded, again_config = assert_exact_round_trip(hf_model, dst, params, tmp_path)
   text = reloaded.config.text_config
   assert (text.model_type, text.sliding_window, text.layer_types) == (
       "gemma2", 10, ["sliding_attention", "full_attention", "sliding_attention"])
-  for name, tensor in hf_model.state_dict().items():
-    np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), tensor.numpy(), name)
-  again, again_config, _ = hf_vlm.load([exported])
-  flat, flat_again = common.flatten(params["params"]), common.flatten(again)
-  assert sorted(flat) == sorted(flat_again)
-  for name in flat:
-    np.testing.assert_array_equal(flat_again[name], flat[name], name)
   for knob in ("post_norms", "query_pre_attn_scalar", "attn_logit_softcapping",
                "final_logit_softcapping", "sliding_window", "sliding_window_pattern"):
     assert again_config[knob] == config[knob], knob

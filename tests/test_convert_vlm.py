@@ -117,17 +117,24 @@ def test_paligemma_logits_with_prefix_mask_and_greedy_generation(paligemma, tmp_
 
 def test_paligemma_export_round_trip_is_exact_and_loads_in_transformers(paligemma, tmp_path):
   hf_model, path = paligemma
-  dst, config, params = _convert(tmp_path, path)
+  dst, _, params = _convert(tmp_path, path)
+  assert_exact_round_trip(hf_model, dst, params, tmp_path)
+
+
+def assert_exact_round_trip(hf_model, dst, params, tmp_path):
+  """Exports the converted DST: transformers loads `hf_model`'s tensors, and importing
+  the export gives `params` bit for bit. Returns (reloaded model, imported config)."""
   exported = str(tmp_path / "exported")
   assert cli.main(["--to", "hf", "--src", dst, "--dst", exported]) == 0
   reloaded = transformers.PaliGemmaForConditionalGeneration.from_pretrained(exported).eval()
   for name, tensor in hf_model.state_dict().items():   # HF sees the same model
     np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), tensor.numpy(), name)
-  again, _, _ = hf_vlm.load([exported])
+  again, config, _ = hf_vlm.load([exported])
   flat, flat_again = common.flatten(params["params"]), common.flatten(again)
   assert sorted(flat) == sorted(flat_again)
   for name in flat:
     np.testing.assert_array_equal(flat_again[name], flat[name], name)
+  return reloaded, config
 
 
 @pytest.mark.parametrize("family", ["gemma", "llama"])
