@@ -9,6 +9,8 @@ import pytest
 
 from test_train_fixtures import tiny_config
 
+from mmjax.errors import ConfigError
+from mmjax.nn.embed import PositionGrid, resample_posemb
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import trainer
 
@@ -85,15 +87,47 @@ def test_merge_params_renames_excludes_and_resamples():
             "tower/head/kernel": np.zeros((8, 3)), "fusion/kernel": np.zeros((8, 8))}
   source = {"embed/kernel": np.ones((1, 8)), "pos_embedding": np.ones((1, 4, 8)),
             "head/kernel": np.ones((8, 10)), "decoder/kernel": np.ones((2, 2))}
+  grids = {"tower/pos_embedding": PositionGrid(0, 4, 4)}
   merged, report = checkpoint_lib.merge_params(
-      target, source, rename=((r"^", "tower/"),), exclude=(r".*/head/.*",))
+      target, source, rename=((r"^", "tower/"),), exclude=(r".*/head/.*",),
+      skip=(r"tower/decoder/.*",), grids=grids)
   assert report["loaded"] == ["tower/embed/kernel", "tower/pos_embedding"]
   assert report["resampled"] == ["tower/pos_embedding"]
   assert report["new"] == ["fusion/kernel", "tower/head/kernel"]
   assert report["dropped"] == ["decoder/kernel", "head/kernel"]
+  assert report["skipped"] == ["decoder/kernel"] and report["excluded"] == ["head/kernel"]
   np.testing.assert_allclose(merged["tower/pos_embedding"], 1.0, atol=1e-6)
   assert merged["tower/pos_embedding"].shape == (1, 16, 8)
   np.testing.assert_array_equal(merged["tower/head/kernel"], 0.0)
+  # A trained parameter the model has no place for is refused unless `skip` lists it.
+  with pytest.raises(ConfigError, match=r"no parameter for 1 trained parameters of the "
+                                        r"checkpoint: decoder/kernel \(as tower/decoder/kernel\);"):
+    checkpoint_lib.merge_params(target, source, rename=((r"^", "tower/"),),
+                                exclude=(r".*/head/.*",), grids=grids)
+  # Only the tables the model names are resampled; any other mismatch is refused.
+  with pytest.raises(checkpoint_lib.CheckpointShapeError, match=r"pos_embedding.*\(1, 4, 8\)"):
+    checkpoint_lib.merge_params(target, source, rename=((r"^", "tower/"),),
+                                exclude=(r".*/head/.*", r".*/decoder/.*"))
+
+
+def test_init_from_resamples_the_tables_the_model_names_on_their_grids():
+  """Class tokens and grids come from the model, not from the lengths: a 2x3 grid behind
+  one class token, and a grid-shaped [1, h, w, D] table, both as resample_posemb moves them."""
+  rng = np.random.default_rng(0)
+  flat, grid_shaped = rng.normal(size=(1, 1 + 2 * 3, 4)), rng.normal(size=(1, 2, 3, 4))
+  target = {"vit/pos_embedding": np.zeros((1, 1 + 4 * 6, 4)),
+            "tok/pos_embedding": np.zeros((1, 3, 5, 4))}
+  grids = {"vit/pos_embedding": PositionGrid(1, 4, 6), "tok/pos_embedding": PositionGrid(0, 3, 5)}
+  merged, report = checkpoint_lib.merge_params(
+      target, {"vit/pos_embedding": flat, "tok/pos_embedding": grid_shaped}, grids=grids)
+  assert report["resampled"] == ["tok/pos_embedding", "vit/pos_embedding"]
+  np.testing.assert_allclose(merged["vit/pos_embedding"],
+                             resample_posemb(flat, (2, 3), (4, 6), num_prefix_tokens=1), atol=1e-6)
+  np.testing.assert_allclose(merged["tok/pos_embedding"].reshape(1, 15, 4),
+                             resample_posemb(grid_shaped.reshape(1, 6, 4), (2, 3), (3, 5)),
+                             atol=1e-6)
+  with pytest.raises(checkpoint_lib.CheckpointShapeError, match="1 class-token row.*4:6 patch grid"):
+    checkpoint_lib.merge_params(target, {"vit/pos_embedding": flat[:, :6]}, grids=grids)
 
 
 def test_init_from_loads_a_subset_into_a_bigger_model(tmp_path):

@@ -411,12 +411,14 @@ def move_posemb(m: Mapper, src: str, prefix: str, source_prefix_tokens: int) -> 
   The source table has `source_prefix_tokens` class-token rows before the patch grid
   (HF / timm / the original ViT: 1, big_vision: 0); the mmjax table has one row per class
   token of the model (`{prefix}cls` exists) and then the grid. A class token without a
-  row gets a zero row (exact: it had no position). The grid is resampled bilinearly
-  when the model runs at another image size.
+  row gets a zero row (exact: it had no position). Converters build the model on square
+  images and these formats store square grids, so when the model runs at another image
+  size the grid is resampled square to square (`mmjax.nn.embed.resample_posemb`).
   """
   if not m.has(src):
     return
   from mmjax.convert import layout  # pylint: disable=g-import-not-at-top
+  from mmjax.nn.embed import resample_posemb  # pylint: disable=g-import-not-at-top
   dst = prefix + layout.POSEMB
   table = m.take(src)
   table = table.reshape(1, -1, table.shape[-1])
@@ -430,25 +432,14 @@ def move_posemb(m: Mapper, src: str, prefix: str, source_prefix_tokens: int) -> 
         "use pool_type='cls' or class_token=True.")
   want = m.target.get(dst)
   if want is not None and want[1] - prefix_tokens != grid.shape[1] and want[-1] == grid.shape[-1]:
-    old_patches = grid.shape[1]
-    grid = resample_grid(grid, want[1] - prefix_tokens)
-    m.report.notes.append(f"{dst}: position grid resampled from {old_patches} to "
-                          f"{grid.shape[1]} patches")
+    old, new = (int(round(np.sqrt(n))) for n in (grid.shape[1], want[1] - prefix_tokens))
+    if old ** 2 != grid.shape[1] or new ** 2 != want[1] - prefix_tokens:
+      raise ConversionError(f"{src}: a position grid of {grid.shape[1]} patches cannot be "
+                            f"resampled to {want[1] - prefix_tokens}: both must be square.")
+    grid = np.asarray(resample_posemb(grid, (old, old), (new, new)))
+    m.report.notes.append(f"{dst}: position grid resampled from {old}x{old} to {new}x{new} "
+                          "patches")
   m.put(dst, np.concatenate([head, grid], axis=1), src=src)
-
-
-def resample_grid(posemb: np.ndarray, new_length: int) -> np.ndarray:
-  """[1, old_side**2, D] -> [1, new_side**2, D] by bilinear interpolation of the grid."""
-  from mmjax.nn.embed import resample_posemb  # pylint: disable=g-import-not-at-top
-  old_side, new_side = (int(round(np.sqrt(n))) for n in (posemb.shape[1], new_length))
-  if old_side ** 2 != posemb.shape[1] or new_side ** 2 != new_length:
-    raise ConversionError(
-        f"A position grid of {posemb.shape[1]} patches cannot be resampled to {new_length}: "
-        "only square patch grids are supported.")
-  return np.asarray(resample_posemb(posemb, (old_side,) * 2, (new_side,) * 2, 0))
-
-
-# ----------------------------------------------------------------------------- driver
 
 
 def convert(source: Mapping[str, np.ndarray], target: Mapping[str, Any],

@@ -115,6 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
                                    # whose model_config.json fills unset model fields
       include=(r".*",),            # regexes on (renamed) names of parameters to load
       exclude=(),                  # regexes on (renamed) names never loaded (e.g. the head)
+      skip=(),                     # regexes on (renamed) names the model has no place for,
+                                   # dropped on purpose (any other such name is refused)
       rename=(),                   # ((regex, replacement), ...) source name -> this model,
                                    # or preset names (checkpoint.RENAME_PRESETS)
   ))
