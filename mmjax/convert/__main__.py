@@ -48,8 +48,11 @@ def read_model_config(spec: Optional[str]) -> Optional[ml_collections.ConfigDict
     config = load_config_file(spec)
     return config.model if "model" in config else config
   if spec.endswith(".json"):
+    from mmjax.convert import common  # pylint: disable=g-import-not-at-top
     with open(spec) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      fields = json.load(f)
+    fields.pop(common.IMAGE_NORMALIZATION, None)  # the data's, not a model field
+    return ml_collections.ConfigDict(fields)
   raise ConfigError(f"--model-config must be a configs/NAME.py or a .json file; given {spec!r}.")
 
 

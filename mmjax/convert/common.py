@@ -210,6 +210,9 @@ class Report:
   missing: List[str] = dataclasses.field(default_factory=list)      # mmjax, never filled
   mismatched: List[str] = dataclasses.field(default_factory=list)   # "dst <- src: want vs got"
   notes: List[str] = dataclasses.field(default_factory=list)        # resampling, folding, ...
+  # The source's pixel normalisation {"mean": [..], "std": [..]} on [0, 1] pixels, written
+  # to DST/model_config.json for the data pipeline; None: the source does not say.
+  image_normalization: Optional[Dict[str, List[float]]] = None
 
   def __str__(self) -> str:
     lines = [f"loaded {len(self.loaded)} parameters"]
@@ -219,7 +222,33 @@ class Report:
       if names:
         lines.append(f"{title} ({len(names)}):")
         lines.extend(f"  {n}" for n in names)
+    if self.image_normalization:
+      lines.append(f"pixel normalisation (x - mean) / std on [0, 1] pixels: "
+                   f"{self.image_normalization}")
     return "\n".join(lines)
+
+
+# Pixel normalisations of the sources, on [0, 1] pixels: big_vision's value_range(-1, 1)
+# (ViT, SigLIP, PaliGemma; also Hugging Face's ViT / SigLIP defaults) and OpenAI CLIP's.
+HALF_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+CLIP_NORMALIZATION = {"mean": [0.48145466, 0.4578275, 0.40821073],
+                      "std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def hf_image_normalization(path: str, default: Dict[str, List[float]]
+                           ) -> Dict[str, List[float]]:
+  """The pixel mean / std of a Hugging Face model directory's preprocessor_config.json,
+  else `default` (the architecture's image processor default)."""
+  config_file = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else ""
+  if not config_file or not os.path.isfile(config_file):
+    return default
+  with open(config_file) as f:
+    config = json.load(f)
+  if not config.get("do_normalize", True):
+    return {"mean": [0.0] * 3, "std": [1.0] * 3}
+  mean, std = config.get("image_mean", default["mean"]), config.get("image_std", default["std"])
+  as_list = lambda v: [float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3)]
+  return {"mean": as_list(mean), "std": as_list(std)}
 
 
 class Mapper:
@@ -524,6 +553,10 @@ def _registered(model_config):
   return model_config
 
 
+# The key of model_config.json that holds the pixel normalisation (not a model field).
+IMAGE_NORMALIZATION = "image_normalization"
+
+
 def save_checkpoint(params: Mapping[str, Any], dst: str, *, model_config=None,
                     report: Optional[Report] = None) -> str:
   """Writes `{"params": params}` as an Orbax checkpoint at DST/state, the layout the
@@ -542,6 +575,8 @@ def save_checkpoint(params: Mapping[str, Any], dst: str, *, model_config=None,
   checkpointer.wait_until_finished()
   if model_config is not None:
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    if report is not None and report.image_normalization:
+      config[IMAGE_NORMALIZATION] = report.image_normalization
     with open(os.path.join(dst, "model_config.json"), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
   if report is not None:

@@ -201,10 +201,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   import_models(config.imports)
   from_checkpoint = config_lib.model_fields_from_init_checkpoint(config)
+  data_from_checkpoint = config_lib.data_fields_from_init_checkpoint(config)
   program_lib.check(config, jax.devices())  # before any data is prepared
-  if from_checkpoint and jax.process_index() == 0:
-    print(f"config.model fields from {config.init_from.checkpoint}/model_config.json: "
-          f"{from_checkpoint}", flush=True)
+  for section, fields in (("model", from_checkpoint), ("data", data_from_checkpoint)):
+    if fields and jax.process_index() == 0:
+      print(f"config.{section} fields from {config.init_from.checkpoint}/model_config.json: "
+            f"{fields}", flush=True)
   workdir = workdir_lib.resolve(workdir)
   lock = lock_lib.acquire(workdir)  # before orbax, which cleans other runs' temporary saves
   # From here on SIGTERM / Ctrl-C mean "save a step and stop" (during start-up: the first).
