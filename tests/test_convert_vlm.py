@@ -16,7 +16,6 @@ transformers = pytest.importorskip(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import common, hf_vlm  # noqa: E402

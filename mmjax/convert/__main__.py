@@ -1,7 +1,8 @@
 r"""Command line: convert pretrained weights into an mmjax checkpoint, or export one to HF.
 
 Import (writes DST/state, the Orbax checkpoint `config.init_from.checkpoint=DST` loads,
-DST/model_config.json and DST/conversion_report.txt):
+DST/model_config.json, the model's fields plus the source's pixel normalisation
+`image_normalization`, and DST/conversion_report.txt):
 
   python -m mmjax.convert --from hf --src ./vit-base-patch16-224 --dst /ckpt/vit_b16_hf
   python -m mmjax.convert --from big_vision --src siglip_b16_224.npz --dst /ckpt/siglip_b16

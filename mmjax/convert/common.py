@@ -553,7 +553,8 @@ def _registered(model_config):
   return model_config
 
 
-# The key of model_config.json that holds the pixel normalisation (not a model field).
+# The key of DST/model_config.json that holds the source's pixel normalisation, next to the
+# model's fields: {"mean": [...], "std": [...]} on [0, 1] pixels (the data's, not the model's).
 IMAGE_NORMALIZATION = "image_normalization"
 
 
@@ -561,7 +562,7 @@ def save_checkpoint(params: Mapping[str, Any], dst: str, *, model_config=None,
                     report: Optional[Report] = None) -> str:
   """Writes `{"params": params}` as an Orbax checkpoint at DST/state, the layout the
   trainer's `config.init_from.checkpoint=DST` reads, plus DST/model_config.json (the
-  mmjax model config the params fit) and DST/conversion_report.txt. Returns DST/state."""
+  mmjax model config the params fit, and the report's `image_normalization`) and DST/conversion_report.txt. Returns DST/state."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   dst = os.path.abspath(dst)

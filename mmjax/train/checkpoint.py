@@ -21,8 +21,10 @@ What `restore_latest` does with each step, newest first:
 by `check()` (called every step) as `CheckpointSaveError`, the previous steps kept.
 
 `load_params` reads only the params of another run for fine-tuning; `merge_params` maps
-them onto a new model (rename, include / exclude, position-embedding resampling) and
-reports what was loaded, what is new and what was dropped.
+them onto a new model (rename, include / exclude, resampling of the position tables the
+model names in `position_grids`), refuses to drop a trained parameter the model has no
+place for unless `skip` lists it, and reports what was loaded, what is new and what was
+dropped.
 """
 import os
 import re

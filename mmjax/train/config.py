@@ -304,6 +304,7 @@ def data_fields_from_init_checkpoint(config: ml_collections.ConfigDict) -> Dict[
   normalisation the converter recorded in `config.init_from.checkpoint`'s model_config.json
   (e.g. CLIP's mean / std), so the data are normalised as the weights were trained;
   returns the fields set."""
+  from mmjax.convert.common import IMAGE_NORMALIZATION  # pylint: disable=g-import-not-at-top
   recorded = _init_checkpoint_model_config(config).get(IMAGE_NORMALIZATION)
   if not recorded or config.data.get("image_normalization") is not None:
     return {}
@@ -311,11 +312,6 @@ def data_fields_from_init_checkpoint(config: ml_collections.ConfigDict) -> Dict[
   with config_keys.unlocked(config.data):
     config.data["image_normalization"] = value
   return {"image_normalization": value}
-
-
-# The key of DST/model_config.json holding the source's pixel normalisation (written by
-# mmjax.convert next to the model fields): {"mean": [...], "std": [...]} on [0, 1] pixels.
-IMAGE_NORMALIZATION = "image_normalization"
 
 
 def _init_checkpoint_model_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
