@@ -162,3 +162,54 @@ def test_restored_state_is_checked_finite(tmp_path, monkeypatch):
   (moved,) = os.listdir(str(tmp_path) + ".corrupt")
   why = (tmp_path.parent / (tmp_path.name + ".corrupt") / moved / "WHY_MOVED.txt").read_text()
   assert moved.startswith("2-") and "non-finite" in why
+
+
+def _model_with_position_tables(name):
+  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
+  from mmjax.models.base import build_model  # pylint: disable=g-import-not-at-top
+  from mmjax.train.config import import_models  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import_models()
+  image = jnp.zeros((2, 16, 24, 3))  # a 2x3 grid of 8x8 patches: the aspect ratio counts
+  tiny_vit = dict(variant=None, width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8)
+  if name == "multimodal":
+    model, batch = multimodal.example_model_and_batch(
+        fusion="early", modalities=("image", "audio"), loss_weights={"classify": 1.0},
+        width=16, num_layers=1, num_heads=2, mlp_dim=32, num_classes=3)
+    return model, dict(batch, image=jnp.zeros((len(batch["label"]),) + image.shape[1:]))
+  fields, batch = {
+      "vit": (tiny_vit, {"image": image, "label": jnp.zeros((2,), jnp.int32)}),
+      "two_tower": (dict(patch_size=8, image_width=16, image_depth=1, image_heads=2,
+                         text_width=16, text_depth=1, text_heads=2, embed_dim=16,
+                         image_pool="map"),
+                    {"image": image, "text": jnp.ones((2, 8), jnp.int32)}),
+      "vlm": (dict(encoder=tiny_vit, vocab_size=50, width=16, depth=1, num_heads=2,
+                   num_kv_heads=1, head_dim=8, mlp_dim=32),
+              {"image": image, "prefix": jnp.ones((2, 3), jnp.int32),
+               "suffix": jnp.ones((2, 3), jnp.int32)})}[name]
+  return build_model(ml_collections.ConfigDict(dict(name=name, **fields))), batch
+
+
+@pytest.mark.parametrize("name", ["vit", "two_tower", "vlm", "multimodal"])
+def test_models_name_their_position_tables_with_their_layout(name):
+  """What init_from resamples is what the model says: each named table exists with
+  prefix_tokens + height x width rows (or [1, height, width, D]) for this batch."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  model, batch = _model_with_position_tables(name)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False,
+                                             method="loss"))
+  flat = {k: getattr(v, "value", v).shape
+          for k, v in traverse_util.flatten_dict(shapes["params"], sep="/").items()}
+  grids = model.position_grids(batch)
+  expected = {"vit": ["pos_embedding"], "two_tower": ["img/pos_embedding"],
+              "vlm": ["image_encoder/pos_embedding"],
+              "multimodal": ["embed_audio/embeddings/pos_embedding",
+                             "embed_image/embeddings/pos_embedding"]}[name]
+  assert sorted(grids) == expected
+  for table, grid in grids.items():
+    if name != "multimodal":
+      assert (grid.height, grid.width) == (2, 3)
+    width = flat[table][-1]
+    assert flat[table] in ((1, grid.prefix_tokens + grid.height * grid.width, width),
+                           (1, grid.height, grid.width, width)), (table, grid, flat[table])
+  assert grids[expected[0]].prefix_tokens == {"vit": 1}.get(name, 0)
