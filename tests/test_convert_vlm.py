@@ -16,7 +16,6 @@ transformers = pytest.importorskip(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import common, hf_vlm  # noqa: E402
@@ -83,7 +82,8 @@ def _convert(tmp_path, *sources):
   dst = str(tmp_path / "converted")
   assert cli.main(["--from", "hf", "--src", *sources, "--dst", dst]) == 0
   with open(os.path.join(dst, "model_config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    assert json.load(f)["image_normalization"] == common.HALF_NORMALIZATION  # the data's
+  config = cli.read_model_config(os.path.join(dst, "model_config.json"))  # the model's
   return dst, config, {"params": common.unflatten(load_params(dst))}
 
 

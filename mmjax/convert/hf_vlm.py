@@ -310,6 +310,11 @@ def load(paths: Sequence[str], model_config: Optional[ml_collections.ConfigDict]
   if any(_SIGLIP_EXTRA.match(k) for k in report.unused):
     report.notes.append("left out SigLIP parts a PaliGemma does not use (text tower, "
                         "attention-pooling head, logit scale / bias)")
+  if has["vision."]:  # the image processor of the source that brings the image tower
+    vision_source = next(p for p, (t, _, _) in zip(
+        [paths] if isinstance(paths, str) else paths, parts) if t not in ("gemma", "llama"))
+    report.image_normalization = common.hf_image_normalization(
+        vision_source, common.HALF_NORMALIZATION)
   return common.unflatten(params), model_config, report
 
 

@@ -49,6 +49,7 @@ from mmjax.models import decoding as decoding_lib
 from mmjax.models.base import Model
 from mmjax.models.language_model import DecoderLM
 from mmjax.models.vit import ViT
+from mmjax.nn.embed import PositionGrid
 from mmjax.nn.lm_block import LMBlockConfig
 from mmjax.nn.transformer import Mlp
 from mmjax.registry import MODELS
@@ -134,6 +135,12 @@ class VLM(Model):
       raise ValueError(f"vlm.encoder must output every patch token; given {clash}, expected "
                        f"{ {k: _ENCODER_FIXED[k] for k in clash} } (or leave them out).")
     return {**_ENCODER_DEFAULT, **given, **_ENCODER_FIXED}
+
+  @nn.nowrap  # plain arithmetic: callable on an unbound model
+  def position_grids(self, batch: Batch) -> Dict[str, PositionGrid]:
+    """The image encoder's position table ('image_encoder/pos_embedding')."""
+    tower = ViT(**self.encoder_config())
+    return {f"image_encoder/{k}": v for k, v in tower.position_grids(batch).items()}
 
   def lm_module(self, decode: bool = False) -> DecoderLM:
     """The LM; `decode=True` gives an unbound copy with a key/value cache (generate)."""
