@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state together with the data iterator, and `init_from`.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,checksums}`, written asynchronously by an
-`ocp.CheckpointManager` that keeps the newest `keep` steps. `state` is the whole
+`ocp.CheckpointManager` that keeps the newest `keep` steps. WORKDIR may be a gs:// URL
+(files go through epath; moving a step aside is then a copy and a delete: `paths`). `state` is the whole
 `TrainState` (restorable onto any mesh: the restore target carries the new shardings);
 `data` is the grain iterator state of every process, so a resumed run continues with
 exactly the next batch; `checksums` holds two 32-bit checksums of every array's bits.

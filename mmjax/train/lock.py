@@ -107,7 +107,7 @@ class _GcsLockFile:
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
     self.path = url
     bucket, name = url[len("gs://"):].split("/", 1)
-    bucket = storage.Client().bucket(bucket)
+    bucket = storage.Client(project=None).bucket(bucket)  # objects need no project
     self._blob = lambda: bucket.blob(name)
     self._conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
 
