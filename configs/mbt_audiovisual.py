@@ -1,7 +1,7 @@
 """MBT: audio-visual classification with attention bottlenecks (Nagrani et al. 2021,
 "Attention Bottlenecks for Multimodal Fusion"), the VGGSound setup.
 
-  python -m mmjax.main --config configs/mbt_audiovisual.py --workdir /gcs/BUCKET/mbt
+  python -m mmjax.main --config configs/mbt_audiovisual.py --workdir gs://BUCKET/mbt
 
 A ViT-B encoder per modality (12 layers, 768 wide, 12 heads; separate weights, as MBT's
 `share_encoder=False`) over RGB tubelets and log-mel spectrogram patches. Layers 0-7 see

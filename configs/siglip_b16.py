@@ -1,7 +1,7 @@
 """SigLIP ViT-B/16 image-text pre-training (Zhai et al. 2023, "Sigmoid Loss for Language
 Image Pre-Training"), as released in big_vision (B/16, 224px, 64 text tokens).
 
-  python -m mmjax.main --config configs/siglip_b16.py --workdir /gcs/BUCKET/siglip_b16
+  python -m mmjax.main --config configs/siglip_b16.py --workdir gs://BUCKET/siglip_b16
 
 The CLIP architecture (configs/clip_b16.py) with SigLIP's changes: the pairwise sigmoid
 loss with a learned temperature (init t' = log 10; exp(t') not capped, as big_vision)

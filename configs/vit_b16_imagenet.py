@@ -1,7 +1,7 @@
 """ViT-B/16 on ImageNet-1k from scratch, big_vision's recipe (Steiner et al. 2021, "How to
 train your ViT?", as in big_vision/configs/vit_i1k.py).
 
-  python -m mmjax.main --config configs/vit_b16_imagenet.py --workdir /gcs/BUCKET/vit_b16
+  python -m mmjax.main --config configs/vit_b16_imagenet.py --workdir gs://BUCKET/vit_b16
 
 Needs `imagenet2012` prepared once as TFDS array_record (mmjax never downloads; see
 mmjax/data/builders/public.py):

@@ -15,6 +15,8 @@ source checkout has; that name still works, with a deprecation warning.)
 import os
 from typing import Any, Dict, Mapping, Optional
 
+from mmjax.train import paths
+
 RETRIEVAL = (("image -> caption recall@1", "eval/i2t_recall@1"),
              ("caption -> image recall@1", "eval/t2i_recall@1"))
 VQA = ("VQA accuracy", "eval/vqa_accuracy")
@@ -55,4 +57,4 @@ def demo_summary_hook(results: Mapping[str, Any], config, workdir: str) -> str:
   keys = [key for _, key in RETRIEVAL] + [VQA[1]]
   if not any(key in results for key in keys) or config.get("data") is None:
     return ""
-  return format_demo_summary(results, chance_levels(config.data), os.path.abspath(workdir))
+  return format_demo_summary(results, chance_levels(config.data), paths.absolute(workdir))

@@ -184,10 +184,11 @@ def test_workdir_in_use_is_refused_before_anything_is_written(tmp_path):
   assert sorted(os.listdir(workdir)) == [".lock.guard"]
 
 
-def test_gs_workdir_is_refused_without_creating_a_local_folder(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(workdir_lib.UnsupportedWorkdirError, match="gs:// workdirs are not"):
-    trainer.train_and_evaluate(CONFIG, "gs://bucket/run")
+def test_url_workdir_other_than_gs_is_refused_without_creating_a_local_folder(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # gs:// workdirs: tests/test_gcs_workdir.py
+  with pytest.raises(workdir_lib.UnsupportedWorkdirError, match="s3:// workdirs are not"):
+    trainer.train_and_evaluate(CONFIG, "s3://bucket/run")
   assert os.listdir(tmp_path) == []
 
 

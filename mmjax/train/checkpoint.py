@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state together with the data iterator, and `init_from`.
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,checksums}`, written asynchronously by an
-`ocp.CheckpointManager` that keeps the newest `keep` steps. `state` is the whole
+`ocp.CheckpointManager` that keeps the newest `keep` steps. WORKDIR may be a gs:// URL
+(files go through epath; moving a step aside is then a copy and a delete: `paths`). `state` is the whole
 `TrainState` (restorable onto any mesh: the restore target carries the new shardings);
 `data` is the grain iterator state of every process, so a resumed run continues with
 exactly the next batch; `checksums` holds two 32-bit checksums of every array's bits.
@@ -37,11 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from mmjax.errors import ConfigError
 from mmjax.nn import embed
+from mmjax.train import paths
 
 
 class CheckpointShapeError(ConfigError):
@@ -106,7 +109,7 @@ class Checkpointer:
   """Saves and restores (TrainState, data iterator) pairs under `directory`."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a local path or a gs:// URL
     self.corrupt_directory = self.directory + ".corrupt"
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -160,7 +163,7 @@ class Checkpointer:
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       error = e
-    if error is not None or not os.path.isdir(os.path.join(self.directory, str(step))):
+    if error is not None or not (epath.Path(self.directory) / str(step)).is_dir():
       raise self._save_error(step, error)
 
   def _save_error(self, step: int, error: Optional[BaseException]) -> CheckpointSaveError:
@@ -222,7 +225,7 @@ class Checkpointer:
   def _restore_verified(self, step: int, target: Any,
                         data_iterator: Any) -> Tuple[Optional[Any], Optional[str]]:
     """(restored state, None), or (None, why the step is damaged)."""
-    has_sums = os.path.isdir(os.path.join(self.directory, str(step), "checksums"))
+    has_sums = (epath.Path(self.directory) / str(step) / "checksums").is_dir()
     items = dict(state=ocp.args.StandardRestore(target),
                  data=grain.checkpoint.CheckpointRestore(data_iterator))
     if has_sums:
@@ -272,14 +275,13 @@ class Checkpointer:
   def _move_aside(self, step: int, reason: str) -> None:
     """Renames a bad step out of the manager's sight (process 0; all processes wait)."""
     if jax.process_index() == 0:
-      os.makedirs(self.corrupt_directory, exist_ok=True)
-      source = os.path.join(self.directory, str(step))
-      n = len(os.listdir(self.corrupt_directory))
+      source = epath.Path(self.directory) / str(step)
+      corrupt = epath.Path(self.corrupt_directory)
+      n = len(list(corrupt.iterdir())) if corrupt.exists() else 0
       dest = os.path.join(self.corrupt_directory, f"{step}-{n}")
-      if os.path.exists(source):
-        os.rename(source, dest)
-        with open(os.path.join(dest, "WHY_MOVED.txt"), "w") as f:
-          f.write(f"{time.ctime()}: {reason}\n")
+      if source.exists():
+        paths.move_tree(os.fspath(source), dest)
+        paths.write_text(os.path.join(dest, "WHY_MOVED.txt"), f"{time.ctime()}: {reason}\n")
         logging.warning("Moved checkpoint step %d to %s: %s", step, dest, reason)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"mmjax_move_aside_{step}")
@@ -319,15 +321,15 @@ def _path_name(path) -> str:
 
 def _resolve_state_dir(path: str) -> str:
   """A run directory, its checkpoints/ directory or one step directory -> '<step>/state'."""
-  path = os.path.abspath(path)
-  for candidate in (path, os.path.join(path, "checkpoints")):
-    if os.path.isdir(os.path.join(candidate, "state")):
-      return os.path.join(candidate, "state")
-    if not os.path.isdir(candidate):
+  path = paths.absolute(path)
+  for candidate in (epath.Path(path), epath.Path(path) / "checkpoints"):
+    if (candidate / "state").is_dir():
+      return os.fspath(candidate / "state")
+    if not candidate.is_dir():
       continue
-    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
+    steps = [int(d.name) for d in candidate.iterdir() if d.name.isdigit()]
     if steps:
-      return os.path.join(candidate, str(max(steps)), "state")
+      return os.fspath(candidate / str(max(steps)) / "state")
   raise FileNotFoundError(f"config.init_from.checkpoint={path!r}: expected a run directory, its "
                           "checkpoints/ directory or a step directory containing 'state'.")
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from mmjax import metrics
 from mmjax.train import evaluate as evaluate_lib
+from mmjax.train import paths
 from mmjax.train import sharding as sharding_lib
 
 DECODE = ("greedy", "beam")
@@ -142,14 +143,9 @@ def _generate(model, params, batch, *, task, beam_size, max_len, length_penalty)
 
 
 def write_predictions(workdir: str, step: int, lines: List[Mapping[str, Any]]) -> str:
-  """DIR/predictions/STEP.jsonl (written to a temporary name, then renamed)."""
-  folder = os.path.join(workdir, "predictions")
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f"{step}.jsonl")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for line in lines:
-      f.write(json.dumps(line, ensure_ascii=False) + "\n")
-  os.replace(path + ".tmp", path)
+  """DIR/predictions/STEP.jsonl (replaced atomically: `paths.write_text`)."""
+  path = os.path.join(workdir, "predictions", f"{step}.jsonl")
+  paths.write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
   return path
 
 

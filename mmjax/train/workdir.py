@@ -5,26 +5,28 @@
   WORKDIR/config_history/N.json  the configs of earlier launches that differed from it
                                  (N = 0, 1, ...: oldest first), so no setting is forgotten
 
-`resolve` turns --workdir into the absolute path the trainer uses, refusing what it
-cannot handle (URLs such as gs://, which os.path would turn into a local `gs:` folder);
+The workdir may be a local directory or a gs:// URL (`mmjax.train.paths` reads and writes
+both). `resolve` turns --workdir into the absolute path or URL the trainer uses, refusing
+other URLs (which os.path would turn into a local `s3:` folder);
 `resume_mismatch` turns a checkpoint that does not fit the config into an error that
 shows what changed since the checkpoint was written and what to do about it.
 """
 import json
 import os
-import re
 from typing import Any, Dict, List, Optional
 
 import ml_collections
+from etils import epath
 
 from mmjax.train import checkpoint as checkpoint_lib
+from mmjax.train import paths
 
 CONFIG_FILE = "config.json"
 HISTORY_DIR = "config_history"
 
 
 class UnsupportedWorkdirError(ValueError):
-  """--workdir names a place the trainer cannot write to (e.g. a gs:// URL)."""
+  """--workdir names a place the trainer cannot write to (e.g. an s3:// URL)."""
 
 
 class ResumeMismatchError(checkpoint_lib.CheckpointShapeError):
@@ -32,16 +34,17 @@ class ResumeMismatchError(checkpoint_lib.CheckpointShapeError):
 
 
 def resolve(workdir: str) -> str:
-  """The absolute local path of `workdir`; a URL (gs://, s3://, ...) is refused."""
-  match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", workdir or "")
-  if match:
-    raise UnsupportedWorkdirError(
-        f"--workdir={workdir}: {match.group(1)}:// workdirs are not supported (the lock, "
-        "config.json and metrics.jsonl are written with local file operations); use a local "
-        "path or a mounted bucket (e.g. gcsfuse), then copy the run if needed.")
+  """The absolute local path of `workdir`, or its gs:// URL; other URLs are refused."""
   if not workdir:
     raise UnsupportedWorkdirError("--workdir is empty; expected a directory path.")
-  return os.path.abspath(os.path.expanduser(workdir))
+  scheme = paths.scheme(workdir)
+  if scheme is not None and scheme not in paths.SUPPORTED_SCHEMES:
+    raise UnsupportedWorkdirError(
+        f"--workdir={workdir}: {scheme}:// workdirs are not supported; use a local path or "
+        "a gs://BUCKET/PATH URL.")
+  if scheme is not None and not workdir.split("://", 1)[1].strip("/"):
+    raise UnsupportedWorkdirError(f"--workdir={workdir}: expected gs://BUCKET/PATH.")
+  return paths.absolute(workdir)
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -60,8 +63,8 @@ def _as_dict(config: ml_collections.ConfigDict) -> Dict[str, Any]:
 def read_config(workdir: str) -> Optional[Dict[str, Any]]:
   """The config.json of `workdir` as a dict, or None if there is none (or it is unreadable)."""
   try:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      return json.load(f)
+    text = paths.read_text(os.path.join(workdir, CONFIG_FILE))
+    return None if text is None else json.loads(text)
   except (OSError, ValueError):
     return None
 
@@ -107,19 +110,16 @@ def describe_changes(workdir: str, config: ml_collections.ConfigDict) -> List[st
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json; a different earlier one moves to config_history/N.json first."""
+  """Writes config.json; a different earlier one is first copied to config_history/N.json
+  (so an interruption in between loses nothing)."""
   text = config.to_json_best_effort(indent=2)
   path = os.path.join(workdir, CONFIG_FILE)
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    history = os.path.join(workdir, HISTORY_DIR)
-    os.makedirs(history, exist_ok=True)
-    n = len([name for name in os.listdir(history) if name.endswith(".json")])
-    os.replace(path, os.path.join(history, f"{n}.json"))
-  temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    f.write(text)
-  os.replace(temporary, path)
+  old = paths.read_text(path)
+  if old == text:
+    return
+  if old is not None:
+    history = epath.Path(workdir) / HISTORY_DIR
+    n = (len([p for p in history.iterdir() if p.name.endswith(".json")])
+         if history.exists() else 0)
+    paths.write_text(os.fspath(history / f"{n}.json"), old)
+  paths.write_text(path, text)

@@ -1,8 +1,10 @@
 """Where metrics go: `WORKDIR/metrics.jsonl`, TensorBoard event files, the console.
 
 Only process 0 writes (`MetricWriter(active=False)` on the others is a no-op), so a
-multi-host run produces one log. Also here: the device peak-FLOP/s table behind MFU and
-the console progress bar.
+multi-host run produces one log. In a gs:// workdir, where objects cannot be appended to,
+metrics.jsonl and the TensorBoard event file are uploaded whole, at most every
+`OBJECT_FLUSH_SECONDS` and at close. Also here: the device peak-FLOP/s table behind MFU
+and the console progress bar.
 """
 import json
 import os
@@ -13,6 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from mmjax.train import paths
+
+OBJECT_FLUSH_SECONDS = 30.0
 
 # Dense bfloat16 peak FLOP/s per device (per chip for TPUs), from vendor datasheets.
 # Matched as substrings of `device.device_kind`, most specific first.
@@ -62,8 +68,13 @@ class MetricWriter:
     self._json = self._tb = None
     if not active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._json = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if paths.is_url(workdir):
+      self._json, self._flush_every = _ObjectAppender(path), OBJECT_FLUSH_SECONDS
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._json, self._flush_every = open(path, "a"), 0.0
+    self._last_flush = time.monotonic()
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -80,12 +91,15 @@ class MetricWriter:
     record.update({k: _to_python(v) for k, v in metrics.items()})
     try:
       self._json.write(json.dumps(record) + "\n")
-      self._json.flush()
       if self._tb is not None:
         for key, value in record.items():
           if key != "step" and isinstance(value, (int, float)):
             self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+      if time.monotonic() - self._last_flush >= self._flush_every:
+        self._last_flush = time.monotonic()
+        self._json.flush()
+        if self._tb is not None:
+          self._tb.flush()
     except OSError as e:
       logging.error("Could not write the metrics of step %d: %s", step, e)
 
@@ -99,6 +113,29 @@ class MetricWriter:
         handle.close()
       except OSError as e:
         logging.error("Could not flush %s: %s; its last records may be missing.", name, e)
+
+
+class _ObjectAppender:
+  """An append-only text file in a bucket: GCS objects cannot be appended to, so `flush`
+  uploads the whole text (what the object held when opened, then every line since)."""
+
+  def __init__(self, url: str):
+    self._url = url
+    self._parts = [paths.read_text(url) or ""]
+    self._flushed = True
+
+  def write(self, text: str) -> None:
+    self._parts.append(text)
+    self._flushed = False
+
+  def flush(self) -> None:
+    if not self._flushed:
+      self._parts = ["".join(self._parts)]
+      paths.write_text(self._url, self._parts[0])
+      self._flushed = True
+
+  def close(self) -> None:
+    self.flush()
 
 
 def _to_python(value: Any) -> Any:
