@@ -10,8 +10,9 @@ log-mel spectrogram (400 tokens): 1,968 tokens per clip. For each strategy:
   - analytic forward GFLOPs per clip of the whole model (mmjax.models.flops);
   - per-chip peak memory of the real train step (batch 64 on 8 chips, bfloat16),
     compiled deviceless by `mmjax.aot` for a TPU topology;
-  - CPU time of forward + backward of the fusion block stack alone on one clip's
-    tokens, as a ratio to joint (early) fusion, all measured in this one run.
+  - CPU time (process time, all threads) of forward + backward of the fusion block
+    stack alone on one clip's tokens, as a ratio to joint (early) fusion, all measured
+    in this one run.
 Writes experiments/results/fusion_cost.{json,md}.
 """
 import argparse
@@ -63,7 +64,9 @@ def analytic_gflops(config) -> float:
 
 
 def block_stack_seconds(config, tokens, repeats: int) -> float:
-  """Median seconds of jit(grad) of the fusion encoder alone on one clip's tokens."""
+  """Median CPU seconds (this process, all threads) of jit(grad) of the fusion encoder
+  alone on one clip's tokens. CPU time rather than wall time, so that other work on the
+  machine changes the ratios little."""
   m = config.model
   encoder = FUSIONS.get(m.fusion)(
       num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
@@ -79,9 +82,9 @@ def block_stack_seconds(config, tokens, repeats: int) -> float:
   jax.block_until_ready(step(params, tokens))
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start = time.process_time()
     jax.block_until_ready(step(params, tokens))
-    times.append(time.perf_counter() - start)
+    times.append(time.process_time() - start)
   return float(np.median(times))
 
 

@@ -291,3 +291,15 @@ def test_disk_full_stops_the_run_with_the_save_error_and_keeps_the_previous_step
   last_logged = max(r["step"] for r in read_metrics(str(copy)) if "loss" in r)
   assert last_logged <= failed + 4  # stopped at the latest before the next save
   checkpoint_lib.load_params(str(copy))  # the newest step it kept reads back
+
+
+def test_gs_workdir_without_credentials_is_one_line_error_before_anything_runs(
+    tmp_path, monkeypatch):
+  for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("NO_GCE_CHECK", "True")  # no metadata server probe
+  monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no_gcloud"))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(workdir_lib.UnsupportedWorkdirError, match="no Google Cloud credentials"):
+    trainer.train_and_evaluate(CONFIG, "gs://bucket/run")
+  assert os.listdir(tmp_path) == []

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import ml_collections
 from etils import epath
 
+from mmjax.errors import ConfigError
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import paths
 
@@ -25,7 +26,7 @@ CONFIG_FILE = "config.json"
 HISTORY_DIR = "config_history"
 
 
-class UnsupportedWorkdirError(ValueError):
+class UnsupportedWorkdirError(ConfigError):
   """--workdir names a place the trainer cannot write to (e.g. an s3:// URL)."""
 
 
@@ -44,7 +45,25 @@ def resolve(workdir: str) -> str:
         "a gs://BUCKET/PATH URL.")
   if scheme is not None and not workdir.split("://", 1)[1].strip("/"):
     raise UnsupportedWorkdirError(f"--workdir={workdir}: expected gs://BUCKET/PATH.")
+  if scheme == "gs":
+    _check_gcs_credentials(workdir)
   return paths.absolute(workdir)
+
+
+def _check_gcs_credentials(workdir: str) -> None:
+  """Refuses a gs:// workdir up front when this host has no Google credentials (the
+  emulator named by STORAGE_EMULATOR_HOST needs none)."""
+  if os.environ.get("STORAGE_EMULATOR_HOST"):
+    return
+  import google.auth  # pylint: disable=g-import-not-at-top
+  from google.auth import exceptions  # pylint: disable=g-import-not-at-top
+  try:
+    google.auth.default()
+  except exceptions.DefaultCredentialsError as e:
+    raise UnsupportedWorkdirError(
+        f"--workdir={workdir}: no Google Cloud credentials on this host ({str(e).split('.')[0]}); "
+        "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS."
+    ) from e
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
