@@ -98,6 +98,13 @@ STRATEGY_FIELDS = {"fusion_layer": None, "num_bottlenecks": 4, "shared_weights":
                    "fit_weights": "head"}
 
 
+def fields_for(fusion: str, fields: Mapping[str, Any]) -> Dict[str, Any]:
+  """`fields` less the `STRATEGY_FIELDS` that strategy `fusion` does not use: one set of
+  fields (e.g. a test's or a table's) for every strategy."""
+  uses = FUSIONS.get(fusion).uses
+  return {k: v for k, v in fields.items() if k not in STRATEGY_FIELDS or k in uses}
+
+
 class FusionEncoder(nn.Module):
   """The fields every strategy receives; subclasses implement `__call__`.
 
