@@ -15,6 +15,7 @@ from mmjax.models import fusion, heads
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.transformer import BlockConfig, Mlp
 from mmjax.registry import FUSIONS
+from test_transformer import numerics_used
 
 B, D, N_IMG, N_TXT = 2, 16, 5, 4
 BLOCK = BlockConfig(num_heads=2, mlp_dim=32)
@@ -181,7 +182,8 @@ def test_fusion_rejects_bad_streams_and_layers():
 
 @pytest.mark.parametrize("name, field, value", [
     ("early", "fusion_layer", 1), ("late", "fusion_layer", 2),
-    ("fusion_in_transformer", "fusion_layer", 1), ("fusion_in_transformer", "shared_weights", False),
+    ("fusion_in_transformer", "fusion_layer", 1),
+    ("fusion_in_transformer", "shared_weights", False),
     ("early", "shared_weights", True), ("hybrid", "num_bottlenecks", 4),
     ("cross", "fit_weights", "query")])
 def test_a_strategy_refuses_a_field_it_does_not_use(name, field, value):
@@ -208,26 +210,37 @@ def test_block_settings_reach_every_block_of_every_fusion_and_the_decoder(name):
       fusion=name, modalities=("image", "question"), loss_weights={"vqa": 1.0, "caption": 1.0},
       width=16, num_layers=2, num_heads=2, mlp_dim=32, decoder_layers=1, **settings,
       **fusion.fields_for(name, dict(fusion_layer=1)))
-  epsilons, activations = [], []
-
-  def record(f, args, kwargs, context):
-    path = context.module.scope.path if context.module.scope else ()
-    if context.method_name == "__call__" and path[:1] in (("fusion_encoder",),
-                                                          ("caption_decoder",)):
-      if isinstance(context.module, nn.LayerNorm):
-        epsilons.append(context.module.epsilon)
-      elif isinstance(context.module, Mlp):
-        activations.append(context.module.activation)
-    return f(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    params = jax.eval_shape(lambda: nn.meta.unbox(model.init(
-        jax.random.key(0), batch, method="loss")))["params"]
+  under = [("fusion_encoder",), ("caption_decoder",)]
+  init = lambda: nn.meta.unbox(model.init(jax.random.key(0), batch, method="loss"))
+  epsilons, activations = numerics_used(init, under)
+  params = jax.eval_shape(init)["params"]
   assert set(epsilons) == {1e-5} and len(epsilons) >= 7   # 2 layers x 2 + final + decoder
   assert set(activations) == {"quick_gelu"} and len(activations) >= 3
-  flat = {jax.tree_util.keystr(p): x
-          for p, x in jax.tree_util.tree_leaves_with_path(
-              {"fusion": params["fusion_encoder"], "decoder": params["caption_decoder"]["decoder"]})}
+  blocks = {"fusion": params["fusion_encoder"], "decoder": params["caption_decoder"]["decoder"]}
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(blocks)}
   assert {str(x.dtype) for x in flat.values()} == {"bfloat16"}
   keys = [x.shape for p, x in flat.items() if p.endswith("['key']['kernel']")]
   assert keys and all(shape == (16, 1, 8) for shape in keys)   # [embed, kv heads, head_dim]
+
+
+def test_a_config_switches_strategy_by_unsetting_the_fields_it_set():
+  """configs/mbt_audiovisual.py sets fusion_layer and num_bottlenecks; `=None` on the
+  command line unsets them (config_flags alone cannot), so another strategy accepts it."""
+  import os  # pylint: disable=g-import-not-at-top
+  from mmjax import cli  # pylint: disable=g-import-not-at-top
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "mbt_audiovisual.py")
+  overrides = {"model.fusion": "early", "model.fusion_layer": "None",
+               "model.num_bottlenecks": "None"}
+  new = cli.check_overrides(["x", f"--config={path}"] + [f"--config.{k}={v}"
+                                                         for k, v in overrides.items()])
+  assert new == {k: v for k, v in overrides.items() if k != "model.fusion"}
+  config = config_lib.load_config_file(path)
+  with pytest.raises(ValueError, match="fusion 'early' does not use fusion_layer"):
+    FUSIONS.get("early")(num_layers=2, block=BLOCK, fusion_layer=config.model.fusion_layer)
+  config.model.fusion = "early"
+  config_lib.apply_overrides(config, new, parse=True)
+  m = config.model
+  assert m.fusion_layer is None and m.num_bottlenecks is None
+  FUSIONS.get(m.fusion)(num_layers=2, block=BLOCK, fusion_layer=m.fusion_layer,
+                        num_bottlenecks=m.num_bottlenecks)

@@ -75,12 +75,14 @@ def test_unknown_activation_is_refused():
     jax.eval_shape(lambda: Mlp(mlp_dim=32, activation="relu").init(jax.random.key(0), _tokens()))
 
 
-def numerics_used(fn):
-  """(LayerNorm epsilons, Mlp activations) of every LayerNorm / Mlp that `fn` calls."""
+def numerics_used(fn, under=None):
+  """(LayerNorm epsilons, Mlp activations) of every LayerNorm / Mlp that `fn` calls (only
+  those below the top-level modules named in `under`, if given)."""
   epsilons, activations = [], []
 
   def record(f, args, kwargs, context):
-    if context.method_name == "__call__":
+    path = context.module.scope.path if context.module.scope else ()
+    if context.method_name == "__call__" and (under is None or path[:1] in under):
       if isinstance(context.module, nn.LayerNorm):
         epsilons.append(context.module.epsilon)
       elif isinstance(context.module, Mlp):

@@ -29,13 +29,23 @@ fuses them for VQA. Pooling and combining the outputs is the head's job (heads.p
 `shared_weights=True` makes the per-modality layers one set of weights shared by all
 modalities (MBT's shared encoder); early and fusion_in_transformer share by construction.
 
+Every layer is mmjax.nn.transformer's `EncoderBlock`, built from one `BlockConfig` (heads,
+MLP size, key/value heads, dropout, activation, LayerNorm epsilon, dtypes, attention
+backend), so a setting reaches every strategy's layers alike: co-attention layers pass a
+context (the block's optional cross-attention), fusion-in-transformer layers their own
+self-attention. The fields only some strategies read (`STRATEGY_FIELDS`: fusion_layer,
+num_bottlenecks, shared_weights, fit_weights) default to None; a strategy given one it
+does not use (its `uses`) raises, e.g. `fusion_layer` for early, late or
+fusion_in_transformer.
+
 Parameter names: per-modality layers `{modality}_block{i}` (shared: `block{i}`),
 co-attention layers `{modality}_cross_block{i}` (shared: `cross_block{i}`), joint layers
 `joint_block{i}`, final norms `{modality}_norm` (shared: `norm`) or `joint_norm`,
 bottleneck tokens `bottleneck` [1, K, D]; blocks use nn.transformer's names
-(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}).
-A fork adds a strategy by subclassing `FusionEncoder` in its own file and decorating it
-with `@FUSIONS.register("name")`.
+(attention_norm, attention/{query,key,value,out}, [cross_attention_norm, context_norm,
+cross_attention/...,] mlp_norm, mlp/{fc1,fc2}).
+A fork adds a strategy by subclassing `FusionEncoder` in its own file, decorating it
+with `@FUSIONS.register("name")` and listing the strategy fields it reads in `uses`.
 """
 import functools
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -180,6 +190,14 @@ class FusionEncoder(nn.Module):
       out[m] = x
     return out
 
+  def layers_below_fusion(self, tokens, masks, deterministic):
+    """Checks the streams, runs the per-modality layers below `fusion_layer`; returns
+    (fusion_layer, the per-modality modules by name, {modality: tokens})."""
+    check_streams(tokens, masks)
+    fusion_layer, modules = self.resolved_fusion_layer(), {}
+    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    return fusion_layer, modules, x
+
   def final_norms(self, modules, tokens) -> Dict[str, Array]:
     return {m: self.stream_module(modules, m, "norm", self.block.norm)(x)
             for m, x in tokens.items()}
@@ -193,10 +211,7 @@ class HybridFusion(FusionEncoder):
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
-    check_streams(tokens, masks)
-    fusion_layer = self.resolved_fusion_layer()
-    modules = {}
-    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    fusion_layer, modules, x = self.layers_below_fusion(tokens, masks, deterministic)
     if fusion_layer == self.num_layers:
       return self.final_norms(modules, x)
     joint, mask, names, sizes = _concat(x, masks)
@@ -235,13 +250,10 @@ class BottleneckFusion(FusionEncoder):
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
-    check_streams(tokens, masks)
-    fusion_layer = self.resolved_fusion_layer()
     k = self.setting("num_bottlenecks")
     if k < 0:
       raise ValueError(f"num_bottlenecks must be >= 0; got {k}.")
-    modules = {}
-    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    fusion_layer, modules, x = self.layers_below_fusion(tokens, masks, deterministic)
     first = next(iter(x.values()))
     batch, width = first.shape[0], first.shape[-1]
     shared = self.param("bottleneck", nn.with_logical_partitioning(
@@ -276,10 +288,7 @@ class CrossFusion(FusionEncoder):
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
-    check_streams(tokens, masks)
-    fusion_layer = self.resolved_fusion_layer()
-    modules = {}
-    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    fusion_layer, modules, x = self.layers_below_fusion(tokens, masks, deterministic)
     for i in range(fusion_layer, self.num_layers):
       previous = dict(x)
       for m in x:

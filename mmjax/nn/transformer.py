@@ -271,18 +271,22 @@ def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fi
   return x
 
 
-class Encoder(nn.Module):
-  """`num_layers` EncoderBlocks and a final LayerNorm (`encoder_norm`); [B, L, D] -> [B, L, D].
-
-  `mask`: bool, broadcastable to [B, heads, L, L], True = may attend (e.g. key padding
-  `tokens_valid[:, None, None, :]`).
-  """
+class _Stack(nn.Module):
+  """The fields of a stack of blocks (Encoder, Decoder)."""
   num_layers: int
   block: BlockConfig
   droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
   droppath_schedule: str = "linear"     # or "constant"
   scan_layers: bool = False
   remat_policy: str = "none"
+
+
+class Encoder(_Stack):
+  """`num_layers` EncoderBlocks and a final LayerNorm (`encoder_norm`); [B, L, D] -> [B, L, D].
+
+  `mask`: bool, broadcastable to [B, heads, L, L], True = may attend (e.g. key padding
+  `tokens_valid[:, None, None, :]`).
+  """
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Optional[Array] = None,
@@ -293,7 +297,7 @@ class Encoder(nn.Module):
     return self.block.norm("encoder_norm")(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
   """`num_layers` DecoderBlocks and a final LayerNorm (`decoder_norm`); [B, L, D] -> [B, L, D].
 
   Self-attention is always causal; `self_mask` (e.g. padding) is combined with it.
@@ -301,12 +305,6 @@ class Decoder(nn.Module):
   self-attention keeps a key/value cache ("cache" collection, mutable): initialise with
   the full-length target to size it, then feed one (or more) new tokens per call.
   """
-  num_layers: int
-  block: BlockConfig
-  droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
-  droppath_schedule: str = "linear"     # or "constant"
-  scan_layers: bool = False
-  remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, *, cross_mask: Optional[Array] = None,
