@@ -60,7 +60,7 @@ from mmjax import losses, metrics
 from mmjax.models import decoding, heads, tokenizers
 from mmjax.models.base import Model, example_ids
 from mmjax.models.text import TextDecoder
-from mmjax.nn.embed import TokenEmbed
+from mmjax.nn.embed import PositionGrid, TokenEmbed
 from mmjax.nn.transformer import BlockConfig
 from mmjax.registry import FUSIONS, MODELS
 
@@ -218,6 +218,7 @@ class MultimodalModel(Model):
       self.caption_decoder = TextDecoder(text_vocab, block, self.width, self.decoder_layers,
                                          max_len=self.max_text_len + 1)
 
+  @nn.nowrap  # no module context: position_grids builds tokenizers outside setup too
   def _tokenizer(self, modality: str, dtype) -> nn.Module:
     kind = MODALITY_KINDS[modality]
     if kind == "text":
@@ -234,6 +235,16 @@ class MultimodalModel(Model):
           frame_length=self.frame_length, hop_length=self.hop_length,
           num_mel_bins=self.num_mel_bins, dtype=dtype)
     return tokenizers.SensorTokenizer(self.sensor_window, self.width, dtype)
+
+  @nn.nowrap
+  def position_grids(self, batch: Batch) -> Dict[str, PositionGrid]:
+    """The patch-grid position tables of the image / audio tokenizers `batch` feeds."""
+    grids = {}
+    for m in self.used_modalities():
+      if MODALITY_KINDS[m] in ("image", "audio") and m in batch:
+        grid = self._tokenizer(m, jnp.float32).grid(batch[m].shape)
+        grids[f"embed_{m}/embeddings/pos_embedding"] = PositionGrid(0, *grid)
+    return grids
 
   # ------------------------------------------------------------------------ encoders
 
