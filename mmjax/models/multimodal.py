@@ -591,7 +591,8 @@ def example_model_and_batch(fusion: str = "hybrid", batch_size: int = 4, **overr
                 width=64, num_layers=4, num_heads=4, mlp_dim=256, vocab_size=100,
                 max_text_len=16, num_answers=10, loss_weights={"itc": 1.0, "vqa": 1.0})
   # Mid fusion through 4 bottleneck tokens (MBT), where the strategy has these fields.
-  fields.update(_fusion.fields_for(fusion, dict(fusion_layer=2, num_bottlenecks=4)))
+  if fusion in FUSIONS:  # (an unknown one is the model's error, raised at init)
+    fields.update(_fusion.fields_for(fusion, dict(fusion_layer=2, num_bottlenecks=4)))
   fields.update(overrides)
   model = MultimodalModel(**fields)
   rng = np.random.default_rng(0)
