@@ -47,9 +47,9 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       name="multimodal",
       modalities=("image", "question", "audio", "sensor"),
-      fusion="bottleneck",
-      fusion_layer=2,          # layers 0-1 per modality, 2-3 through the bottlenecks
-      num_bottlenecks=4,
+      fusion="bottleneck",     # by default from layer num_layers // 2 = 2 (layers 0-1 per
+                               # modality, 2-3 through the bottlenecks), 4 bottleneck tokens:
+                               # unset, so `--config.model.fusion=...` swaps the strategy
       width=64,
       num_layers=4,
       num_heads=4,

@@ -396,8 +396,8 @@ def case_compile(ctx: Context) -> None:
   for scan in (True, False):
     seconds = {}
     for layers in depths:
-      encoder = transformer.Encoder(num_layers=layers, num_heads=4, mlp_dim=4 * a.compile_width,
-                                    scan_layers=scan)
+      block = transformer.BlockConfig(num_heads=4, mlp_dim=4 * a.compile_width)
+      encoder = transformer.Encoder(num_layers=layers, block=block, scan_layers=scan)
       params = jax.eval_shape(encoder.init, jax.random.key(0), x)
       loss = lambda p, x, m=encoder: jnp.mean(m.apply(p, x) ** 2)
       start = time.perf_counter()

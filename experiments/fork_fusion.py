@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.fusion import FusionEncoder, check_streams
-from mmjax.nn.attention import MultiHeadAttention
+from mmjax.nn.transformer import BlockConfig
 from mmjax.registry import FUSIONS
 
 Array = jax.Array
@@ -36,36 +36,30 @@ Array = jax.Array
 
 class GatedCrossAttention(nn.Module):
   """x + tanh(gate) * CrossAttention(LN(x), LN(context)); `gate` is a scalar, init 0."""
-  num_heads: int
-  dropout_rate: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-  implementation: str = None
+  config: BlockConfig   # the fusion's block settings (heads, dropout, dtypes, ...)
 
   @nn.compact
   def __call__(self, x: Array, context: Array, context_mask: Array, *,
                deterministic: bool = True) -> Array:
+    c = self.config
     gate = self.param("gate", nn.initializers.zeros, ())
-    attended = MultiHeadAttention(
-        num_heads=self.num_heads, dropout_rate=self.dropout_rate, dtype=self.dtype,
-        implementation=self.implementation, name="attention")(
-            nn.LayerNorm(dtype=self.dtype, name="query_norm")(x),
-            nn.LayerNorm(dtype=self.dtype, name="context_norm")(context),
-            mask=context_mask[:, None, None, :], deterministic=deterministic)
+    attended = c.attention("attention")(
+        c.norm("query_norm")(x), c.norm("context_norm")(context),
+        mask=context_mask[:, None, None, :], deterministic=deterministic)
     return x + jnp.tanh(gate).astype(attended.dtype) * attended
 
 
 @FUSIONS.register("gated_xattn")
 class GatedCrossAttentionFusion(FusionEncoder):
   """Per-modality stacks joined by zero-initialised gated cross-attention."""
+  uses = ("fusion_layer", "shared_weights")   # setting num_bottlenecks or fit_weights: error
 
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
     check_streams(tokens, masks)
     fusion_layer = self.resolved_fusion_layer()
-    gated_xattn = lambda name: GatedCrossAttention(
-        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, implementation=self.implementation, name=name)
+    gated_xattn = lambda name: GatedCrossAttention(self.block, name=name)
     modules = {}  # per-modality modules by name (one shared set with shared_weights)
     x = dict(tokens)
     for i in range(self.num_layers):

@@ -32,17 +32,22 @@ from mmjax import aot  # noqa: E402  pylint: disable=wrong-import-position
 from mmjax.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
 from mmjax.models import flops as flops_lib  # noqa: E402  pylint: disable=wrong-import-position
 from mmjax.models.base import build_model  # noqa: E402  pylint: disable=wrong-import-position
+from mmjax.nn.transformer import BlockConfig  # noqa: E402  pylint: disable=wrong-import-position
 from mmjax.registry import FUSIONS  # noqa: E402  pylint: disable=wrong-import-position
 from mmjax.train import trainer  # noqa: E402  pylint: disable=wrong-import-position
 from mmjax.train.config import load_config_file  # noqa: E402  pylint: disable=wrong-import-position
 
-STRATEGIES = {  # label: model overrides (fusion_layer 8 and 4 bottlenecks as MBT's best)
-    "early (joint from layer 0)": {"fusion": "early", "fusion_layer": None},
-    "hybrid (joint from layer 8)": {"fusion": "hybrid", "fusion_layer": 8},
+STRATEGIES = {  # label: model overrides (fusion_layer 8 and 4 bottlenecks as MBT's best;
+                #   None unsets a field the strategy does not use)
+    "early (joint from layer 0)": {"fusion": "early", "fusion_layer": None,
+                                   "num_bottlenecks": None},
+    "hybrid (joint from layer 8)": {"fusion": "hybrid", "fusion_layer": 8,
+                                    "num_bottlenecks": None},
     "bottleneck B4 (from layer 8)": {"fusion": "bottleneck", "fusion_layer": 8},
-    "cross (from layer 8)": {"fusion": "cross", "fusion_layer": 8},
-    "fusion-in-transformer": {"fusion": "fusion_in_transformer", "fusion_layer": None},
-    "late": {"fusion": "late", "fusion_layer": None},
+    "cross (from layer 8)": {"fusion": "cross", "fusion_layer": 8, "num_bottlenecks": None},
+    "fusion-in-transformer": {"fusion": "fusion_in_transformer", "fusion_layer": None,
+                              "num_bottlenecks": None},
+    "late": {"fusion": "late", "fusion_layer": None, "num_bottlenecks": None},
 }
 
 
@@ -69,8 +74,8 @@ def block_stack_seconds(config, tokens, repeats: int) -> float:
   machine changes the ratios little."""
   m = config.model
   encoder = FUSIONS.get(m.fusion)(
-      num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-      fusion_layer=m.fusion_layer, num_bottlenecks=m.num_bottlenecks)
+      num_layers=m.num_layers, block=BlockConfig(num_heads=m.num_heads, mlp_dim=m.mlp_dim),
+      fusion_layer=m.get("fusion_layer"), num_bottlenecks=m.get("num_bottlenecks"))
   masks = {k: jnp.ones(v.shape[:2], bool) for k, v in tokens.items()}
   params = encoder.init(jax.random.key(0), tokens, masks)
 

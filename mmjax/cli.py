@@ -49,6 +49,7 @@ def check_overrides(argv) -> Dict[str, str]:
   """Checks every `--config.x.y=` key, naming the valid keys of an unknown one; returns the
   overrides of fields the config file does not set (a model field left at its default,
   a dataset option), which config_flags cannot parse."""
+  from mmjax import config_keys  # pylint: disable=g-import-not-at-top
   from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
@@ -60,6 +61,11 @@ def check_overrides(argv) -> Dict[str, str]:
   config = config_lib.load_config_file(spec)  # its own errors, before config_flags hides them
   overrides = _override_args(argv)
   new = config_lib.check_override_keys(config, overrides) if overrides else []
+  for key, text in overrides.items():  # config_flags cannot set a field the file sets to None
+    if key not in new and text in ("None", "none"):
+      node, leaf, _ = config_keys.resolve(config, key)
+      if not isinstance(node[leaf], str):  # e.g. --config.model.fusion_layer=None
+        new.append(key)
   return {key: overrides[key] for key in new}
 
 

@@ -65,9 +65,12 @@ def resolve(config: ml_collections.ConfigDict, dotted: str,
 
 def set_value(config: ml_collections.ConfigDict, dotted: str, value: Any,
               schema: Optional[Mapping[str, Any]] = None, *, parse: bool = False) -> None:
-  """config.<dotted> = value; a key only the schema knows is added, from text if `parse`."""
+  """config.<dotted> = value; a key only the schema knows is added, from text if `parse`
+  ("None" unsets a key the config holds)."""
   node, leaf, new_type = resolve(config, dotted, schema)
   if new_type is None:
+    if parse and value in ("None", "none"):  # unsetting a field the config sets
+      value = None
     node[leaf] = value  # ConfigDict type-checks the new value against the old one
     return
   with unlocked(node):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmjax.models.fusion import BottleneckFusion
-from mmjax.nn.transformer import Encoder, droppath_rates
+from mmjax.nn.transformer import BlockConfig, Encoder, droppath_rates
 
 
 def test_rates_grow_linearly_from_zero_to_the_configured_rate():
@@ -17,7 +17,7 @@ def test_rates_grow_linearly_from_zero_to_the_configured_rate():
 
 
 def _encoder(num_layers, **kw):
-  return Encoder(num_layers=num_layers, num_heads=2, mlp_dim=16, **kw)
+  return Encoder(num_layers=num_layers, block=BlockConfig(num_heads=2, mlp_dim=16), **kw)
 
 
 def test_linear_schedule_keeps_the_first_layer_and_drops_the_last():
@@ -46,5 +46,6 @@ def test_scanned_layers_refuse_a_growing_rate():
 
 
 def test_fusion_layers_count_depth_over_the_whole_stack():
-  fusion = BottleneckFusion(num_layers=4, num_heads=2, mlp_dim=16, droppath_rate=0.3)
+  fusion = BottleneckFusion(num_layers=4, block=BlockConfig(num_heads=2, mlp_dim=16),
+                            droppath_rate=0.3)
   assert [fusion.layer_droppath(i) for i in range(4)] == pytest.approx([0, 0.1, 0.2, 0.3])

@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax.models import flops, multimodal, two_tower
+from mmjax.models import flops, fusion, multimodal, two_tower
 
-TINY = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_layer=1, num_bottlenecks=2,
-            vocab_size=40, max_text_len=8, batch_size=2)
+TINY = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, vocab_size=40, max_text_len=8,
+            batch_size=2)
 
 
 def _xla_flops(fn, *args):
@@ -26,7 +26,8 @@ def _assert_close(model, batch, method):
 
 @pytest.mark.parametrize("name", multimodal.fusion_names())
 def test_multimodal_flops_match_xla_for_every_fusion(name):
-  model, batch = multimodal.example_model_and_batch(fusion=name, **TINY)
+  model, batch = multimodal.example_model_and_batch(
+      fusion=name, **TINY, **fusion.fields_for(name, dict(fusion_layer=1, num_bottlenecks=2)))
   assert _assert_close(model, batch, "evaluate") > 0
 
 

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.nn.transformer import BlockConfig
 from mmjax.registry import FUSIONS
 
 
 def _fusion_and_streams():
   importlib.import_module("experiments.fork_fusion")
-  fusion = FUSIONS.get("gated_xattn")(num_layers=2, num_heads=2, mlp_dim=32, fusion_layer=1)
+  fusion = FUSIONS.get("gated_xattn")(num_layers=2, block=BlockConfig(num_heads=2, mlp_dim=32),
+                                      fusion_layer=1)
   rng = np.random.default_rng(0)
   tokens = {"image": jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32),
             "question": jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)}

@@ -13,8 +13,8 @@ from mmjax.models import fusion, multimodal, two_tower
 from mmjax.models.base import build_model
 from mmjax.registry import FUSIONS, MODELS
 
-TINY = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_layer=1, num_bottlenecks=2,
-            vocab_size=40, max_text_len=8)
+TINY = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, vocab_size=40, max_text_len=8)
+FUSION_FIELDS = dict(fusion_layer=1, num_bottlenecks=2)  # where a strategy uses them
 
 
 def _train_step(model, batch):
@@ -51,7 +51,7 @@ def test_every_fusion_jit_compiles_with_finite_gradients_for_every_parameter(nam
   # parameter on the first step.
   model, batch = multimodal.example_model_and_batch(
       fusion=name, modalities=("image", "question"), loss_weights={"vqa": 1.0},
-      head_zeroinit=False, **TINY)
+      head_zeroinit=False, **TINY, **fusion.fields_for(name, FUSION_FIELDS))
   logged = _check_trains(model, batch)
   assert {"vqa_loss", "vqa_accuracy"} <= set(logged)
 
@@ -60,7 +60,7 @@ def test_every_objective_has_finite_loss_and_gradients_with_audio_and_sigmoid_lo
   model, batch = multimodal.example_model_and_batch(
       fusion="early", modalities=("image", "audio"), contrastive_loss="sigmoid",
       loss_weights={"itc": 1.0, "vqa": 0.5, "classify": 0.5, "itm": 1.0, "mlm": 1.0,
-                    "caption": 1.0}, num_classes=10, **dict(TINY, num_layers=1, fusion_layer=0))
+                    "caption": 1.0}, num_classes=10, **dict(TINY, num_layers=1))
   logged = _check_trains(model, batch, every_parameter=False)
   assert {"itm_loss", "mlm_loss", "caption_loss", "classify_accuracy"} <= set(logged)
 
@@ -90,7 +90,7 @@ def test_evaluate_and_summarize_follow_the_trainer_contract():
 
 def test_build_model_from_config_fields():
   config = dict(name="multimodal", fusion="bottleneck", modalities=("image", "question"),
-                loss_weights={"vqa": 1.0}, num_answers=5, **TINY)
+                loss_weights={"vqa": 1.0}, num_answers=5, **TINY, **FUSION_FIELDS)
   model = build_model(config)
   assert isinstance(model, multimodal.MultimodalModel) and model.fusion == "bottleneck"
   assert isinstance(build_model(dict(name="captioning")), multimodal.CaptioningModel)

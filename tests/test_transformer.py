@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.nn.transformer import ACTIVATIONS, Decoder, Encoder, EncoderBlock, Mlp
+from mmjax.nn.transformer import ACTIVATIONS, BlockConfig, Decoder, Encoder, EncoderBlock, Mlp
 
 B, L, LE, D = 2, 6, 5, 16
-SIZES = dict(num_layers=2, num_heads=2, mlp_dim=32)
+BLOCK = BlockConfig(num_heads=2, mlp_dim=32)
+SIZES = dict(num_layers=2, block=BLOCK)
 
 
 def _tokens(length=L, seed=0):
@@ -74,12 +75,14 @@ def test_unknown_activation_is_refused():
     jax.eval_shape(lambda: Mlp(mlp_dim=32, activation="relu").init(jax.random.key(0), _tokens()))
 
 
-def numerics_used(fn):
-  """(LayerNorm epsilons, Mlp activations) of every LayerNorm / Mlp that `fn` calls."""
+def numerics_used(fn, under=None):
+  """(LayerNorm epsilons, Mlp activations) of every LayerNorm / Mlp that `fn` calls (only
+  those below the top-level modules named in `under`, if given)."""
   epsilons, activations = [], []
 
   def record(f, args, kwargs, context):
-    if context.method_name == "__call__":
+    path = context.module.scope.path if context.module.scope else ()
+    if context.method_name == "__call__" and (under is None or path[:1] in under):
       if isinstance(context.module, nn.LayerNorm):
         epsilons.append(context.module.epsilon)
       elif isinstance(context.module, Mlp):
@@ -94,11 +97,12 @@ def numerics_used(fn):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_activation_and_epsilon_reach_every_layer(scan_layers):
   x, enc = _tokens(), _tokens(LE, seed=1)
-  numerics = dict(activation="quick_gelu", layer_norm_epsilon=1e-5, scan_layers=scan_layers)
-  eps, acts = numerics_used(lambda: Encoder(**SIZES, **numerics).init(jax.random.key(0), x))
+  block = BlockConfig(num_heads=2, mlp_dim=32, activation="quick_gelu", layer_norm_epsilon=1e-5)
+  numerics = dict(num_layers=2, block=block, scan_layers=scan_layers)
+  eps, acts = numerics_used(lambda: Encoder(**numerics).init(jax.random.key(0), x))
   # Every LayerNorm / Mlp called (scan may trace a block more than once) got the option.
   assert set(eps) == {1e-5} and len(eps) >= 3 and set(acts) == {"quick_gelu"}
-  eps, acts = numerics_used(lambda: Decoder(**SIZES, **numerics).init(jax.random.key(0), x, enc))
+  eps, acts = numerics_used(lambda: Decoder(**numerics).init(jax.random.key(0), x, enc))
   assert set(eps) == {1e-5} and len(eps) >= 4 and set(acts) == {"quick_gelu"}
   eps, acts = numerics_used(lambda: Encoder(**SIZES).init(jax.random.key(0), x))
   assert set(eps) == {1e-6} and set(acts) == {"gelu_tanh"}   # defaults unchanged
@@ -187,7 +191,7 @@ def test_decoder_is_causal_and_scan_remat_equal_plain():
 
 def test_dropout_and_droppath_only_in_training():
   x = _tokens(seed=2)
-  block = EncoderBlock(num_heads=2, mlp_dim=32, droppath_rate=0.5)
+  block = EncoderBlock(BLOCK, droppath_rate=0.5)
   variables = _random_params(block, x)
   apply = jax.jit(lambda x, rng: block.apply(variables, x, deterministic=False,
                                              rngs={"dropout": rng}))

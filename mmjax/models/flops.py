@@ -145,10 +145,11 @@ def fusion_table(**overrides):
 
 def main():
   from mmjax.models import multimodal
-  model, batch = multimodal.example_model_and_batch()
+  model, batch = multimodal.example_model_and_batch("bottleneck")
   print(f"multimodal, modalities {model.modalities}, width {model.width}, "
         f"{model.num_layers} layers, {model.num_heads} heads, mlp {model.mlp_dim}, "
-        f"fusion_layer {model.fusion_layer}, {model.num_bottlenecks} bottlenecks; inputs "
+        f"fusion_layer {model.fusion_layer} and {model.num_bottlenecks} bottlenecks where a "
+        "strategy has them; inputs "
         + ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in batch.items()
                     if k in model.used_modalities()))
   print(f"{'fusion':<24}{'params':>10}{'VQA GFLOPs':>14}{'ITC+VQA GFLOPs':>18}  (per example)")

@@ -29,13 +29,23 @@ fuses them for VQA. Pooling and combining the outputs is the head's job (heads.p
 `shared_weights=True` makes the per-modality layers one set of weights shared by all
 modalities (MBT's shared encoder); early and fusion_in_transformer share by construction.
 
+Every layer is mmjax.nn.transformer's `EncoderBlock`, built from one `BlockConfig` (heads,
+MLP size, key/value heads, dropout, activation, LayerNorm epsilon, dtypes, attention
+backend), so a setting reaches every strategy's layers alike: co-attention layers pass a
+context (the block's optional cross-attention), fusion-in-transformer layers their own
+self-attention. The fields only some strategies read (`STRATEGY_FIELDS`: fusion_layer,
+num_bottlenecks, shared_weights, fit_weights) default to None; a strategy given one it
+does not use (its `uses`) raises, e.g. `fusion_layer` for early, late or
+fusion_in_transformer.
+
 Parameter names: per-modality layers `{modality}_block{i}` (shared: `block{i}`),
 co-attention layers `{modality}_cross_block{i}` (shared: `cross_block{i}`), joint layers
 `joint_block{i}`, final norms `{modality}_norm` (shared: `norm`) or `joint_norm`,
 bottleneck tokens `bottleneck` [1, K, D]; blocks use nn.transformer's names
-(attention_norm, attention/{query,key,value,out}, mlp_norm, mlp/{fc1,fc2}).
-A fork adds a strategy by subclassing `FusionEncoder` in its own file and decorating it
-with `@FUSIONS.register("name")`.
+(attention_norm, attention/{query,key,value,out}, [cross_attention_norm, context_norm,
+cross_attention/...,] mlp_norm, mlp/{fc1,fc2}).
+A fork adds a strategy by subclassing `FusionEncoder` in its own file, decorating it
+with `@FUSIONS.register("name")` and listing the strategy fields it reads in `uses`.
 """
 import functools
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -44,9 +54,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
+from mmjax.nn.attention import dot_product_attention
 from mmjax.nn.attention import Projection  # the same projections as MultiHeadAttention
-from mmjax.nn.transformer import EncoderBlock, Mlp, droppath_rates
+from mmjax.nn.transformer import BlockConfig, EncoderBlock, droppath_rates
 from mmjax.registry import FUSIONS
 
 Array = jax.Array
@@ -56,16 +66,6 @@ FIT_WEIGHTS = ("head", "query")
 def _key_mask(mask: Array) -> Array:
   """Token validity [B, N] -> attention mask [B, 1, 1, N] (every query, valid keys)."""
   return mask[:, None, None, :]
-
-
-def _residual(dropout_rate: float, droppath_rate: float, deterministic: bool):
-  """x + DropPath(Dropout(y)) for the blocks defined here (as in nn.transformer)."""
-  def apply(x, y):
-    y = nn.Dropout(dropout_rate, deterministic=deterministic)(y)
-    # Stochastic depth: one draw per example, shared over tokens and features.
-    y = nn.Dropout(droppath_rate, broadcast_dims=(1, 2), deterministic=deterministic)(y)
-    return nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
-  return apply
 
 
 def _concat(tokens: Mapping[str, Array], masks: Mapping[str, Array]):
@@ -102,25 +102,54 @@ def check_streams(tokens: Mapping[str, Array], masks: Mapping[str, Array]) -> No
                        f"{masks[m].dtype}{tuple(masks[m].shape)}.")
 
 
+# The fields only some strategies use, and their values when left unset (None);
+# fusion_layer's default is the strategy's (`default_fusion_layer`).
+STRATEGY_FIELDS = {"fusion_layer": None, "num_bottlenecks": 4, "shared_weights": False,
+                   "fit_weights": "head"}
+
+
+def fields_for(fusion: str, fields: Mapping[str, Any]) -> Dict[str, Any]:
+  """`fields` less the `STRATEGY_FIELDS` that strategy `fusion` does not use: one set of
+  fields (e.g. a test's or a table's) for every strategy."""
+  uses = FUSIONS.get(fusion).uses
+  return {k: v for k, v in fields.items() if k not in STRATEGY_FIELDS or k in uses}
+
+
 class FusionEncoder(nn.Module):
   """The fields every strategy receives; subclasses implement `__call__`.
 
-  A strategy ignores fields that do not apply to it (e.g. `num_bottlenecks` outside
-  `bottleneck`), so one config can sweep `fusion` over all strategies.
+  `block` holds the settings of every block (heads, MLP size, dropout, activation,
+  LayerNorm epsilon, dtypes, attention backend); stochastic depth grows over all
+  `num_layers` as in mmjax.nn.transformer's stacks. Of `STRATEGY_FIELDS`, a strategy
+  reads those it lists in `uses`; setting another one (not None) is an error naming it,
+  since it would silently do nothing. A fork's strategy that does not declare `uses`
+  accepts them all.
   """
   num_layers: int
-  num_heads: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
+  block: BlockConfig
   droppath_rate: float = 0.0             # of the last layer (see droppath_schedule)
   droppath_schedule: str = "linear"      # as mmjax.nn.transformer's stacks
   fusion_layer: Optional[int] = None     # None: the strategy's default
-  num_bottlenecks: int = 4
-  shared_weights: bool = False
-  fit_weights: str = "head"
-  dtype: Any = jnp.float32
-  implementation: Optional[str] = None
+  num_bottlenecks: Optional[int] = None  # None: 4
+  shared_weights: Optional[bool] = None  # None: False
+  fit_weights: Optional[str] = None      # None: "head"
+
+  uses = tuple(STRATEGY_FIELDS)          # (a class attribute, not a field)
+
+  def __post_init__(self):
+    super().__post_init__()
+    for field in STRATEGY_FIELDS:
+      value = getattr(self, field)
+      if value is not None and field not in self.uses:
+        name = next((n for n in FUSIONS if FUSIONS.get(n) is type(self)), type(self).__name__)
+        raise ValueError(f"fusion {name!r} does not use {field} (given {value!r}); it uses "
+                         f"{', '.join(self.uses) or 'none of ' + ', '.join(STRATEGY_FIELDS)}. "
+                         f"Leave {field} unset (None).")
+
+  def setting(self, field: str) -> Any:
+    """The value of one of `STRATEGY_FIELDS`: as given, or its default when unset."""
+    value = getattr(self, field)
+    return STRATEGY_FIELDS[field] if value is None else value
 
   def default_fusion_layer(self) -> int:
     return self.num_layers // 2  # mid fusion, as MBT
@@ -136,18 +165,16 @@ class FusionEncoder(nn.Module):
     """Stochastic-depth rate of layer `layer` (counted over all `num_layers`)."""
     return droppath_rates(self.droppath_rate, self.num_layers, self.droppath_schedule)[layer]
 
-  def block(self, name: str, layer: int) -> nn.Module:
-    return EncoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                        dropout_rate=self.dropout_rate,
-                        attention_dropout_rate=self.attention_dropout_rate,
-                        droppath_rate=self.layer_droppath(layer), dtype=self.dtype,
-                        implementation=self.implementation, name=name)
+  def make_block(self, name: str, layer: int, **fields) -> EncoderBlock:
+    """Layer `layer`'s block (`fields`: EncoderBlock's, e.g. a self-attention)."""
+    return EncoderBlock(self.block, droppath_rate=self.layer_droppath(layer), name=name,
+                        **fields)
 
   def stream_module(self, modules: Dict[str, nn.Module], modality: str, suffix: str,
                     factory) -> nn.Module:
     """The per-modality module `{modality}_{suffix}`, or with shared_weights the one
     module `{suffix}` that every modality uses (built once, memoised in `modules`)."""
-    name = suffix if self.shared_weights else f"{modality}_{suffix}"
+    name = suffix if self.setting("shared_weights") else f"{modality}_{suffix}"
     if name not in modules:
       modules[name] = factory(name)
     return modules[name]
@@ -157,40 +184,48 @@ class FusionEncoder(nn.Module):
     out = {}
     for m, x in tokens.items():
       for i in layers:
-        x = self.stream_module(modules, m, f"block{i}", functools.partial(self.block, layer=i))(
-            x, mask=_key_mask(masks[m]), deterministic=deterministic)
+        block = self.stream_module(modules, m, f"block{i}",
+                                   functools.partial(self.make_block, layer=i))
+        x = block(x, _key_mask(masks[m]), deterministic=deterministic)
       out[m] = x
     return out
 
+  def layers_below_fusion(self, tokens, masks, deterministic):
+    """Checks the streams, runs the per-modality layers below `fusion_layer`; returns
+    (fusion_layer, the per-modality modules by name, {modality: tokens})."""
+    check_streams(tokens, masks)
+    fusion_layer, modules = self.resolved_fusion_layer(), {}
+    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    return fusion_layer, modules, x
+
   def final_norms(self, modules, tokens) -> Dict[str, Array]:
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
-    return {m: self.stream_module(modules, m, "norm", norm)(x) for m, x in tokens.items()}
+    return {m: self.stream_module(modules, m, "norm", self.block.norm)(x)
+            for m, x in tokens.items()}
 
 
 @FUSIONS.register("hybrid")
 class HybridFusion(FusionEncoder):
   """Separate layers [0, fusion_layer), joint layers [fusion_layer, num_layers)."""
+  uses = ("fusion_layer", "shared_weights")
 
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
-    check_streams(tokens, masks)
-    fusion_layer = self.resolved_fusion_layer()
-    modules = {}
-    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    fusion_layer, modules, x = self.layers_below_fusion(tokens, masks, deterministic)
     if fusion_layer == self.num_layers:
       return self.final_norms(modules, x)
     joint, mask, names, sizes = _concat(x, masks)
     for i in range(fusion_layer, self.num_layers):
-      joint = self.block(f"joint_block{i}", i)(joint, mask=_key_mask(mask),
-                                               deterministic=deterministic)
-    joint = nn.LayerNorm(dtype=self.dtype, name="joint_norm")(joint)
+      joint = self.make_block(f"joint_block{i}", i)(joint, _key_mask(mask),
+                                                    deterministic=deterministic)
+    joint = self.block.norm("joint_norm")(joint)
     return _split(joint, names, sizes)
 
 
 @FUSIONS.register("early")
 class EarlyFusion(HybridFusion):
   """All layers joint: one encoder over the concatenated tokens of every modality."""
+  uses = ()
 
   def resolved_fusion_layer(self) -> int:
     return 0
@@ -199,6 +234,7 @@ class EarlyFusion(HybridFusion):
 @FUSIONS.register("late")
 class LateFusion(HybridFusion):
   """All layers separate: the modalities meet only in the head (heads.Combine)."""
+  uses = ("shared_weights",)
 
   def resolved_fusion_layer(self) -> int:
     return self.num_layers
@@ -209,21 +245,20 @@ class BottleneckFusion(FusionEncoder):
   """Attention bottlenecks (Nagrani et al. 2021, MBT): from `fusion_layer` on, modality m
   updates [own tokens; bottlenecks]; the new bottlenecks are the mean over modalities.
   With num_bottlenecks=0 the modalities never meet (late fusion)."""
+  uses = ("fusion_layer", "num_bottlenecks", "shared_weights")
 
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
-    check_streams(tokens, masks)
-    fusion_layer = self.resolved_fusion_layer()
-    if self.num_bottlenecks < 0:
-      raise ValueError(f"num_bottlenecks must be >= 0; got {self.num_bottlenecks}.")
-    modules = {}
-    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
+    k = self.setting("num_bottlenecks")
+    if k < 0:
+      raise ValueError(f"num_bottlenecks must be >= 0; got {k}.")
+    fusion_layer, modules, x = self.layers_below_fusion(tokens, masks, deterministic)
     first = next(iter(x.values()))
     batch, width = first.shape[0], first.shape[-1]
-    k = self.num_bottlenecks
     shared = self.param("bottleneck", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), (None, None, "embed")), (1, k, width))
+        nn.initializers.normal(0.02), (None, None, "embed")), (1, k, width),
+        self.block.param_dtype)
     shared = jnp.broadcast_to(shared.astype(first.dtype), (batch, k, width))
     for i in range(fusion_layer, self.num_layers):
       updates = []
@@ -231,48 +266,21 @@ class BottleneckFusion(FusionEncoder):
         n = x[m].shape[1]
         y = jnp.concatenate([x[m], shared.astype(x[m].dtype)], axis=1)
         mask = jnp.concatenate([masks[m], jnp.ones((batch, k), bool)], axis=1)
-        y = self.stream_module(modules, m, f"block{i}", functools.partial(self.block, layer=i))(
-            y, mask=_key_mask(mask), deterministic=deterministic)
+        block = self.stream_module(modules, m, f"block{i}",
+                                   functools.partial(self.make_block, layer=i))
+        y = block(y, _key_mask(mask), deterministic=deterministic)
         x[m], bottleneck = y[:, :n], y[:, n:]
         updates.append(bottleneck)
       shared = sum(updates) / len(updates)
     return self.final_norms(modules, x)
 
 
-class CrossBlock(nn.Module):
-  """Co-attention block (pre-LN): self-attention, cross-attention to `context`, MLP."""
-  num_heads: int
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  dtype: Any = jnp.float32
-  implementation: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x: Array, mask: Array, context: Optional[Array],
-               context_mask: Optional[Array], *, deterministic: bool = True) -> Array:
-    def attention(name):
-      return MultiHeadAttention(num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-                                dtype=self.dtype, implementation=self.implementation, name=name)
-    residual = _residual(self.dropout_rate, self.droppath_rate, deterministic)
-    y = nn.LayerNorm(dtype=self.dtype, name="attention_norm")(x)
-    x = residual(x, attention("attention")(y, mask=_key_mask(mask),
-                                           deterministic=deterministic))
-    if context is not None:  # a stream alone (e.g. for contrastive encoding) skips it
-      y = nn.LayerNorm(dtype=self.dtype, name="cross_attention_norm")(x)
-      c = nn.LayerNorm(dtype=self.dtype, name="context_norm")(context)
-      x = residual(x, attention("cross_attention")(y, c, mask=_key_mask(context_mask),
-                                                   deterministic=deterministic))
-    y = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
-    return residual(x, Mlp(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                           dtype=self.dtype, name="mlp")(y, deterministic=deterministic))
-
-
 @FUSIONS.register("cross")
 class CrossFusion(FusionEncoder):
   """Separate layers below `fusion_layer` (default 0), then co-attention layers in which
-  every stream attends to the concatenation of all other streams of the previous layer."""
+  every stream attends to itself, then to the concatenation of all other streams of the
+  previous layer (the block's cross-attention, its context LayerNorm-ed: `context_norm`)."""
+  uses = ("fusion_layer", "shared_weights")
 
   def default_fusion_layer(self) -> int:
     return 0
@@ -280,26 +288,20 @@ class CrossFusion(FusionEncoder):
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
-    check_streams(tokens, masks)
-    fusion_layer = self.resolved_fusion_layer()
-    modules = {}
-    x = self.separate_layers(modules, tokens, masks, range(fusion_layer), deterministic)
-    cross_block = lambda name, layer: CrossBlock(
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.layer_droppath(layer), dtype=self.dtype,
-        implementation=self.implementation, name=name)
+    fusion_layer, modules, x = self.layers_below_fusion(tokens, masks, deterministic)
     for i in range(fusion_layer, self.num_layers):
       previous = dict(x)
       for m in x:
         others = [o for o in previous if o != m]
         context = context_mask = None
-        if others:
+        if others:  # a stream alone (e.g. for contrastive encoding) skips cross-attention
           context, context_mask, _, _ = _concat({o: previous[o] for o in others},
                                                 {o: masks[o] for o in others})
-        x[m] = self.stream_module(modules, m, f"cross_block{i}",
-                                  functools.partial(cross_block, layer=i))(
-            x[m], masks[m], context, context_mask, deterministic=deterministic)
+          context_mask = _key_mask(context_mask)
+        block = self.stream_module(modules, m, f"cross_block{i}", functools.partial(
+            self.make_block, layer=i, context_norm=True))
+        x[m] = block(x[m], _key_mask(masks[m]), context, context_mask,
+                     deterministic=deterministic)
     return self.final_norms(modules, x)
 
 
@@ -311,53 +313,56 @@ class FusionInTransformerAttention(nn.Module):
     "head":  w[h, m] learned per head (param `weight_{m}` [heads], init 0 = uniform);
     "query": w[t, h, m] = softmax_m(<q_th, g_{m,h}> + c_{m,h}) computed from the query
              (params `gate_{m}` [heads, head_dim] and `gate_bias_{m}` [heads]).
+  `segments` names the modalities of the joint sequence in order, with their lengths.
   Attention over a modality's keys costs the same as its slice of full attention, so
   there is no extra pass. With one modality w == 1 and this is ordinary attention
   (same parameter names as MultiHeadAttention: query, key, value, out).
   The weights are sown as intermediates['fusion_weights'] [B, T, H, M].
   """
-  num_heads: int
+  config: BlockConfig
+  segments: Tuple[Tuple[str, int], ...]
   weights: str = "head"
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-  implementation: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, segments: Tuple[Tuple[str, int], ...], *,
-               deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, mask: Array, *, deterministic: bool = True) -> Array:
+    c = self.config
     if self.weights not in FIT_WEIGHTS:
       raise ValueError(f"Unknown fit_weights {self.weights!r}; expected one of {FIT_WEIGHTS}.")
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f"Width {width} must be divisible by num_heads={self.num_heads}.")
-    head_dim = width // self.num_heads
+    batch, length, width = x.shape
+    if mask.shape != (batch, 1, 1, length):
+      raise ValueError(f"FusionInTransformerAttention expects a key mask [batch, 1, 1, "
+                       f"length] = {(batch, 1, 1, length)}; got shape {mask.shape}.")
+    if width % c.num_heads:
+      raise ValueError(f"Width {width} must be divisible by num_heads={c.num_heads}.")
+    head_dim = width // c.num_heads
     # The same projections (names, shapes, init) as nn.attention.MultiHeadAttention.
     dense = functools.partial(
-        Projection, use_bias=True, dtype=self.dtype, param_dtype=jnp.float32,
+        Projection, use_bias=True, dtype=c.dtype, param_dtype=c.param_dtype,
         kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros)
-    projection = lambda name: dense((self.num_heads, head_dim), ("embed", "heads", "kv"),
-                                    name=name)(x)
-    query, key, value = projection("query"), projection("key"), projection("value")
+    projection = lambda name, heads: dense((heads, head_dim), ("embed", "heads", "kv"),
+                                           name=name)(x)
+    query = projection("query", c.num_heads)
+    key = projection("key", c.num_kv_heads or c.num_heads)
+    value = projection("value", c.num_kv_heads or c.num_heads)
 
-    dropout_rate = 0.0 if deterministic else self.dropout_rate
+    dropout_rate = 0.0 if deterministic else c.attention_dropout_rate
     results, logits, present, start = [], [], [], 0
-    for name, size in segments:
+    for name, size in self.segments:
       stop = start + size
       rng = self.make_rng("dropout") if dropout_rate > 0.0 else None
       results.append(dot_product_attention(
-          query, key[:, start:stop], value[:, start:stop], mask=_key_mask(mask[:, start:stop]),
-          dropout_rate=dropout_rate, dropout_rng=rng, implementation=self.implementation))
-      present.append(jnp.any(mask[:, start:stop], axis=1))                      # [B]
-      zeros = nn.initializers.zeros
+          query, key[:, start:stop], value[:, start:stop], mask=mask[..., start:stop],
+          dropout_rate=dropout_rate, dropout_rng=rng, implementation=c.implementation))
+      present.append(jnp.any(mask[:, 0, 0, start:stop], axis=-1))                # [B]
+      param = lambda n, shape: self.param(n, nn.initializers.zeros, shape, c.param_dtype)
       if self.weights == "head":
-        logits.append(self.param(f"weight_{name}", zeros, (self.num_heads,))[None, None])
+        logits.append(param(f"weight_{name}", (c.num_heads,))[None, None])
       else:
-        gate = self.param(f"gate_{name}", zeros, (self.num_heads, head_dim))
-        bias = self.param(f"gate_bias_{name}", zeros, (self.num_heads,))
+        gate = param(f"gate_{name}", (c.num_heads, head_dim))
+        bias = param(f"gate_bias_{name}", (c.num_heads,))
         logits.append(jnp.einsum("bthd,hd->bth", query.astype(jnp.float32), gate) + bias)
       start = stop
-    batch, length = x.shape[:2]
-    logits = jnp.stack([jnp.broadcast_to(l, (batch, length, self.num_heads)) for l in logits],
+    logits = jnp.stack([jnp.broadcast_to(l, (batch, length, c.num_heads)) for l in logits],
                        axis=-1).astype(jnp.float32)                          # [B, T, H, M]
     present = jnp.stack(present, axis=-1)[:, None, None, :]                  # [B, 1, 1, M]
     # Absent modalities get weight 0 (an example without any such keys: all weights 0).
@@ -370,46 +375,21 @@ class FusionInTransformerAttention(nn.Module):
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
-class FusionInTransformerBlock(nn.Module):
-  """Pre-LN block whose attention is FusionInTransformerAttention."""
-  num_heads: int
-  mlp_dim: int
-  weights: str = "head"
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  dtype: Any = jnp.float32
-  implementation: Optional[str] = None
-
-  @nn.compact
-  def __call__(self, x, mask, segments, *, deterministic: bool = True):
-    residual = _residual(self.dropout_rate, self.droppath_rate, deterministic)
-    y = nn.LayerNorm(dtype=self.dtype, name="attention_norm")(x)
-    x = residual(x, FusionInTransformerAttention(
-        num_heads=self.num_heads, weights=self.weights, dropout_rate=self.attention_dropout_rate,
-        dtype=self.dtype, implementation=self.implementation, name="attention")(
-            y, mask, segments, deterministic=deterministic))
-    y = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")(x)
-    return residual(x, Mlp(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                           dtype=self.dtype, name="mlp")(y, deterministic=deterministic))
-
-
 @FUSIONS.register("fusion_in_transformer")
 class FusionInTransformer(FusionEncoder):
-  """Joint layers whose heads mix per-modality attention with convex weights."""
+  """Joint layers whose heads mix per-modality attention with convex weights (the block's
+  self-attention is FusionInTransformerAttention)."""
+  uses = ("fit_weights",)
 
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array], *,
                deterministic: bool = True) -> Dict[str, Array]:
     check_streams(tokens, masks)
     joint, mask, names, sizes = _concat(tokens, masks)
-    segments = tuple(zip(names, sizes))
+    attention = functools.partial(FusionInTransformerAttention, self.block,
+                                  tuple(zip(names, sizes)), self.setting("fit_weights"))
     for i in range(self.num_layers):
-      joint = FusionInTransformerBlock(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, weights=self.fit_weights,
-          dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-          droppath_rate=self.layer_droppath(i), dtype=self.dtype,
-          implementation=self.implementation, name=f"joint_block{i}")(
-              joint, mask, segments, deterministic=deterministic)
-    joint = nn.LayerNorm(dtype=self.dtype, name="joint_norm")(joint)
+      joint = self.make_block(f"joint_block{i}", i, attention=attention)(
+          joint, _key_mask(mask), deterministic=deterministic)
+    joint = self.block.norm("joint_norm")(joint)
     return _split(joint, names, sizes)

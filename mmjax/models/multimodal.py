@@ -61,6 +61,7 @@ from mmjax.models import decoding, heads, tokenizers
 from mmjax.models.base import Model, example_ids
 from mmjax.models.text import TextDecoder
 from mmjax.nn.embed import PositionGrid, TokenEmbed
+from mmjax.nn.transformer import BlockConfig
 from mmjax.registry import FUSIONS, MODELS
 
 # Importing fusion registers the built-in strategies.
@@ -93,13 +94,19 @@ class MultimodalModel(Model):
   num_layers: int = 4
   num_heads: int = 4
   mlp_dim: int = 256
+  # Only for the strategies that use them (None: the strategy's default; see fusion.py).
   fusion_layer: Optional[int] = None
-  num_bottlenecks: int = 4
-  shared_weights: bool = False
-  fit_weights: str = "head"
+  num_bottlenecks: Optional[int] = None
+  shared_weights: Optional[bool] = None
+  fit_weights: Optional[str] = None
   combine: str = "concat"
+  # Every block (fusion layers and text decoders; see block_config).
+  num_kv_heads: Optional[int] = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
+  activation: str = "gelu_tanh"      # MLP activation, see mmjax.nn.transformer
+  layer_norm_epsilon: float = 1e-6
+  param_dtype: str = "float32"
   droppath_rate: float = 0.0         # of the last layer; 0 in the first ("linear")
   droppath_schedule: str = "linear"  # or "constant" (see mmjax.nn.transformer)
   # Tokenizers.
@@ -145,6 +152,10 @@ class MultimodalModel(Model):
                        f"{OBJECTIVES} a non-zero weight.")
     return active
 
+  def block_config(self) -> BlockConfig:
+    """The settings of every Transformer block: the fusion layers and the text decoders."""
+    return BlockConfig.of(self)
+
   def used_modalities(self) -> Tuple[str, ...]:
     """Every batch key the enabled objectives read as a modality."""
     used = []
@@ -177,13 +188,12 @@ class MultimodalModel(Model):
     text_vocab = self.vocab_size + NUM_SPECIAL_TOKENS
     self.token_embed = TokenEmbed(text_vocab, self.width)
     self.embed = {m: self._tokenizer(m, dtype) for m in self.used_modalities()}
+    block = self.block_config()
     self.fusion_encoder = FUSIONS.get(self.fusion)(
-        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        droppath_rate=self.droppath_rate, droppath_schedule=self.droppath_schedule,
-        fusion_layer=self.fusion_layer,
+        num_layers=self.num_layers, block=block, droppath_rate=self.droppath_rate,
+        droppath_schedule=self.droppath_schedule, fusion_layer=self.fusion_layer,
         num_bottlenecks=self.num_bottlenecks, shared_weights=self.shared_weights,
-        fit_weights=self.fit_weights, dtype=dtype, implementation=self.implementation)
+        fit_weights=self.fit_weights)
     self.combiner = heads.Combine(self.combine, dtype=dtype)
     dense = lambda n: nn.Dense(n, use_bias=False, dtype=dtype)
     classifier = lambda n: heads.ClassifierHead(n, self.head_hidden_dim, self.head_zeroinit,
@@ -198,19 +208,15 @@ class MultimodalModel(Model):
     if "vqa" in weights and self.vqa_mode == "classify":
       self.vqa_head = classifier(self.num_answers)
     if "vqa" in weights and self.vqa_mode == "generate":
-      self.answer_decoder = TextDecoder(
-          text_vocab, self.width, depth=self.decoder_layers, num_heads=self.num_heads,
-          mlp_dim=self.mlp_dim, max_len=self.max_answer_len + 1,
-          dropout_rate=self.dropout_rate, dtype=dtype, implementation=self.implementation)
+      self.answer_decoder = TextDecoder(text_vocab, block, self.width, self.decoder_layers,
+                                        max_len=self.max_answer_len + 1)
     if "classify" in weights:
       self.cls_head = classifier(self.num_classes)
     if "itm" in weights:
       self.itm_head = classifier(2)
     if "caption" in weights:
-      self.caption_decoder = TextDecoder(
-          text_vocab, self.width, depth=self.decoder_layers, num_heads=self.num_heads,
-          mlp_dim=self.mlp_dim, max_len=self.max_text_len + 1, dropout_rate=self.dropout_rate,
-          dtype=dtype, implementation=self.implementation)
+      self.caption_decoder = TextDecoder(text_vocab, block, self.width, self.decoder_layers,
+                                         max_len=self.max_text_len + 1)
 
   @nn.nowrap  # no module context: position_grids builds tokenizers outside setup too
   def _tokenizer(self, modality: str, dtype) -> nn.Module:
@@ -582,9 +588,11 @@ def example_model_and_batch(fusion: str = "hybrid", batch_size: int = 4, **overr
   the tests: width 64, 4 layers, 32x32 images, 0.5 s of 16 kHz audio, 32-step sensors.
   """
   fields = dict(fusion=fusion, modalities=("image", "question", "audio", "sensor"),
-                width=64, num_layers=4, num_heads=4, mlp_dim=256, fusion_layer=2,
-                num_bottlenecks=4, vocab_size=100, max_text_len=16, num_answers=10,
-                loss_weights={"itc": 1.0, "vqa": 1.0})
+                width=64, num_layers=4, num_heads=4, mlp_dim=256, vocab_size=100,
+                max_text_len=16, num_answers=10, loss_weights={"itc": 1.0, "vqa": 1.0})
+  # Mid fusion through 4 bottleneck tokens (MBT), where the strategy has these fields.
+  if fusion in FUSIONS:  # (an unknown one is the model's error, raised at init)
+    fields.update(_fusion.fields_for(fusion, dict(fusion_layer=2, num_bottlenecks=4)))
   fields.update(overrides)
   model = MultimodalModel(**fields)
   rng = np.random.default_rng(0)

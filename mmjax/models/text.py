@@ -12,6 +12,9 @@ causal self-attention + cross-attention to the encoder, output projection tied t
 token embedding. `decode=True` runs one token at a time against the key/value cache
 (see decoding.py); the decoder keeps its own position in the cache as `position`.
 
+Both take their blocks' settings (heads, MLP size, dropout, activation, LayerNorm
+epsilon, dtypes, attention backend) as one `mmjax.nn.transformer.BlockConfig`.
+
 Parameter tree (checkpoint format; CLIP's text model maps onto TextTransformer 1:1):
   TextTransformer: embed/{embedding/embedding [V, D], pos_embedding [1, max_len, D]},
                    encoder/encoderblock_{i}/..., encoder/encoder_norm
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 from mmjax.models.heads import pool as pool_tokens
 from mmjax.models.tokenizers import TextTokenizer, check_token_ids
 from mmjax.nn.embed import TokenEmbed
-from mmjax.nn.transformer import Decoder, Encoder
+from mmjax.nn.transformer import BlockConfig, Decoder, Encoder
 
 Array = jax.Array
 TEXT_POOLING = ("last", "argmax", "mean", "first")
@@ -36,20 +39,14 @@ TEXT_POOLING = ("last", "argmax", "mean", "first")
 class TextTransformer(nn.Module):
   """Text encoder; `causal=True, pool="last"` is CLIP's text tower, `False, "first"` BERT."""
   vocab_size: int
+  block: BlockConfig                  # the encoder blocks' settings (heads, mlp_dim, ...)
   width: int = 512
   depth: int = 12
-  num_heads: int = 8
-  mlp_dim: Optional[int] = None       # default 4 * width
   max_len: int = 77
   causal: bool = True
   pool: str = "last"
-  dropout_rate: float = 0.0
   scan_layers: bool = False
   remat_policy: str = "none"
-  dtype: Any = jnp.float32
-  implementation: Optional[str] = None
-  activation: str = "gelu_tanh"       # MLP activation, see mmjax.nn.transformer
-  layer_norm_epsilon: float = 1e-6
   pad_id: Optional[int] = 0           # see TextTokenizer; None for an imported CLIP
 
   @nn.compact
@@ -58,17 +55,15 @@ class TextTransformer(nn.Module):
     if self.pool not in TEXT_POOLING:
       raise ValueError(f"Unknown text pooling {self.pool!r}; expected one of {TEXT_POOLING}.")
     x, valid = TextTokenizer(self.vocab_size, self.width, self.max_len, type_embedding=False,
-                             dtype=self.dtype, pad_id=self.pad_id, name="embed")(tokens, mask)
+                             dtype=self.block.dtype, pad_id=self.pad_id, name="embed")(
+                                 tokens, mask)
     mask = valid[:, None, None, :]
     if self.causal:
       length = tokens.shape[1]
       mask = mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
-    x = Encoder(num_layers=self.depth, num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim or 4 * self.width, dropout_rate=self.dropout_rate,
-                scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                dtype=self.dtype, implementation=self.implementation,
-                activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-                name="encoder")(x, mask=mask, deterministic=not train)
+    x = Encoder(self.depth, self.block, scan_layers=self.scan_layers,
+                remat_policy=self.remat_policy, name="encoder")(
+                    x, mask=mask, deterministic=not train)
     if self.pool == "argmax":
       pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
     else:
@@ -79,14 +74,10 @@ class TextTransformer(nn.Module):
 class TextDecoder(nn.Module):
   """Causal text decoder with cross-attention; logits tied to the token embedding."""
   vocab_size: int
+  block: BlockConfig                  # the decoder blocks' settings (heads, mlp_dim, ...)
   width: int = 512
   depth: int = 6
-  num_heads: int = 8
-  mlp_dim: Optional[int] = None
   max_len: int = 64
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
-  implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, tokens: Array, encoded: Array, encoded_mask: Optional[Array] = None, *,
@@ -106,11 +97,10 @@ class TextDecoder(nn.Module):
         start = position.value
         position.value = start + length
     posemb = jax.lax.dynamic_slice_in_dim(posemb, start, length, axis=1)
-    x = (embedding(tokens) + posemb).astype(self.dtype)
+    dtype = self.block.dtype
+    x = (embedding(tokens) + posemb).astype(dtype)
     cross_mask = None if encoded_mask is None else encoded_mask[:, None, None, :]
-    x = Decoder(num_layers=self.depth, num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim or 4 * self.width, dropout_rate=self.dropout_rate,
-                dtype=self.dtype, implementation=self.implementation, name="decoder")(
-                    x, encoded.astype(self.dtype), cross_mask=cross_mask,
-                    deterministic=not train, decode=decode)
+    x = Decoder(self.depth, self.block, name="decoder")(
+        x, encoded.astype(dtype), cross_mask=cross_mask, deterministic=not train,
+        decode=decode)
     return embedding.attend(x)

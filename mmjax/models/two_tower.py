@@ -37,6 +37,7 @@ from mmjax.models.base import Model
 from mmjax.models.text import TextTransformer
 from mmjax.nn.embed import PositionGrid
 from mmjax.models.vit import ViT
+from mmjax.nn.transformer import BlockConfig
 from mmjax.registry import MODELS
 
 Array = jax.Array
@@ -88,14 +89,12 @@ class TwoTower(Model):
                    dropout_rate=self.dropout_rate, dtype=dtype,
                    implementation=self.implementation, scan_layers=self.scan_layers,
                    remat_policy=self.remat_policy)
+    text_block = BlockConfig.of(self, num_heads=self.text_heads, dtype=dtype,
+                                mlp_dim=self.text_mlp_dim or 4 * self.text_width)
     self.txt = TextTransformer(
-        self.vocab_size, width=self.text_width, depth=self.text_depth,
-        num_heads=self.text_heads, mlp_dim=self.text_mlp_dim, max_len=self.max_text_len,
-        causal=self.text_causal, pool=self.text_pool, pad_id=self.pad_id,
-        dropout_rate=self.dropout_rate,
-        activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-        dtype=dtype, implementation=self.implementation, scan_layers=self.scan_layers,
-        remat_policy=self.remat_policy)
+        self.vocab_size, text_block, width=self.text_width, depth=self.text_depth,
+        max_len=self.max_text_len, causal=self.text_causal, pool=self.text_pool,
+        pad_id=self.pad_id, scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None))
     self.img_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)
     self.txt_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=dtype, kernel_init=kernel_init)

@@ -23,8 +23,10 @@ parameter counts match the published ones; `position_grids` says how it is laid 
 `resample_vit_posemb` moves it to a new image size (train at 224, fine-tune or evaluate
 at 384).
 
-`activation` / `layer_norm_epsilon` (mmjax.nn.transformer) default to big_vision's
-tanh-GELU and 1e-6; checkpoint importers set their source's (e.g. exact GELU, 1e-12).
+`activation` / `layer_norm_epsilon` default to big_vision's tanh-GELU and 1e-6;
+checkpoint importers set their source's (e.g. exact GELU, 1e-12). These and the other
+block settings (dropout, dtypes, attention backend) reach every block of the encoder and
+the MAP head as one `mmjax.nn.transformer.BlockConfig`.
 
 Model contract (mmjax/models/base.py): `loss(batch, train)` is the softmax cross-entropy of
 `batch["label"]` given `batch["image"]`, with metric "accuracy"; `evaluate(batch)` returns
@@ -38,10 +40,9 @@ import jax.numpy as jnp
 import optax
 
 from mmjax.models.base import Model
-from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.embed import (PatchEmbed, PositionGrid, learned_posemb, posemb_sincos_2d,
                             resample_posemb)
-from mmjax.nn.transformer import Encoder, Mlp
+from mmjax.nn.transformer import BlockConfig, Encoder
 from mmjax.registry import MODELS
 
 Array = jax.Array
@@ -80,26 +81,17 @@ def decode_variant(variant: Optional[str]) -> Dict[str, Any]:
 
 class MAPHead(nn.Module):
   """Multi-head attention pooling: a learned probe attends to all tokens; [B,N,D] -> [B,D]."""
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None
-  activation: str = "gelu_tanh"
-  layer_norm_epsilon: float = 1e-6
+  config: BlockConfig
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    c = self.config
     probe = self.param("probe", nn.with_logical_partitioning(
         nn.initializers.xavier_uniform(), (None, None, "embed")),
-        (1, 1, x.shape[-1]), self.param_dtype)
-    probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
-    x = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                           implementation=self.implementation, name="attention")(probe, x)
-    y = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="norm")(x)
-    x = x + Mlp(self.mlp_dim, activation=self.activation, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="mlp")(y)
+        (1, 1, x.shape[-1]), c.param_dtype)
+    probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(c.dtype)
+    x = c.attention("attention")(probe, x)
+    x = x + c.mlp("mlp")(c.norm("norm")(x))
     return x[:, 0]
 
 
@@ -215,25 +207,17 @@ class ViT(Model):
       x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                        param_dtype=self.param_dtype, name="pre_norm")(x)
 
-    x = Encoder(sizes["depth"], sizes["num_heads"], sizes["mlp_dim"],
-                dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                droppath_rate=self.droppath_rate, droppath_schedule=self.droppath_schedule,
-                scan_layers=self.scan_layers,
-                remat_policy=self.remat_policy, dtype=self.dtype,
-                param_dtype=self.param_dtype, implementation=self.implementation,
-                activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-                name="encoder")(x, deterministic=deterministic)
+    block = BlockConfig.of(self, num_heads=sizes["num_heads"], mlp_dim=sizes["mlp_dim"])
+    x = Encoder(sizes["depth"], block, droppath_rate=self.droppath_rate,
+                droppath_schedule=self.droppath_schedule, scan_layers=self.scan_layers,
+                remat_policy=self.remat_policy, name="encoder")(x, deterministic=deterministic)
 
     if self.pool_type == "cls":
       x = x[:, 0]
     elif self.pool_type == "gap":
       x = jnp.mean(x[:, prefix:], axis=1)
     elif self.pool_type == "map":
-      x = MAPHead(sizes["num_heads"], sizes["mlp_dim"], dtype=self.dtype,
-                  param_dtype=self.param_dtype, implementation=self.implementation,
-                  activation=self.activation, layer_norm_epsilon=self.layer_norm_epsilon,
-                  name="MAPHead")(x)
+      x = MAPHead(block, name="MAPHead")(x)
     if self.representation_size:
       x = nn.tanh(nn.Dense(
           self.representation_size, dtype=self.dtype, param_dtype=self.param_dtype,

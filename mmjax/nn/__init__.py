@@ -1,7 +1,9 @@
 """Neural-network building blocks: attention, Transformer stacks, embeddings.
 
   attention.py    dot_product_attention (backends by name), MultiHeadAttention
-  transformer.py  Mlp, EncoderBlock, DecoderBlock, Encoder, Decoder (scan + remat)
+  transformer.py  BlockConfig (a block's settings), EncoderBlock (the one Transformer block:
+                  pluggable self-attention, optional cross-attention), DecoderBlock,
+                  Mlp, Encoder, Decoder (scan + remat)
   embed.py        PatchEmbed, TubeletEmbed, sin-cos / learned position embeddings, resampling
   norms.py        RMSNorm (Gemma / Llama)
   rope.py         rotary position embeddings
@@ -15,10 +17,11 @@ from mmjax.nn.gated_mlp import GatedMlp
 from mmjax.nn.lm_block import LMBlock, LMBlockConfig
 from mmjax.nn.norms import RMSNorm
 from mmjax.nn.rope import apply_rope
-from mmjax.nn.transformer import Decoder, DecoderBlock, Encoder, EncoderBlock, Mlp
+from mmjax.nn.transformer import (BlockConfig, Decoder, DecoderBlock, Encoder, EncoderBlock,
+                                  Mlp)
 
 __all__ = [
-    "Decoder", "DecoderBlock", "Encoder", "EncoderBlock", "GatedMlp", "LMBlock",
+    "BlockConfig", "Decoder", "DecoderBlock", "Encoder", "EncoderBlock", "GatedMlp", "LMBlock",
     "LMBlockConfig", "Mlp", "MultiHeadAttention", "PatchEmbed", "RMSNorm", "TubeletEmbed",
     "apply_rope", "dot_product_attention", "learned_posemb", "posemb_sincos_1d",
     "posemb_sincos_2d", "PositionGrid", "resample_posemb",

@@ -1,11 +1,16 @@
-"""Pre-LayerNorm Transformer: MLP, encoder / decoder blocks and stacks.
+"""Pre-LayerNorm Transformer: the one block, its settings, and encoder / decoder stacks.
 
   EncoderBlock:  x += DropPath(Dropout(SelfAttention(LN(x))))
+                 x += DropPath(Dropout(CrossAttention(LN(x), context)))   if a context is given
                  x += DropPath(Dropout(Mlp(LN(x))))
-  DecoderBlock:  x += DropPath(Dropout(CausalSelfAttention(LN(x))))
-                 x += DropPath(Dropout(CrossAttention(LN(x), encoded)))
-                 x += DropPath(Dropout(Mlp(LN(x))))
+  DecoderBlock:  the same with causal self-attention (the context: the encoder output)
   Encoder / Decoder: `num_layers` blocks, then a final LayerNorm.
+
+Every block of mmjax is this block: the stacks here, the text towers and every fusion
+strategy (mmjax/models/fusion.py; co-attention passes a context, fusion-in-transformer
+its own self-attention). Their shared settings (heads, MLP size, dropout, activation,
+LayerNorm epsilon, dtypes, attention backend) are one frozen `BlockConfig`, passed as one
+field; models build it from their flat config fields with `BlockConfig.of(model)`.
 
 Stacks either unroll the blocks (parameters `encoderblock_0`, `encoderblock_1`, ...) or,
 with `scan_layers=True`, run one block under `nn.scan` (parameters `encoderblock` with a
@@ -16,12 +21,14 @@ compute exactly the same function as the plain stack.
 Stochastic depth drops a block's residual branch per example. As in ViT / MBT its rate
 grows linearly with depth, from 0 in the first layer to `droppath_rate` in the last
 (`droppath_schedule="linear"`); `"constant"` uses `droppath_rate` in every layer, which
-scanned layers need (one block traced for all layers has one rate).
+scanned layers need (one block traced for all layers has one rate). It is a setting of
+the stack, which gives each block its own `droppath_rate`.
 
 `activation` (a name in `ACTIVATIONS`) and `layer_norm_epsilon` default to big_vision's
 tanh-approximate GELU and 1e-6; imported checkpoints set what they were trained with
 (Hugging Face ViT: exact GELU and 1e-12, CLIP: quick GELU and 1e-5).
 """
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable, Optional, Tuple, Union
@@ -104,8 +111,52 @@ class Mlp(nn.Module):
                  bias_init=nn.with_logical_partitioning(bias_init, ("embed",)))(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """The settings every block of a stack shares: one object, passed as one field.
+
+  A model builds it from its own flat config fields with `BlockConfig.of(model)`, so a
+  field the model has (say `activation`) reaches every block it builds, encoder, decoder
+  or fusion layer alike; a setting the model lacks keeps the default below.
+  """
+  num_heads: int
+  mlp_dim: int
+  num_kv_heads: Optional[int] = None       # < num_heads: grouped-query attention
+  dropout_rate: float = 0.0                # on every residual branch and in the MLP
+  attention_dropout_rate: float = 0.0      # on the attention weights
+  activation: Union[str, Callable[[Array], Array]] = "gelu_tanh"   # see ACTIVATIONS
+  layer_norm_epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32               # compute dtype
+  param_dtype: Dtype = jnp.float32
+  implementation: Optional[str] = None     # attention backend, see mmjax.nn.attention
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):   # configs spell dtypes as strings
+      object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+
+  @classmethod
+  def of(cls, model: Any, **given) -> "BlockConfig":
+    """The settings `model` has a field for (by name), updated with `given`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: getattr(model, n) for n in names if hasattr(model, n)} | given)
+
+  def norm(self, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
+
+  def attention(self, name: str, **fields) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        self.num_heads, num_kv_heads=self.num_kv_heads, dropout_rate=self.attention_dropout_rate,
+        dtype=self.dtype, param_dtype=self.param_dtype, implementation=self.implementation,
+        name=name, **fields)
+
+  def mlp(self, name: str) -> Mlp:
+    return Mlp(self.mlp_dim, self.dropout_rate, activation=self.activation, dtype=self.dtype,
+               param_dtype=self.param_dtype, name=name)
+
+
 class _Residual(nn.Module):
-  """Shared by the blocks: x + DropPath(Dropout(y)), then the activation constraint."""
+  """x + DropPath(Dropout(y)), then the activation constraint."""
   dropout_rate: float
   droppath_rate: float
 
@@ -119,81 +170,57 @@ class _Residual(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN self-attention + MLP block; [B, L, D] -> [B, L, D]."""
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None
-  activation: str = "gelu_tanh"
-  layer_norm_epsilon: float = 1e-6
+  """The Transformer block, pre-LN; [B, L, D] -> [B, L, D]:
 
-  @nn.compact
-  def __call__(self, x: Array, mask: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
-    _check_tokens("EncoderBlock", x)
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    residual = functools.partial(_Residual, self.dropout_rate, self.droppath_rate)
-    y = norm(name="attention_norm")(x)
-    y = MultiHeadAttention(
-        self.num_heads, num_kv_heads=self.num_kv_heads,
-        dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype, implementation=self.implementation,
-        name="attention")(y, mask=mask, deterministic=deterministic)
-    x = residual()(x, y, deterministic)
-    y = norm(name="mlp_norm")(x)
-    y = Mlp(self.mlp_dim, self.dropout_rate, activation=self.activation, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="mlp")(y, deterministic=deterministic)
-    return residual()(x, y, deterministic)
+    x += SelfAttention(LN(x), mask)                          `attention_norm`, `attention`
+    x += CrossAttention(LN(x), [LN](context), context_mask)  `cross_attention_norm`,
+                                                             [`context_norm`], `cross_attention`
+    x += Mlp(LN(x))                                          `mlp_norm`, `mlp`
 
+  each branch through dropout and stochastic depth (`droppath_rate`, this block's).
+  The cross-attention runs only when a `context` is given.
 
-class DecoderBlock(nn.Module):
-  """Pre-LN causal self-attention + cross-attention + MLP block; [B, L, D] -> [B, L, D].
-
-  `decode=True` keeps a key/value cache in the self-attention (see MultiHeadAttention).
+  `attention` replaces the self-attention: a factory (a module class, a
+  `functools.partial`) called as `attention(name="attention")`, whose module is called
+  as `module(y, mask=mask, deterministic=...)`, e.g. fusion-in-transformer's per-modality
+  attention. None: `config`'s MultiHeadAttention (causal with `causal=True`, with a
+  key/value cache with `decode=True`).
   """
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
+  config: BlockConfig
   droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None
-  activation: str = "gelu_tanh"
-  layer_norm_epsilon: float = 1e-6
+  attention: Optional[Callable[..., nn.Module]] = None
+  causal: bool = False
   decode: bool = False
+  context_norm: bool = False    # LayerNorm the context before cross-attending to it
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, cross_mask: Optional[Array] = None,
-               self_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
-    _check_tokens("DecoderBlock", x)
-    _check_tokens("DecoderBlock (encoded)", encoded)
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    residual = functools.partial(_Residual, self.dropout_rate, self.droppath_rate)
-    attention = functools.partial(
-        MultiHeadAttention, self.num_heads, num_kv_heads=self.num_kv_heads,
-        dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        param_dtype=self.param_dtype, implementation=self.implementation)
-    y = norm(name="attention_norm")(x)
-    y = attention(decode=self.decode, name="attention")(
-        y, mask=self_mask, is_causal=True, deterministic=deterministic)
+  def __call__(self, x: Array, mask: Optional[Array] = None, context: Optional[Array] = None,
+               context_mask: Optional[Array] = None, deterministic: bool = True) -> Array:
+    _check_tokens(type(self).__name__, x)
+    c = self.config
+    residual = functools.partial(_Residual, c.dropout_rate, self.droppath_rate)
+    if self.attention is None:
+      attention = c.attention("attention", decode=self.decode)
+    else:
+      attention = self.attention(name="attention")
+    causal = {"is_causal": True} if self.causal else {}
+    y = attention(c.norm("attention_norm")(x), mask=mask, deterministic=deterministic,
+                  **causal)
     x = residual()(x, y, deterministic)
-    y = norm(name="cross_attention_norm")(x)
-    y = attention(name="cross_attention")(
-        y, encoded, mask=cross_mask, deterministic=deterministic)
-    x = residual()(x, y, deterministic)
-    y = norm(name="mlp_norm")(x)
-    y = Mlp(self.mlp_dim, self.dropout_rate, activation=self.activation, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="mlp")(y, deterministic=deterministic)
+    if context is not None:
+      _check_tokens(f"{type(self).__name__} (context)", context)
+      if self.context_norm:
+        context = c.norm("context_norm")(context)
+      y = c.attention("cross_attention")(c.norm("cross_attention_norm")(x), context,
+                                         mask=context_mask, deterministic=deterministic)
+      x = residual()(x, y, deterministic)
+    y = c.mlp("mlp")(c.norm("mlp_norm")(x), deterministic=deterministic)
     return residual()(x, y, deterministic)
+
+
+class DecoderBlock(EncoderBlock):
+  """EncoderBlock with causal self-attention, cross-attending to the encoder output."""
+  causal: bool = True
 
 
 DROPPATH_SCHEDULES = ("linear", "constant")
@@ -212,13 +239,11 @@ def droppath_rates(rate: float, num_layers: int, schedule: str = "linear") -> Tu
 def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fields) -> Array:
   """Applies `stack.num_layers` blocks to `x`, plain or scanned, optionally rematerialised.
 
-  Each block is `block_cls` built from the stack's shared fields plus `extra_fields`, and
-  called as `block(x, *args)`; `args` are the same for every layer, the last one being
-  the Python bool `deterministic`. Called from the stack's compact `__call__`.
+  Each block is `block_cls(stack.block, droppath_rate=..., **extra_fields)`, called as
+  `block(x, *args)`; `args` are the same for every layer, the last one being the Python
+  bool `deterministic`. Called from the stack's compact `__call__`.
   """
-  shared = ("num_heads", "mlp_dim", "num_kv_heads", "dropout_rate", "attention_dropout_rate",
-            "dtype", "param_dtype", "implementation", "activation", "layer_norm_epsilon")
-  fields = {name: getattr(stack, name) for name in shared} | extra_fields
+  fields = {"config": stack.block} | extra_fields
   rates = droppath_rates(stack.droppath_rate, stack.num_layers, stack.droppath_schedule)
   policy = _remat_policy(stack.remat_policy)
   if stack.remat_policy != "none":
@@ -246,39 +271,33 @@ def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fi
   return x
 
 
-class Encoder(nn.Module):
+class _Stack(nn.Module):
+  """The fields of a stack of blocks (Encoder, Decoder)."""
+  num_layers: int
+  block: BlockConfig
+  droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
+  droppath_schedule: str = "linear"     # or "constant"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+
+class Encoder(_Stack):
   """`num_layers` EncoderBlocks and a final LayerNorm (`encoder_norm`); [B, L, D] -> [B, L, D].
 
   `mask`: bool, broadcastable to [B, heads, L, L], True = may attend (e.g. key padding
   `tokens_valid[:, None, None, :]`).
   """
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
-  droppath_schedule: str = "linear"     # or "constant"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None
-  activation: str = "gelu_tanh"
-  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     _check_tokens("Encoder", x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = _stack(self, EncoderBlock, "encoderblock", x, mask, deterministic)
-    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="encoder_norm")(x)
+    x = _stack(self, EncoderBlock, "encoderblock", x, mask, None, None, deterministic)
+    return self.block.norm("encoder_norm")(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
   """`num_layers` DecoderBlocks and a final LayerNorm (`decoder_norm`); [B, L, D] -> [B, L, D].
 
   Self-attention is always causal; `self_mask` (e.g. padding) is combined with it.
@@ -286,21 +305,6 @@ class Decoder(nn.Module):
   self-attention keeps a key/value cache ("cache" collection, mutable): initialise with
   the full-length target to size it, then feed one (or more) new tokens per call.
   """
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0            # of the last layer (see droppath_schedule)
-  droppath_schedule: str = "linear"     # or "constant"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  implementation: Optional[str] = None
-  activation: str = "gelu_tanh"
-  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, *, cross_mask: Optional[Array] = None,
@@ -309,7 +313,6 @@ class Decoder(nn.Module):
     _check_tokens("Decoder", x)
     _check_tokens("Decoder (encoded)", encoded)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = _stack(self, DecoderBlock, "decoderblock", x, encoded, cross_mask, self_mask,
+    x = _stack(self, DecoderBlock, "decoderblock", x, self_mask, encoded, cross_mask,
                deterministic, decode=decode)
-    return nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="decoder_norm")(x)
+    return self.block.norm("decoder_norm")(x)
