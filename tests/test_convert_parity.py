@@ -255,7 +255,10 @@ def test_timm_state_dict_matches_reference(timm_reference, tmp_path):
   torch.save({k: torch.from_numpy(v) for k, v in timm_state_dict(timm_reference).items()}, path)
   params, config, report = timm.load(path, num_heads=HEADS)
   assert (config.activation, config.layer_norm_epsilon) == ("gelu", 1e-6)
-  assert not report.unused and not report.missing and not report.notes
+  assert not report.unused and not report.missing
+  # A state dict has no pixel normalisation: the one note says to set it.
+  assert len(report.notes) == 1 and "image_normalization" in report.notes[0]
+  assert report.image_normalization is None
   _assert_vit_parity(config, params, timm_reference, _images())
   config.activation = "gelu_tanh"   # a model config computing something else is refused
   with pytest.raises(ValueError, match="timm's ViT uses activation 'gelu'"):
