@@ -185,8 +185,11 @@ class MultimodalModel(Model):
         fit_weights=self.fit_weights, dtype=dtype, implementation=self.implementation)
     self.combiner = heads.Combine(self.combine, dtype=dtype)
     # Each objective's heads, under the names it gives: they are the parameter names.
-    for objective in self.objectives().values():
+    for objective_name, objective in self.objectives().items():
       for name, head in objective.heads(self).items():
+        if hasattr(self, name):
+          raise ValueError(f"Objective {objective_name!r} names a head {name!r}, which the "
+                           "model already has (a field, method or another objective's head).")
         setattr(self, name, head)
 
   def _tokenizer(self, modality: str, dtype) -> nn.Module:
