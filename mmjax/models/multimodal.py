@@ -79,7 +79,8 @@ def _run_rank(objective: str) -> int:
 
 @MODELS.register("multimodal")
 class MultimodalModel(Model):
-  """Tokenizers + a registered fusion strategy + heads for the enabled objectives."""
+  """Tokenizers + a registered fusion strategy + the objectives `loss_weights` names
+  (mmjax/models/objectives/, one file each)."""
   # What is fused for vqa / classify, in this order.
   modalities: Sequence[str] = ("image", "question")
   # Fusion (see fusion.py).
