@@ -49,15 +49,20 @@ def test_gates_start_closed_then_let_the_other_modality_in():
   assert float(jnp.abs(grad["image_xattn1"]["gate"])) > 0
 
 
-def test_unchanged_trainer_trains_the_fork_selected_by_name(tmp_path):
+def test_unchanged_trainer_trains_the_forks_selected_by_name(tmp_path):
+  """The fork's fusion strategy and its objective (below) in one run, to save a run."""
   from test_configs import ROOT, TINY, _tiny  # pylint: disable=g-import-not-at-top
   from mmjax.train.config import load_config_file  # pylint: disable=g-import-not-at-top
   from mmjax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
   config = load_config_file(f"{ROOT}/configs/demo.py")
   config = _tiny(config, {**TINY["demo.py"], "model.fusion": "gated_xattn",
-                          "imports": ("experiments.fork_fusion",)}, str(tmp_path / "data"))
+                          "model.loss_weights": {"itc": 1.0, "vqa": 1.0, "iac": 0.5},
+                          "imports": ("experiments.fork_fusion", "experiments.fork_objective")},
+                 str(tmp_path / "data"))
   result = train_and_evaluate(config, str(tmp_path / "run"))
   assert result["step"] == 1 and np.isfinite(result["train/loss"])
+  assert np.isfinite(result["train/iac_loss"]) and "eval/vqa_accuracy" in result
+  assert 0.0 <= result["eval/iac_i2t_recall@1"] <= 1.0
 
 
 # ---------------------------------------------------------- a fork's objective (iac)
@@ -85,15 +90,3 @@ def test_forked_objective_adds_its_heads_loss_and_summary_to_the_model():
   assert summary["iac_i2t_recall@5"] == 1.0  # 4 candidates
   assert set(summary) == {f"iac_{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
 
-
-def test_unchanged_trainer_trains_the_forked_objective_selected_by_name(tmp_path):
-  from test_configs import ROOT, TINY, _tiny  # pylint: disable=g-import-not-at-top
-  from mmjax.train.config import load_config_file  # pylint: disable=g-import-not-at-top
-  from mmjax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  config = load_config_file(f"{ROOT}/configs/demo.py")
-  config = _tiny(config, {**TINY["demo.py"], "model.num_layers": 1, "model.fusion_layer": 0,
-                          "model.loss_weights": {"vqa": 1.0, "iac": 0.5},
-                          "imports": ("experiments.fork_objective",)}, str(tmp_path / "data"))
-  result = train_and_evaluate(config, str(tmp_path / "run"))
-  assert result["step"] == 1 and np.isfinite(result["train/iac_loss"])
-  assert 0.0 <= result["eval/iac_i2t_recall@1"] <= 1.0 and "eval/vqa_accuracy" in result

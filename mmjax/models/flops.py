@@ -128,14 +128,13 @@ def count_params(params) -> int:
 
 # The fusion table's model: demo-sized (width 64, 4 layers), every modality of the demo,
 # ITC + VQA; and its inputs {batch key: (shape without the batch axis, dtype)}: 32x32
-# images, 0.5 s of 16 kHz audio, 32-step sensors, 16 text tokens.
+# images, 0.5 s of 16 kHz audio, 32-step sensors (and `max_text_len` text tokens).
 FUSION_TABLE_MODEL = dict(
     fusion="hybrid", modalities=("image", "question", "audio", "sensor"), width=64,
     num_layers=4, num_heads=4, mlp_dim=256, fusion_layer=2, num_bottlenecks=4, vocab_size=100,
     max_text_len=16, num_answers=10, loss_weights={"itc": 1.0, "vqa": 1.0})
 FUSION_TABLE_INPUTS = {"image": ((32, 32, 3), jnp.float32), "audio": ((8000,), jnp.float32),
-                       "sensor": ((32, 6), jnp.float32), "text": ((16,), jnp.int32),
-                       "question": ((16,), jnp.int32), "answer": ((), jnp.int32)}
+                       "sensor": ((32, 6), jnp.float32), "answer": ((), jnp.int32)}
 
 
 def fusion_table_model(fusion: str = "hybrid", batch_size: int = 4, **overrides):
@@ -143,8 +142,10 @@ def fusion_table_model(fusion: str = "hybrid", batch_size: int = 4, **overrides)
   (shapes only: parameter counts and FLOPs need no values)."""
   from mmjax.models import multimodal  # multimodal imports this package, not the reverse
   model = multimodal.MultimodalModel(**{**FUSION_TABLE_MODEL, "fusion": fusion, **overrides})
+  text = ((model.max_text_len,), jnp.int32)
+  inputs = dict(FUSION_TABLE_INPUTS, text=text, question=text)
   batch: Dict[str, Any] = {k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype)
-                           for k, (shape, dtype) in FUSION_TABLE_INPUTS.items()}
+                           for k, (shape, dtype) in inputs.items()}
   return model, batch
 
 
