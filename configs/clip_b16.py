@@ -2,8 +2,10 @@
 
   python -m mmjax.main --config configs/clip_b16.py --workdir /gcs/BUCKET/clip_b16
 
-A two-tower model: ViT-B/16 image tower (class-token pooling), a 12-layer, 512-wide,
-8-head causal text Transformer over 77 tokens pooled at the last token, both projected
+A two-tower model: ViT-B/16 image tower (class-token pooling, a LayerNorm before the
+encoder), a 12-layer, 512-wide, 8-head causal text Transformer over 77 tokens pooled at
+the last token, quick GELU and LayerNorm epsilon 1e-5 in both (OpenAI's CLIP, and what
+`python -m mmjax.convert --from hf` writes for a CLIP checkpoint), both projected
 to 512-d and trained with the softmax (InfoNCE) loss over the global batch, temperature
 learned from 0.07 (logit scale 1 / 0.07, capped at 100 as in OpenAI's training).
 Optimiser as in the paper: AdamW (b2 0.98, eps 1e-6, decoupled weight decay 0.2), peak
@@ -16,6 +18,11 @@ or any TFDS image-text set through `--config.data.name=tfds
 --config.data.tfds.tfds_name=NAME`. Text is tokenised with mmjax's byte-level
 tokenizer unless `--config.data.tokenizer=/path/to/spm.model` names a SentencePiece
 model; `vocab_size` stays CLIP's 49,408 so the parameter count matches the paper.
+
+From converted CLIP weights (`python -m mmjax.convert --from hf --src openai-clip-vit-base-patch16
+--dst DST`): `--config.init_from.checkpoint=DST --config.data.tokenizer=openai-clip-vit-base-patch16/`
+(CLIP's own vocabulary); DST/model_config.json brings the text pooling and padding and
+CLIP's pixel mean / std.
 """
 import ml_collections
 
@@ -46,8 +53,13 @@ def get_config(arg=None):
       vocab_size=49_408,
       patch_size=16, image_width=768, image_depth=12, image_heads=12, image_mlp_dim=3072,
       image_pool="cls",
+      image_pre_norm=True,       # CLIP's ln_pre before the image encoder
+      activation="quick_gelu",   # x * sigmoid(1.702 x), both towers
+      layer_norm_epsilon=1e-5,
       text_width=512, text_depth=12, text_heads=8, text_mlp_dim=2048,
-      max_text_len=CONTEXT_LENGTH, text_pool="last", text_causal=True,
+      # text_pool: the default "last" (the last non-padding token, CLIP's end token);
+      # converted CLIP weights bring "argmax", the same token under CLIP's tokenizer.
+      max_text_len=CONTEXT_LENGTH, text_causal=True,
       contrastive_impl="dense",  # "ring": same loss, no [batch, batch] logits
       dtype="float32",           # bfloat16 on accelerators
   ))

@@ -33,7 +33,7 @@ BOS, EOS = 2, 1                     # Gemma's SentencePiece ids (pad is 0)
 def preprocess(train: bool, image_size: int = IMAGE_SIZE, caption_key: str = "captions") -> str:
   """Decode, resize, [-1, 1] pixels, and the PaliGemma prompt layout."""
   keys = ("image", "prefix", "suffix") + (() if train else ("prompt_caption",))
-  return (f"decode|resize({image_size})|normalize(0.5, 0.5)|"
+  return (f"decode|resize({image_size})|normalize|"
           f"vlm_task(('caption',), prefix_len={PREFIX_LEN}, suffix_len={SUFFIX_LEN}, "
           f"eos_id={EOS}, bos_id={BOS}, separator='\\n', caption_prompt='caption en', "
           f"caption_key={caption_key!r})|keep{keys!r}")

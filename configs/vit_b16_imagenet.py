@@ -9,8 +9,12 @@ mmjax/data/builders/public.py):
   tfds build imagenet2012 --data_dir=$MMJAX_DATA_DIR --file_format=array_record
 
 Recipe: batch 4096, 300 epochs, Adam (b1 0.9, b2 0.999), peak lr 1e-3 with 10k warmup
-steps and cosine decay, global-norm clipping at 1.0, class-token pooling with a
-pre-logits layer, 224x224 crops with random flips. big_vision's weight decay 1e-4 is not
+steps and cosine decay, global-norm clipping at 1.0, class-token pooling, 224x224 crops
+with random flips. No pre-logits layer: the paper's released (AugReg) ViTs have none, so
+converted ones (`mmjax.convert --from timm` / `--from hf`) fine-tune with
+`--config.init_from.checkpoint=DST` alone, their GELU and LayerNorm epsilon coming from
+DST/model_config.json; big_vision's vit_i1k.py adds one (rep_size=True):
+`--config.model.representation_size=768`. big_vision's weight decay 1e-4 is not
 scaled by the learning rate; optax's AdamW scales it, so the same decay reads 0.1 here.
 Expect about 79% top-1 with big_vision's RandAugment + Mixup ("medium2"); the ops named
 in `config.data.preprocess` here are crop and flip only (a fork can register more ops
@@ -39,9 +43,9 @@ def get_config(arg=None):
 
   config.data = pipeline.default_config(
       "imagenet2012", image_size=224,
-      preprocess="decode|resize(256)|random_crop(224)|flip_lr|normalize(0.5, 0.5)|"
+      preprocess="decode|resize(256)|random_crop(224)|flip_lr|normalize|"
                  "keep('image', 'label')",
-      eval_preprocess="decode|resize(256)|central_crop(224)|normalize(0.5, 0.5)|"
+      eval_preprocess="decode|resize(256)|central_crop(224)|normalize|"
                       "keep('image', 'label')")
 
   config.model = ml_collections.ConfigDict(dict(
@@ -50,7 +54,6 @@ def get_config(arg=None):
       num_classes=1000,
       pool_type="cls",
       posemb="learn",
-      representation_size=768,   # big_vision's rep_size=True: a tanh pre-logits layer
       dropout_rate=0.0,
       droppath_rate=0.0,
       dtype="float32",

@@ -33,7 +33,7 @@ def preprocess(train: bool) -> str:
   # Evaluation keeps both prompts: every validation scene is captioned and its question
   # answered.
   keys = ("image", "prefix", "suffix") + (() if train else ("prompt_caption", "prompt_vqa"))
-  return (f"decode|{crop}normalize(0.5, 0.5)|"
+  return (f"decode|{crop}normalize|"
           f"vlm_task(prefix_len={PREFIX_LEN}, suffix_len={SUFFIX_LEN}, eos_id={EOS}, "
           f"answers={tuple(ANSWERS)!r})|keep{keys!r}")
 

@@ -356,3 +356,72 @@ def test_mha_bad_inputs_raise():
   with pytest.raises(ValueError, match="caches self-attention only"):
     MultiHeadAttention(num_heads=2, decode=True).init(
         jax.random.key(0), jnp.ones((B, TQ, 16)), jnp.ones((B, TK, 16)))
+
+
+# ----------------------------------------------------------------------------------------
+# Gemma 2: logit soft-capping and sliding windows.
+# ----------------------------------------------------------------------------------------
+
+def _capped_by_hand(q, k, v, cap, mask):
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
+  logits = np.where(mask, cap * np.tanh(logits / cap), -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "chunked"])
+def test_logit_soft_cap_is_the_definition(implementation):
+  q, k, v = (3 * x for x in _qkv(tq=4))          # scores well beyond the cap
+  mask = _key_padding()
+  got = attend(q, k, v, mask=mask, logit_soft_cap=2.0, implementation=implementation)
+  want = _capped_by_hand(*map(np.asarray, (q, k, v)), 2.0, mask)
+  chex.assert_trees_all_close(got, want, atol=1e-5)
+  uncapped = attend(q, k, v, mask=mask, implementation=implementation)
+  assert np.max(np.abs(np.asarray(uncapped) - want)) > 1e-2
+
+
+def test_splash_soft_cap_matches_reference_in_interpret_mode():
+  q, k, v = (3 * x[:1] for x in _qkv(num_kv_heads=2, tq=128, tk=128))
+  f = lambda impl: attend(q, k, v, is_causal=True, logit_soft_cap=2.0, implementation=impl)
+  chex.assert_trees_all_close(f("splash"), f("reference"), atol=1e-5)
+
+
+def test_soft_cap_is_refused_or_routed_never_ignored():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="'xla' does not support logit soft-capping"):
+    dot_product_attention(q, k, v, logit_soft_cap=2.0, implementation="xla")
+  with pytest.raises(ValueError, match="logit_soft_cap must be > 0"):
+    dot_product_attention(q, k, v, logit_soft_cap=0.0)
+  capped = functools.partial(attention.default_backend, soft_cap=True)
+  assert capped(platform="gpu", dtype=jnp.bfloat16) == "reference"
+  assert capped(platform="tpu", has_mask=True, q_length=256, kv_length=256) == "reference"
+  assert capped(platform="tpu", q_length=256, kv_length=256) == "splash"
+  assert capped(platform="cpu", q_length=2048, kv_length=2048) == "chunked"
+
+
+def test_sliding_window_masks_by_position_and_holds_in_cached_decoding():
+  length, window = 7, 3
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((B, length, 16), np.float32))
+  positions = jnp.broadcast_to(jnp.arange(length), (B, length))
+  make = functools.partial(MultiHeadAttention, num_heads=4, num_kv_heads=2, rope_base=1e4)
+  params = jax.jit(lambda: make().init(jax.random.key(0), x, positions=positions))()["params"]
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  local = jnp.asarray((j <= i) & (i - j < window))
+  run = lambda module, **kw: jax.jit(lambda p: module.apply(
+      {"params": p}, x, positions=positions, **kw))(params)
+  expected = run(make(), mask=local)
+  got = run(make(sliding_window=window), is_causal=True)
+  chex.assert_trees_all_close(got, expected, atol=1e-5)
+  assert not np.allclose(got, run(make(), is_causal=True), atol=1e-3)
+
+  decoder = make(sliding_window=window, decode=True)
+  cache = jax.jit(lambda: decoder.init(jax.random.key(0), x, positions=positions))()["cache"]
+  step = jax.jit(lambda cache, token, position: decoder.apply(
+      {"params": params, "cache": cache}, token, positions=position, mutable=["cache"]))
+  outs = []
+  for t in range(length):
+    out, variables = step(cache, x[:, t:t + 1], positions[:, t:t + 1])
+    cache = variables["cache"]
+    outs.append(out)
+  chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), expected, atol=1e-5)
+  np.testing.assert_array_equal(cache["cached_positions"], positions)

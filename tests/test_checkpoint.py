@@ -9,6 +9,8 @@ import pytest
 
 from test_train_fixtures import tiny_config
 
+from mmjax.errors import ConfigError
+from mmjax.nn.embed import PositionGrid, resample_posemb
 from mmjax.train import checkpoint as checkpoint_lib
 from mmjax.train import trainer
 
@@ -85,15 +87,47 @@ def test_merge_params_renames_excludes_and_resamples():
             "tower/head/kernel": np.zeros((8, 3)), "fusion/kernel": np.zeros((8, 8))}
   source = {"embed/kernel": np.ones((1, 8)), "pos_embedding": np.ones((1, 4, 8)),
             "head/kernel": np.ones((8, 10)), "decoder/kernel": np.ones((2, 2))}
+  grids = {"tower/pos_embedding": PositionGrid(0, 4, 4)}
   merged, report = checkpoint_lib.merge_params(
-      target, source, rename=((r"^", "tower/"),), exclude=(r".*/head/.*",))
+      target, source, rename=((r"^", "tower/"),), exclude=(r".*/head/.*",),
+      skip=(r"tower/decoder/.*",), grids=grids)
   assert report["loaded"] == ["tower/embed/kernel", "tower/pos_embedding"]
   assert report["resampled"] == ["tower/pos_embedding"]
   assert report["new"] == ["fusion/kernel", "tower/head/kernel"]
   assert report["dropped"] == ["decoder/kernel", "head/kernel"]
+  assert report["skipped"] == ["decoder/kernel"] and report["excluded"] == ["head/kernel"]
   np.testing.assert_allclose(merged["tower/pos_embedding"], 1.0, atol=1e-6)
   assert merged["tower/pos_embedding"].shape == (1, 16, 8)
   np.testing.assert_array_equal(merged["tower/head/kernel"], 0.0)
+  # A trained parameter the model has no place for is refused unless `skip` lists it.
+  with pytest.raises(ConfigError, match=r"no parameter for 1 trained parameters of the "
+                                        r"checkpoint: decoder/kernel \(as tower/decoder/kernel\);"):
+    checkpoint_lib.merge_params(target, source, rename=((r"^", "tower/"),),
+                                exclude=(r".*/head/.*",), grids=grids)
+  # Only the tables the model names are resampled; any other mismatch is refused.
+  with pytest.raises(checkpoint_lib.CheckpointShapeError, match=r"pos_embedding.*\(1, 4, 8\)"):
+    checkpoint_lib.merge_params(target, source, rename=((r"^", "tower/"),),
+                                exclude=(r".*/head/.*", r".*/decoder/.*"))
+
+
+def test_init_from_resamples_the_tables_the_model_names_on_their_grids():
+  """Class tokens and grids come from the model, not from the lengths: a 2x3 grid behind
+  one class token, and a grid-shaped [1, h, w, D] table, both as resample_posemb moves them."""
+  rng = np.random.default_rng(0)
+  flat, grid_shaped = rng.normal(size=(1, 1 + 2 * 3, 4)), rng.normal(size=(1, 2, 3, 4))
+  target = {"vit/pos_embedding": np.zeros((1, 1 + 4 * 6, 4)),
+            "tok/pos_embedding": np.zeros((1, 3, 5, 4))}
+  grids = {"vit/pos_embedding": PositionGrid(1, 4, 6), "tok/pos_embedding": PositionGrid(0, 3, 5)}
+  merged, report = checkpoint_lib.merge_params(
+      target, {"vit/pos_embedding": flat, "tok/pos_embedding": grid_shaped}, grids=grids)
+  assert report["resampled"] == ["tok/pos_embedding", "vit/pos_embedding"]
+  np.testing.assert_allclose(merged["vit/pos_embedding"],
+                             resample_posemb(flat, (2, 3), (4, 6), num_prefix_tokens=1), atol=1e-6)
+  np.testing.assert_allclose(merged["tok/pos_embedding"].reshape(1, 15, 4),
+                             resample_posemb(grid_shaped.reshape(1, 6, 4), (2, 3), (3, 5)),
+                             atol=1e-6)
+  with pytest.raises(checkpoint_lib.CheckpointShapeError, match="1 class-token row.*4:6 patch grid"):
+    checkpoint_lib.merge_params(target, {"vit/pos_embedding": flat[:, :6]}, grids=grids)
 
 
 def test_init_from_loads_a_subset_into_a_bigger_model(tmp_path):
@@ -128,3 +162,54 @@ def test_restored_state_is_checked_finite(tmp_path, monkeypatch):
   (moved,) = os.listdir(str(tmp_path) + ".corrupt")
   why = (tmp_path.parent / (tmp_path.name + ".corrupt") / moved / "WHY_MOVED.txt").read_text()
   assert moved.startswith("2-") and "non-finite" in why
+
+
+def _model_with_position_tables(name):
+  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
+  from mmjax.models.base import build_model  # pylint: disable=g-import-not-at-top
+  from mmjax.train.config import import_models  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import_models()
+  image = jnp.zeros((2, 16, 24, 3))  # a 2x3 grid of 8x8 patches: the aspect ratio counts
+  tiny_vit = dict(variant=None, width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8)
+  if name == "multimodal":
+    model, batch = multimodal.example_model_and_batch(
+        fusion="early", modalities=("image", "audio"), loss_weights={"classify": 1.0},
+        width=16, num_layers=1, num_heads=2, mlp_dim=32, num_classes=3)
+    return model, dict(batch, image=jnp.zeros((len(batch["label"]),) + image.shape[1:]))
+  fields, batch = {
+      "vit": (tiny_vit, {"image": image, "label": jnp.zeros((2,), jnp.int32)}),
+      "two_tower": (dict(patch_size=8, image_width=16, image_depth=1, image_heads=2,
+                         text_width=16, text_depth=1, text_heads=2, embed_dim=16,
+                         image_pool="map"),
+                    {"image": image, "text": jnp.ones((2, 8), jnp.int32)}),
+      "vlm": (dict(encoder=tiny_vit, vocab_size=50, width=16, depth=1, num_heads=2,
+                   num_kv_heads=1, head_dim=8, mlp_dim=32),
+              {"image": image, "prefix": jnp.ones((2, 3), jnp.int32),
+               "suffix": jnp.ones((2, 3), jnp.int32)})}[name]
+  return build_model(ml_collections.ConfigDict(dict(name=name, **fields))), batch
+
+
+@pytest.mark.parametrize("name", ["vit", "two_tower", "vlm", "multimodal"])
+def test_models_name_their_position_tables_with_their_layout(name):
+  """What init_from resamples is what the model says: each named table exists with
+  prefix_tokens + height x width rows (or [1, height, width, D]) for this batch."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  model, batch = _model_with_position_tables(name)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False,
+                                             method="loss"))
+  flat = {k: getattr(v, "value", v).shape
+          for k, v in traverse_util.flatten_dict(shapes["params"], sep="/").items()}
+  grids = model.position_grids(batch)
+  expected = {"vit": ["pos_embedding"], "two_tower": ["img/pos_embedding"],
+              "vlm": ["image_encoder/pos_embedding"],
+              "multimodal": ["embed_audio/embeddings/pos_embedding",
+                             "embed_image/embeddings/pos_embedding"]}[name]
+  assert sorted(grids) == expected
+  for table, grid in grids.items():
+    if name != "multimodal":
+      assert (grid.height, grid.width) == (2, 3)
+    width = flat[table][-1]
+    assert flat[table] in ((1, grid.prefix_tokens + grid.height * grid.width, width),
+                           (1, grid.height, grid.width, width)), (table, grid, flat[table])
+  assert grids[expected[0]].prefix_tokens == {"vit": 1}.get(name, 0)

@@ -52,7 +52,7 @@ TINY = {
     "vit_b16_imagenet.py": {
         "model.variant": None, "model.width": 16, "model.depth": 1, "model.num_heads": 2,
         "model.mlp_dim": 32, "model.patch_size": 2, "model.num_classes": 10,
-        "model.representation_size": 16, "data.name": "digits",
+        "data.name": "digits",
         "data.image_size": None, "data.preprocess": None, "data.eval_preprocess": None},
     "vit_digits.py": {"model.width": 16, "model.depth": 1, "model.num_heads": 2,
                       "model.mlp_dim": 32},

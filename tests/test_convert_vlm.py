@@ -16,7 +16,6 @@ transformers = pytest.importorskip(
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 
 from mmjax.convert import __main__ as cli  # noqa: E402
 from mmjax.convert import common, hf_vlm  # noqa: E402
@@ -83,7 +82,8 @@ def _convert(tmp_path, *sources):
   dst = str(tmp_path / "converted")
   assert cli.main(["--from", "hf", "--src", *sources, "--dst", dst]) == 0
   with open(os.path.join(dst, "model_config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    assert json.load(f)["image_normalization"] == common.HALF_NORMALIZATION  # the data's
+  config = cli.read_model_config(os.path.join(dst, "model_config.json"))  # the model's
   return dst, config, {"params": common.unflatten(load_params(dst))}
 
 
@@ -117,17 +117,24 @@ def test_paligemma_logits_with_prefix_mask_and_greedy_generation(paligemma, tmp_
 
 def test_paligemma_export_round_trip_is_exact_and_loads_in_transformers(paligemma, tmp_path):
   hf_model, path = paligemma
-  dst, config, params = _convert(tmp_path, path)
+  dst, _, params = _convert(tmp_path, path)
+  assert_exact_round_trip(hf_model, dst, params, tmp_path)
+
+
+def assert_exact_round_trip(hf_model, dst, params, tmp_path):
+  """Exports the converted DST: transformers loads `hf_model`'s tensors, and importing
+  the export gives `params` bit for bit. Returns (reloaded model, imported config)."""
   exported = str(tmp_path / "exported")
   assert cli.main(["--to", "hf", "--src", dst, "--dst", exported]) == 0
   reloaded = transformers.PaliGemmaForConditionalGeneration.from_pretrained(exported).eval()
   for name, tensor in hf_model.state_dict().items():   # HF sees the same model
     np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), tensor.numpy(), name)
-  again, _, _ = hf_vlm.load([exported])
+  again, config, _ = hf_vlm.load([exported])
   flat, flat_again = common.flatten(params["params"]), common.flatten(again)
   assert sorted(flat) == sorted(flat_again)
   for name in flat:
     np.testing.assert_array_equal(flat_again[name], flat[name], name)
+  return reloaded, config
 
 
 @pytest.mark.parametrize("family", ["gemma", "llama"])
@@ -177,8 +184,8 @@ def test_siglip_vision_tower_and_pairing_with_an_lm(tmp_path):
 def test_unsupported_checkpoints_are_refused(tmp_path):
   with pytest.raises(ValueError, match="attention_bias=True"):
     hf_vlm.lm_fields(dict(TEXT, attention_bias=True), "llama")
-  with pytest.raises(ValueError, match="Gemma 2"):
-    hf_vlm.lm_fields(TEXT, "gemma2")
+  with pytest.raises(ValueError, match="'gemma3' is not supported"):
+    hf_vlm.lm_fields(TEXT, "gemma3")
   with pytest.raises(ValueError, match="RoPE variant"):
     hf_vlm.lm_fields(dict(TEXT, rope_parameters=dict(rope_type="llama3", rope_theta=1.0)), "llama")
 

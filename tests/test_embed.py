@@ -107,6 +107,20 @@ def test_resample_posemb_keeps_prefix_and_interpolates_grid():
     resample_posemb(posemb[:, 1:], 4, 6, num_prefix_tokens=1)
 
 
+@pytest.mark.parametrize("old, new", [((4, 4), (6, 6)), ((14, 14), (24, 24)),
+                                      ((7, 7), (3, 3)), ((4, 4), (6, 8))])
+def test_resample_posemb_is_big_vision_high_res_finetuning(old, new):
+  """big_vision / the original ViT resample with scipy.ndimage.zoom(grid, order=1) and keep
+  the class token: the same numbers here (also for a non-square target grid)."""
+  scipy_ndimage = pytest.importorskip("scipy.ndimage")  # a jax dependency
+  posemb = np.asarray(_normal((1, 1 + old[0] * old[1], 8)))
+  tok, grid = posemb[:, :1], posemb[0, 1:].reshape(old + (8,))
+  zoomed = scipy_ndimage.zoom(grid, (new[0] / old[0], new[1] / old[1], 1), order=1)
+  expected = np.concatenate([tok, zoomed.reshape(1, -1, 8)], axis=1)
+  got = jax.jit(resample_posemb, static_argnums=(1, 2, 3))(posemb, old, new, 1)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("module, shape, message", [
     (PatchEmbed(4, 8), (2, 8, 10, 3),
      r"size \(8, 10\) must be divisible by the patch size \(4, 4\)"),

@@ -326,14 +326,18 @@ def test_converted_position_table_that_disagrees_with_its_config_json_is_refused
     hf.load(str(tmp_path))
 
 
-def test_init_from_warns_when_trained_parameters_are_dropped_unasked(caplog):
+def test_init_from_refuses_dropping_trained_parameters_unless_skip_lists_them(caplog):
   from mmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
   target = {"embed/kernel": np.zeros((2, 2)), "head/kernel": np.zeros((2, 3))}
   source = {"embed/kernel": np.ones((2, 2)), "head/kernel": np.ones((2, 3)),
             "pre_logits/kernel": np.ones((2, 2))}
-  _, report = checkpoint.merge_params(target, source, exclude=(r"head/.*",))
+  with pytest.raises(ConfigError, match=r"no parameter for 1 trained parameters of the "
+                                        r"checkpoint: pre_logits/kernel; .*init_from.skip"):
+    checkpoint.merge_params(target, source, exclude=(r"head/.*",))
+  _, report = checkpoint.merge_params(target, source, exclude=(r"head/.*",),
+                                      skip=(r"pre_logits/.*",))
   assert report["dropped"] == ["head/kernel", "pre_logits/kernel"]
-  assert report["excluded"] == ["head/kernel"]
+  assert report["excluded"] == ["head/kernel"] and report["skipped"] == ["pre_logits/kernel"]
   with caplog.at_level(logging.WARNING):
     trainer._log_init_from(report, "/ckpt")
   warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

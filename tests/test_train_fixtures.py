@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from mmjax.models.base import Model
+from mmjax.nn.embed import PositionGrid
 from mmjax.registry import MODELS
 from mmjax.train.config import default_config
 
@@ -45,6 +46,11 @@ class TokenClassifier(Model):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head",
                     kernel_init=nn.with_logical_partitioning(
                         nn.initializers.lecun_normal(), ("mlp", "classes")))(x)
+
+  @nn.nowrap
+  def position_grids(self, batch):
+    """Its table: one row per pixel of the [S, S, 1] image, row-major, no class token."""
+    return {"pos_embedding": PositionGrid(0, *batch["image"].shape[1:3])}
 
   def loss(self, batch, train: bool):
     logits = self(batch, train).astype(jnp.float32)

@@ -8,6 +8,8 @@
 
 Each `load` returns (params, model_config, report): params fit `build_model(model_config)`
 exactly (derived from the checkpoint unless given), and the report lists what was loaded,
-unused, missing and resampled. Any shape mismatch is refused with every offending name.
+unused, missing and resampled, and the source's pixel normalisation (`image_normalization`,
+which `common.save_checkpoint` records in DST/model_config.json for the data pipeline).
+Any shape mismatch is refused with every offending name.
 Command line: `python -m mmjax.convert --help`.
 """

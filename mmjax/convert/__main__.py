@@ -1,7 +1,8 @@
 r"""Command line: convert pretrained weights into an mmjax checkpoint, or export one to HF.
 
 Import (writes DST/state, the Orbax checkpoint `config.init_from.checkpoint=DST` loads,
-DST/model_config.json and DST/conversion_report.txt):
+DST/model_config.json, the model's fields plus the source's pixel normalisation
+`image_normalization`, and DST/conversion_report.txt):
 
   python -m mmjax.convert --from hf --src ./vit-base-patch16-224 --dst /ckpt/vit_b16_hf
   python -m mmjax.convert --from big_vision --src siglip_b16_224.npz --dst /ckpt/siglip_b16
@@ -48,8 +49,11 @@ def read_model_config(spec: Optional[str]) -> Optional[ml_collections.ConfigDict
     config = load_config_file(spec)
     return config.model if "model" in config else config
   if spec.endswith(".json"):
+    from mmjax.convert import common  # pylint: disable=g-import-not-at-top
     with open(spec) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      fields = json.load(f)
+    fields.pop(common.IMAGE_NORMALIZATION, None)  # the data's, not a model field
+    return ml_collections.ConfigDict(fields)
   raise ConfigError(f"--model-config must be a configs/NAME.py or a .json file; given {spec!r}.")
 
 

@@ -208,6 +208,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
           weights["img/embedding/kernel"].shape[0])
     target = common.model_param_shapes(model_config, image_size=int(image_size))
     params, report = common.convert(weights, target, fill_siglip, skip=skip, strict=strict)
+    report.image_normalization = common.HALF_NORMALIZATION  # value_range(-1, 1)
     return params, model_config, report
   if model_config is None:
     model_config = vit_model_config(weights, num_heads)
@@ -217,4 +218,5 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
     image_size = int(round(np.sqrt(patches))) * weights["embedding/kernel"].shape[0]
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill_vit, skip=skip, strict=strict)
+  report.image_normalization = common.HALF_NORMALIZATION  # value_range(-1, 1)
   return params, model_config, report

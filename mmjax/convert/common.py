@@ -210,6 +210,9 @@ class Report:
   missing: List[str] = dataclasses.field(default_factory=list)      # mmjax, never filled
   mismatched: List[str] = dataclasses.field(default_factory=list)   # "dst <- src: want vs got"
   notes: List[str] = dataclasses.field(default_factory=list)        # resampling, folding, ...
+  # The source's pixel normalisation {"mean": [..], "std": [..]} on [0, 1] pixels, written
+  # to DST/model_config.json for the data pipeline; None: the source does not say.
+  image_normalization: Optional[Dict[str, List[float]]] = None
 
   def __str__(self) -> str:
     lines = [f"loaded {len(self.loaded)} parameters"]
@@ -219,7 +222,33 @@ class Report:
       if names:
         lines.append(f"{title} ({len(names)}):")
         lines.extend(f"  {n}" for n in names)
+    if self.image_normalization:
+      lines.append(f"pixel normalisation (x - mean) / std on [0, 1] pixels: "
+                   f"{self.image_normalization}")
     return "\n".join(lines)
+
+
+# Pixel normalisations of the sources, on [0, 1] pixels: big_vision's value_range(-1, 1)
+# (ViT, SigLIP, PaliGemma; also Hugging Face's ViT / SigLIP defaults) and OpenAI CLIP's.
+HALF_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+CLIP_NORMALIZATION = {"mean": [0.48145466, 0.4578275, 0.40821073],
+                      "std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def hf_image_normalization(path: str, default: Dict[str, List[float]]
+                           ) -> Dict[str, List[float]]:
+  """The pixel mean / std of a Hugging Face model directory's preprocessor_config.json,
+  else `default` (the architecture's image processor default)."""
+  config_file = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else ""
+  if not config_file or not os.path.isfile(config_file):
+    return default
+  with open(config_file) as f:
+    config = json.load(f)
+  if not config.get("do_normalize", True):
+    return {"mean": [0.0] * 3, "std": [1.0] * 3}
+  mean, std = config.get("image_mean", default["mean"]), config.get("image_std", default["std"])
+  as_list = lambda v: [float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3)]
+  return {"mean": as_list(mean), "std": as_list(std)}
 
 
 class Mapper:
@@ -411,12 +440,14 @@ def move_posemb(m: Mapper, src: str, prefix: str, source_prefix_tokens: int) -> 
   The source table has `source_prefix_tokens` class-token rows before the patch grid
   (HF / timm / the original ViT: 1, big_vision: 0); the mmjax table has one row per class
   token of the model (`{prefix}cls` exists) and then the grid. A class token without a
-  row gets a zero row (exact: it had no position). The grid is resampled bilinearly
-  when the model runs at another image size.
+  row gets a zero row (exact: it had no position). Converters build the model on square
+  images and these formats store square grids, so when the model runs at another image
+  size the grid is resampled square to square (`mmjax.nn.embed.resample_posemb`).
   """
   if not m.has(src):
     return
   from mmjax.convert import layout  # pylint: disable=g-import-not-at-top
+  from mmjax.nn.embed import resample_posemb  # pylint: disable=g-import-not-at-top
   dst = prefix + layout.POSEMB
   table = m.take(src)
   table = table.reshape(1, -1, table.shape[-1])
@@ -430,25 +461,14 @@ def move_posemb(m: Mapper, src: str, prefix: str, source_prefix_tokens: int) -> 
         "use pool_type='cls' or class_token=True.")
   want = m.target.get(dst)
   if want is not None and want[1] - prefix_tokens != grid.shape[1] and want[-1] == grid.shape[-1]:
-    old_patches = grid.shape[1]
-    grid = resample_grid(grid, want[1] - prefix_tokens)
-    m.report.notes.append(f"{dst}: position grid resampled from {old_patches} to "
-                          f"{grid.shape[1]} patches")
+    old, new = (int(round(np.sqrt(n))) for n in (grid.shape[1], want[1] - prefix_tokens))
+    if old ** 2 != grid.shape[1] or new ** 2 != want[1] - prefix_tokens:
+      raise ConversionError(f"{src}: a position grid of {grid.shape[1]} patches cannot be "
+                            f"resampled to {want[1] - prefix_tokens}: both must be square.")
+    grid = np.asarray(resample_posemb(grid, (old, old), (new, new)))
+    m.report.notes.append(f"{dst}: position grid resampled from {old}x{old} to {new}x{new} "
+                          "patches")
   m.put(dst, np.concatenate([head, grid], axis=1), src=src)
-
-
-def resample_grid(posemb: np.ndarray, new_length: int) -> np.ndarray:
-  """[1, old_side**2, D] -> [1, new_side**2, D] by bilinear interpolation of the grid."""
-  from mmjax.nn.embed import resample_posemb  # pylint: disable=g-import-not-at-top
-  old_side, new_side = (int(round(np.sqrt(n))) for n in (posemb.shape[1], new_length))
-  if old_side ** 2 != posemb.shape[1] or new_side ** 2 != new_length:
-    raise ConversionError(
-        f"A position grid of {posemb.shape[1]} patches cannot be resampled to {new_length}: "
-        "only square patch grids are supported.")
-  return np.asarray(resample_posemb(posemb, (old_side,) * 2, (new_side,) * 2, 0))
-
-
-# ----------------------------------------------------------------------------- driver
 
 
 def convert(source: Mapping[str, np.ndarray], target: Mapping[str, Any],
@@ -533,11 +553,16 @@ def _registered(model_config):
   return model_config
 
 
+# The key of DST/model_config.json that holds the source's pixel normalisation, next to the
+# model's fields: {"mean": [...], "std": [...]} on [0, 1] pixels (the data's, not the model's).
+IMAGE_NORMALIZATION = "image_normalization"
+
+
 def save_checkpoint(params: Mapping[str, Any], dst: str, *, model_config=None,
                     report: Optional[Report] = None) -> str:
   """Writes `{"params": params}` as an Orbax checkpoint at DST/state, the layout the
   trainer's `config.init_from.checkpoint=DST` reads, plus DST/model_config.json (the
-  mmjax model config the params fit) and DST/conversion_report.txt. Returns DST/state."""
+  mmjax model config the params fit, and the report's `image_normalization`) and DST/conversion_report.txt. Returns DST/state."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   dst = os.path.abspath(dst)
@@ -551,6 +576,8 @@ def save_checkpoint(params: Mapping[str, Any], dst: str, *, model_config=None,
   checkpointer.wait_until_finished()
   if model_config is not None:
     config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    if report is not None and report.image_normalization:
+      config[IMAGE_NORMALIZATION] = report.image_normalization
     with open(os.path.join(dst, "model_config.json"), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
   if report is not None:

@@ -356,4 +356,6 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
   report.notes.extend(f"approximate: {a}" for a in approximate)
+  report.image_normalization = common.hf_image_normalization(
+      path, common.HALF_NORMALIZATION if which == "vit" else common.CLIP_NORMALIZATION)
   return params, model_config, report

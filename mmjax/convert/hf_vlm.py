@@ -1,15 +1,18 @@
-"""Hugging Face PaliGemma, Gemma / Llama causal LMs and SigLIP vision towers <-> "vlm".
+"""Hugging Face PaliGemma (1, 2), Gemma / Gemma 2 / Llama causal LMs and SigLIP vision
+towers <-> "vlm".
 
 Import (`load`): one or more model directories, each a whole PaliGemma
-(`PaliGemmaForConditionalGeneration`), a language model alone (`GemmaForCausalLM`,
-`LlamaForCausalLM`) or a vision tower alone (`SiglipVisionModel`, or the vision half of
-a `SiglipModel`). Parts combine: `--src gemma-2b --src siglip-so400m` gives a VLM whose
-projector is new. What no source fills (the projector, or the tower not given) is
-reported and left to `init_from`, which initialises parameters the checkpoint lacks.
+(`PaliGemmaForConditionalGeneration`, PaliGemma 1 or 2), a language model alone
+(`GemmaForCausalLM`, `Gemma2ForCausalLM`, `LlamaForCausalLM`) or a vision tower alone
+(`SiglipVisionModel`, or the vision half of a `SiglipModel`). Parts combine: `--src
+gemma-2b --src siglip-so400m` gives a VLM whose projector is new. What no source fills
+(the projector, or the tower not given) is reported and left to `init_from`, which
+initialises parameters the checkpoint lacks.
 
-Export (`export`): a "vlm" -> a PaliGemma directory (config.json + model.safetensors,
-the names transformers writes) that `PaliGemmaForConditionalGeneration.from_pretrained`
-loads; importing it back gives the same parameters bit for bit.
+Export (`export`): a "vlm" -> a PaliGemma directory, PaliGemma 2 when the LM is a Gemma 2
+(config.json + model.safetensors, the names transformers writes) that
+`PaliGemmaForConditionalGeneration.from_pretrained` loads; importing it back gives the
+same parameters bit for bit.
 
 What is mapped, exactly (outputs match to float32 rounding):
   SigLIP: patch conv, position table (no class token), pre-LN blocks (same layout as
@@ -17,8 +20,15 @@ What is mapped, exactly (outputs match to float32 rounding):
     part of a PaliGemma and is left out (noted).
   PaliGemma projector: `multi_modal_projector.linear` -> `projection` (linear).
   Gemma: embeddings x sqrt(width), RMSNorm (1 + scale), GeGLU, tied logits.
+  Gemma 2: Gemma plus post-attention / post-feedforward RMSNorms (`post_norms`),
+    query_pre_attn_scalar, attention and final logit soft-capping, and the sliding window
+    on the `layer_types` marked "sliding_attention" (every n-th layer global:
+    `sliding_window_pattern`). The window is |p_q - p_k| < W on top of the prefix-LM
+    mask (google-deepmind/gemma's); transformers lets a bidirectional prefix longer
+    than W see all of itself, so the two differ only there.
   Llama: no embedding scale, RMSNorm scale, SwiGLU, untied `lm_head`.
-Refused, with the reason: attention / MLP biases, scaled RoPE variants, Gemma 2.
+Refused, with the reason: attention / MLP biases, scaled RoPE variants, bidirectional
+causal LMs, layer_types no `sliding_window_pattern` expresses.
 """
 import json
 import os
@@ -32,7 +42,8 @@ from mmjax.convert import common
 from mmjax.convert.common import LINEAR_IN, LINEAR_OUT, VECTOR, Flat
 from mmjax.convert.hf import CLIP_BLOCK, EXPORT_ACTIVATIONS, HF_ACTIVATIONS
 
-MODEL_TYPES = ("paligemma", "gemma", "llama", "siglip", "siglip_vision_model")
+MODEL_TYPES = ("paligemma", "gemma", "gemma2", "llama", "siglip", "siglip_vision_model")
+LM_TYPES = ("gemma", "gemma2", "llama")
 # {mmjax name under lm/layers_{i}: (HF name under model.layers.{i}., rule)}
 LM_BLOCK = {
     "attention_norm/scale": ("input_layernorm.weight", VECTOR),
@@ -45,6 +56,16 @@ LM_BLOCK = {
     "mlp/up/kernel": ("mlp.up_proj.weight", LINEAR_IN),
     "mlp/down/kernel": ("mlp.down_proj.weight", LINEAR_IN),
 }
+# Gemma 2 names its four norms differently: post_attention_layernorm is a post-norm.
+GEMMA2_BLOCK = {
+    **LM_BLOCK,
+    "post_attention_norm/scale": ("post_attention_layernorm.weight", VECTOR),
+    "mlp_norm/scale": ("pre_feedforward_layernorm.weight", VECTOR),
+    "post_mlp_norm/scale": ("post_feedforward_layernorm.weight", VECTOR),
+}
+# transformers' Gemma2Config defaults, for keys a config.json leaves out.
+GEMMA2_DEFAULTS = dict(query_pre_attn_scalar=256, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
 # Source names -> canonical "vision." / "projector." / "lm." / "lm_head." / "siglip_text."
 # names, for every naming transformers has used (Hub files and v5 in-memory names).
 _CANONICAL = (
@@ -84,11 +105,44 @@ def _first(x):
   return x[0] if isinstance(x, (list, tuple)) else x
 
 
-def lm_fields(text: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
-  """VLM language-model fields computing what the HF Gemma / Llama `text` config does."""
-  if model_type not in ("gemma", "llama"):
-    raise ValueError(f"Language model type {model_type!r} is not supported (Gemma 2's soft-"
-                     "capping and sliding windows are not implemented); expected gemma or llama.")
+def window_fields(text: Mapping[str, Any], depth: int) -> Dict[str, Any]:
+  """`sliding_window` / `sliding_window_pattern` of a Gemma 2 config's `layer_types`."""
+  window = text.get("sliding_window", GEMMA2_DEFAULTS["sliding_window"])
+  types = list(text.get("layer_types") or [
+      "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(depth)])
+  unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+  if unknown or len(types) != depth:
+    raise ValueError(f"layer_types must be {depth} of sliding_attention / full_attention; "
+                     f"given {types}.")
+  local = [t == "sliding_attention" for t in types]
+  if window is None or not any(local):
+    return dict(sliding_window=None)
+  pattern = local.index(False) + 1 if not all(local) else depth + 1
+  if local != [(i + 1) % pattern != 0 for i in range(depth)]:
+    raise ValueError(f"layer_types {types} is not every n-th layer global (what "
+                     "sliding_window_pattern expresses); not supported.")
+  return dict(sliding_window=int(window), sliding_window_pattern=pattern)
+
+
+def gemma2_fields(text: Mapping[str, Any], depth: int) -> Dict[str, Any]:
+  """The Gemma 2 knobs of the VLM's LM (transformers' defaults for missing keys)."""
+  get = lambda k: text.get(k, GEMMA2_DEFAULTS[k])
+  caps = {k: None if get(k) is None else float(get(k))
+          for k in ("attn_logit_softcapping", "final_logit_softcapping")}
+  return dict(post_norms=True, query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+              **caps, **window_fields(text, depth))
+
+
+def lm_fields(text: Mapping[str, Any], model_type: str, *, in_paligemma: bool = False
+              ) -> Dict[str, Any]:
+  """VLM language-model fields computing what the HF Gemma / Gemma 2 / Llama `text`
+  config does (`in_paligemma`: the prefix-LM mask comes from PaliGemma)."""
+  if model_type not in LM_TYPES:
+    raise ValueError(f"Language model type {model_type!r} is not supported; expected one of "
+                     f"{LM_TYPES}.")
+  if text.get("use_bidirectional_attention") and not in_paligemma:
+    raise ValueError("The checkpoint's use_bidirectional_attention=True; a causal LM is "
+                     "expected (the VLM's prefix-LM mask is its own).")
   for flag in ("attention_bias", "mlp_bias"):
     if text.get(flag):
       raise ValueError(f"The checkpoint's {flag}=True; the mmjax LM blocks have no biases.")
@@ -96,16 +150,18 @@ def lm_fields(text: Mapping[str, Any], model_type: str) -> Dict[str, Any]:
   if rope.get("rope_type", rope.get("type", "default")) != "default":
     raise ValueError(f"RoPE variant {rope} is not supported; only the default rotary "
                      "embedding is.")
-  gemma = model_type == "gemma"
+  gemma = model_type in ("gemma", "gemma2")
   act = text.get("hidden_activation") or text.get("hidden_act") or (
       "gelu_pytorch_tanh" if gemma else "silu")
   activation = {**HF_ACTIVATIONS, "silu": "silu"}.get(act)
   if activation is None:
     raise ValueError(f"LM activation {act!r} has no mmjax equivalent.")
   heads = int(text["num_attention_heads"])
-  return dict(
+  depth = int(text["num_hidden_layers"])
+  gemma2 = gemma2_fields(text, depth) if model_type == "gemma2" else {}
+  return dict(**gemma2,
       vocab_size=int(text["vocab_size"]), width=int(text["hidden_size"]),
-      depth=int(text["num_hidden_layers"]), num_heads=heads,
+      depth=depth, num_heads=heads,
       num_kv_heads=int(text.get("num_key_value_heads") or heads),
       head_dim=int(text.get("head_dim") or int(text["hidden_size"]) // heads),
       mlp_dim=int(text["intermediate_size"]), activation=activation,
@@ -136,10 +192,10 @@ def model_config_of(sources: Sequence[Tuple[str, Mapping[str, Any]]]) -> Tuple[
   for model_type, config in sources:
     if model_type == "paligemma":
       text = config["text_config"]
-      fields.update(lm_fields(text, text.get("model_type", "gemma")))
+      fields.update(lm_fields(text, text.get("model_type", "gemma"), in_paligemma=True))
       fields["encoder"] = encoder_fields(config["vision_config"])
       image_size = int(config["vision_config"]["image_size"])
-    elif model_type in ("gemma", "llama"):
+    elif model_type in LM_TYPES:
       fields.update(lm_fields(config, model_type))
     else:
       vision = config.get("vision_config", config)
@@ -184,8 +240,9 @@ def fill(m: common.Mapper) -> None:
   m.move("projector.weight", "projection/kernel", common.dense)
   m.move("projector.bias", "projection/bias")
   m.move("lm.embed_tokens.weight", "lm/embedding/embedding")
+  block = GEMMA2_BLOCK if "lm/layers_0/post_mlp_norm/scale" in m.target else LM_BLOCK
   for i in range(_num_layers(w, r"lm\.layers\.(\d+)\.")):
-    common.move_block(m, f"lm.layers.{i}.", f"lm/layers_{i}", LM_BLOCK)
+    common.move_block(m, f"lm.layers.{i}.", f"lm/layers_{i}", block)
   m.move("lm.norm.weight", "lm/final_norm/scale")
   if "lm/head/kernel" in m.target:
     m.move("lm_head.weight", "lm/head/kernel", common.dense)
@@ -253,6 +310,11 @@ def load(paths: Sequence[str], model_config: Optional[ml_collections.ConfigDict]
   if any(_SIGLIP_EXTRA.match(k) for k in report.unused):
     report.notes.append("left out SigLIP parts a PaliGemma does not use (text tower, "
                         "attention-pooling head, logit scale / bias)")
+  if has["vision."]:  # the image processor of the source that brings the image tower
+    vision_source = next(p for p, (t, _, _) in zip(
+        [paths] if isinstance(paths, str) else paths, parts) if t not in ("gemma", "llama"))
+    report.image_normalization = common.hf_image_normalization(
+        vision_source, common.HALF_NORMALIZATION)
   return common.unflatten(params), model_config, report
 
 
@@ -277,9 +339,10 @@ def state_dict(flat: Mapping[str, np.ndarray], model_config) -> Flat:
   sd["multi_modal_projector.linear.weight"] = flat["projection/kernel"].T
   sd["multi_modal_projector.linear.bias"] = flat["projection/bias"]
   sd["language_model.model.embed_tokens.weight"] = flat["lm/embedding/embedding"]
+  block = GEMMA2_BLOCK if "lm/layers_0/post_mlp_norm/scale" in flat else LM_BLOCK
   for i in range(_num_layers(flat, r"lm/layers_(\d+)/")):
     sd.update(common.save_block(flat, f"language_model.model.layers.{i}.", f"lm/layers_{i}",
-                                LM_BLOCK))
+                                block))
   sd["language_model.model.norm.weight"] = flat["lm/final_norm/scale"]
   if "lm/head/kernel" in flat:
     sd["language_model.lm_head.weight"] = flat["lm/head/kernel"].T
@@ -287,7 +350,8 @@ def state_dict(flat: Mapping[str, np.ndarray], model_config) -> Flat:
 
 
 def hf_config(model_config, image_size: int) -> Dict[str, Any]:
-  """The PaliGemma config.json of a "vlm" (Gemma-style LMs only: PaliGemma's)."""
+  """The PaliGemma config.json of a "vlm" (Gemma-style LMs only: PaliGemma's; a Gemma 2,
+  `post_norms`, gives PaliGemma 2's)."""
   c = model_config
   if not c.get("embed_scale", True) or c.get("norm_scale_offset", 1.0) != 1.0:
     raise ValueError("PaliGemma's language model is a Gemma (embed_scale=True, "
@@ -311,6 +375,7 @@ def hf_config(model_config, image_size: int) -> Dict[str, Any]:
               rope_parameters=dict(rope_type="default", rope_theta=model.rope_base),
               tie_word_embeddings=model.tie_embeddings, eos_token_id=model.eos_id,
               pad_token_id=0, attention_bias=False)
+  text.update(gemma2_config(model))
   vision = dict(model_type="siglip_vision_model", hidden_size=enc["width"],
                 intermediate_size=enc["mlp_dim"], num_hidden_layers=enc["depth"],
                 num_attention_heads=enc["num_heads"], patch_size=int(patch),
@@ -323,6 +388,32 @@ def hf_config(model_config, image_size: int) -> Dict[str, Any]:
               # The VLM places image tokens by position; HF marks them with an id,
               # out of the vocabulary so it never collides with text.
               image_token_index=vocab, tie_word_embeddings=model.tie_embeddings)
+
+
+def _int_if_whole(x: float):
+  """transformers types query_pre_attn_scalar as an int."""
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def gemma2_config(model) -> Dict[str, Any]:
+  """The Gemma 2 keys of the text config; {} for a Gemma (refused if it has a Gemma 2
+  knob)."""
+  knobs = dict(query_pre_attn_scalar=model.query_pre_attn_scalar,
+               attn_logit_softcapping=model.attn_logit_softcapping,
+               final_logit_softcapping=model.final_logit_softcapping,
+               sliding_window=model.sliding_window)
+  if not model.post_norms:
+    given = {k: v for k, v in knobs.items() if v is not None}
+    if given:
+      raise ValueError(f"Gemma 2 knobs {given} need post_norms=True (a Gemma 2); a Gemma "
+                       "has none of them.")
+    return {}
+  local = [model.sliding_window is not None and (i + 1) % model.sliding_window_pattern != 0
+           for i in range(model.depth)]
+  return dict(knobs, model_type="gemma2",
+              query_pre_attn_scalar=_int_if_whole(
+                  model.query_pre_attn_scalar or model.head_dim),
+              layer_types=["sliding_attention" if x else "full_attention" for x in local])
 
 
 def export(flat: Mapping[str, np.ndarray], model_config, dst: str,

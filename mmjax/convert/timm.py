@@ -141,4 +141,7 @@ def load(path: str, model_config: Optional[ml_collections.ConfigDict] = None, *,
   target = common.model_param_shapes(model_config, image_size=int(image_size))
   params, report = common.convert(weights, target, fill, skip=skip, strict=strict)
   report.notes.extend(f"approximate: {a}" for a in approximate)
+  report.notes.append("a timm state dict does not record its pixel normalisation: set "
+                      "config.data.image_normalization to the model's (timm's pretrained_cfg "
+                      "mean / std); unset, the data are normalised to [-1, 1]")
   return params, model_config, report

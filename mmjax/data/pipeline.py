@@ -47,6 +47,10 @@ a (deterministic) function of num_workers too: resume with the same num_workers.
                     dataset's default
   eval_preprocess   the same at evaluation (random ops become deterministic); None -> the
                     dataset's default
+  image_normalization  (mean, std), floats or per-channel triples on [0, 1] pixels, that
+                    `normalize` ops without arguments apply (every default preprocessing
+                    has one); None -> (0.5, 0.5). `init_from.checkpoint=DST` fills it
+                    from a converted DST/model_config.json (e.g. CLIP's mean / std)
   num_workers       grain worker processes for training (0 = in the main process, with
                     threads); evaluation always reads with threads
   read_threads      threads reading and preprocessing examples in each process
@@ -112,6 +116,7 @@ def default_config(name: str = "shapes", **overrides) -> ml_collections.ConfigDi
       "max_answer_len": 0,
       "preprocess": placeholder(str),
       "eval_preprocess": placeholder(str),
+      "image_normalization": placeholder(tuple),
       "num_workers": 0,
       "read_threads": 2,
       "prefetch": 16,
@@ -166,7 +171,9 @@ class _ExampleMaker:
     if data_config.max_answer_len:  # generative VQA: the answer's text as tokens too
       self.pp_spec += f"|answer_text({data_config.max_answer_len})"
       answers = ds.info().get("answers")
-    self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(tokenizer=tokenizer, answers=answers))
+    self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(
+        tokenizer=tokenizer, answers=answers,
+        image_normalization=data_config.image_normalization))
 
   def __call__(self, index: int, epoch: int = 0) -> Optional[Dict[str, np.ndarray]]:
     """The preprocessed example `index` of the split, or None if bad and dropped."""

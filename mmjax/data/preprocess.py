@@ -36,6 +36,9 @@ class Context:
   """What ops may need besides the example."""
   tokenizer: Any = None
   answers: Optional[List[str]] = None  # the dataset's answer vocabulary (answer_text)
+  # (mean, std) of `normalize` without arguments: config.data.image_normalization, which
+  # init_from fills from a converted checkpoint's model_config.json; None: (0.5, 0.5).
+  image_normalization: Optional[tuple] = None
 
 
 def parse(spec: str) -> List[tuple]:
@@ -170,9 +173,15 @@ def flip_lr(key: str = "image", p: float = 0.5, *, ctx: Context) -> Op:
 
 
 @PP_OPS.register("normalize")
-def normalize(mean=0.5, std=0.5, key: str = "image", *, ctx: Context) -> Op:
-  """(x - mean) / std, per channel when given sequences."""
-  del ctx
+def normalize(mean=None, std=None, key: str = "image", *, ctx: Context) -> Op:
+  """(x - mean) / std, per channel when given sequences. Without arguments: the pixel
+  normalisation of the weights being trained (`ctx.image_normalization`, e.g. CLIP's
+  mean / std), else (0.5, 0.5), which maps [0, 1] pixels to big_vision's [-1, 1]."""
+  if (mean is None) != (std is None):
+    raise ConfigError(f"normalize: give both mean and std, or neither; given mean={mean}, "
+                      f"std={std}.")
+  if mean is None:
+    mean, std = ctx.image_normalization or (0.5, 0.5)
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
   def fn(ex, rng):

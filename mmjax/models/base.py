@@ -49,6 +49,11 @@ the data's `index` (the example's index in its split), else the row.
 Randomness: rng stream "dropout" (dropout, stochastic depth) and "sample" (e.g. masking
 for masked-language modelling); both are given in training only.
 
+Position tables: a model with learned position embeddings over a patch grid says how
+each is laid out, `model.position_grids(batch) -> {param name: PositionGrid(prefix_tokens,
+height, width)}` for the grids it uses on `batch` (shapes only). `init_from` resamples
+exactly these tables (`mmjax.nn.embed.resample_posemb`) when a checkpoint's grid differs.
+
 Batches are dicts of arrays; see `mmjax.data` for the keys and their meaning.
 """
 from typing import Any, Dict, Mapping
@@ -59,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
+from mmjax.nn.embed import PositionGrid
 from mmjax.registry import MODELS
 
 
@@ -92,6 +98,13 @@ class Model(nn.Module):
   def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
     """Default: the mean of every per-example output."""
     return {k: float(np.mean(v)) for k, v in outputs.items()}
+
+  @nn.nowrap  # plain arithmetic: callable on an unbound model
+  def position_grids(self, batch: Mapping[str, Any]) -> Dict[str, PositionGrid]:
+    """{flat param name ('a/b/pos_embedding'): PositionGrid} of the learned position
+    tables this model uses on `batch` (arrays or ShapeDtypeStructs). Default: none."""
+    del batch
+    return {}
 
 
 def build_model(model_config) -> nn.Module:

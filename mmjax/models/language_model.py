@@ -3,6 +3,12 @@
     tokens -> embedding (x sqrt(width) for Gemma) -> `depth` LMBlocks -> RMSNorm
            -> logits (the embedding transposed when tied, else a `head` kernel)
 
+Gemma 2: the block knobs of mmjax.nn.lm_block (post-norms, query_pre_attn_scalar,
+attention soft-cap), a sliding window on the local layers (`block.sliding_window`; every
+`sliding_window_pattern`-th layer, the 2nd, 4th, ... for Gemma 2's 2, attends globally,
+the others locally; transformers' `layer_types`) and `final_logit_softcapping` c on the
+logits, c * tanh(logits / c).
+
 The LM does not decide who attends to whom: the caller passes positions and the mask
 (causal, prefix-LM, padding), so one module serves text-only LMs and VLMs alike. With
 `decode=True` every block keeps a key/value cache (see MultiHeadAttention).
@@ -11,7 +17,8 @@ Parameter tree (what the Hugging Face importer fills): `embedding/embedding` [vo
 width], `layers_{i}/...` (see mmjax.nn.lm_block), `final_norm/scale`, `head/kernel`
 [width, vocab] when the embeddings are not tied.
 """
-from typing import Any
+import dataclasses
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -30,6 +37,8 @@ class DecoderLM(nn.Module):
   block: LMBlockConfig
   embed_scale: bool = True        # Gemma multiplies embeddings by sqrt(width); Llama not
   tie_embeddings: bool = True     # Gemma: logits = x @ embedding.T; Llama: a `head`
+  sliding_window_pattern: int = 2  # block.sliding_window: layer i global iff (i+1) % n == 0
+  final_logit_softcapping: Optional[float] = None  # Gemma 2: logits -> c * tanh(logits / c)
   decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -39,8 +48,8 @@ class DecoderLM(nn.Module):
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")))
-    self.layers = [LMBlock(self.block, decode=self.decode, dtype=self.dtype,
-                           param_dtype=self.param_dtype) for _ in range(self.depth)]
+    self.layers = [LMBlock(self.layer_config(i), decode=self.decode, dtype=self.dtype,
+                           param_dtype=self.param_dtype) for i in range(self.depth)]
     self.final_norm = RMSNorm(self.block.norm_epsilon, self.block.norm_scale_offset,
                               dtype=self.dtype, param_dtype=self.param_dtype)
     if not self.tie_embeddings:
@@ -48,6 +57,16 @@ class DecoderLM(nn.Module):
                            param_dtype=self.param_dtype,
                            kernel_init=nn.with_logical_partitioning(
                                nn.initializers.normal(0.02), ("embed", "vocab")))
+
+  def layer_config(self, i: int) -> LMBlockConfig:
+    """Block i's settings: global layers drop the sliding window."""
+    if self.block.sliding_window is None:
+      return self.block
+    if self.sliding_window_pattern < 2:
+      raise ValueError(f"sliding_window_pattern must be >= 2 (every n-th layer global); "
+                       f"given {self.sliding_window_pattern}.")
+    is_global = (i + 1) % self.sliding_window_pattern == 0
+    return dataclasses.replace(self.block, sliding_window=None) if is_global else self.block
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """Token ids [B, L] -> embeddings [B, L, width] (scaled as the family does)."""
@@ -67,4 +86,8 @@ class DecoderLM(nn.Module):
       x = layer(x, positions, mask)
     x = self.final_norm(x)
     logits = self.embedding.attend(x) if self.tie_embeddings else self.head(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if self.final_logit_softcapping is not None:
+      cap = float(self.final_logit_softcapping)
+      logits = cap * jnp.tanh(logits / cap)
+    return logits

@@ -52,7 +52,7 @@ from mmjax.models import decoding, heads, tokenizers
 from mmjax.models.base import Model
 from mmjax.models.objectives import RUN_ORDER, FeaturePass, Objective
 from mmjax.models.objectives.caption import teacher_forcing
-from mmjax.nn.embed import TokenEmbed
+from mmjax.nn.embed import PositionGrid, TokenEmbed
 from mmjax.registry import FUSIONS, MODELS, OBJECTIVES
 
 # Importing fusion registers the built-in strategies.
@@ -193,6 +193,7 @@ class MultimodalModel(Model):
                            "model already has (a field, method or another objective's head).")
         setattr(self, name, head)
 
+  @nn.nowrap  # no module context: position_grids builds tokenizers outside setup too
   def _tokenizer(self, modality: str, dtype) -> nn.Module:
     kind = MODALITY_KINDS[modality]
     if kind == "text":
@@ -209,6 +210,16 @@ class MultimodalModel(Model):
           frame_length=self.frame_length, hop_length=self.hop_length,
           num_mel_bins=self.num_mel_bins, dtype=dtype)
     return tokenizers.SensorTokenizer(self.sensor_window, self.width, dtype)
+
+  @nn.nowrap
+  def position_grids(self, batch: Batch) -> Dict[str, PositionGrid]:
+    """The patch-grid position tables of the image / audio tokenizers `batch` feeds."""
+    grids = {}
+    for m in self.used_modalities():
+      if MODALITY_KINDS[m] in ("image", "audio") and m in batch:
+        grid = self._tokenizer(m, jnp.float32).grid(batch[m].shape)
+        grids[f"embed_{m}/embeddings/pos_embedding"] = PositionGrid(0, *grid)
+    return grids
 
   # ------------------------------------------------------------------------ encoders
 

@@ -12,8 +12,10 @@ Every tokenizer returns (tokens [B, N, width], mask bool [B, N]) and adds
   AudioTokenizer    waveform [B, S]                  -> log-mel spectrogram patches (AST)
   SensorTokenizer   series [B, T, C]                 -> one token per window of `window` steps
 
-Image position embeddings are resampled (bilinear) when the image size differs from the
-size seen at initialisation, so a model trained at 32x32 evaluates at 48x48.
+Image and audio position embeddings are stored on their patch grid ([1, rows, columns, D];
+`grid(input shape)` gives it) and resampled (`mmjax.nn.embed.resample_posemb`) when the
+input's grid differs from the one seen at initialisation, so a model trained at 32x32
+evaluates at 48x48.
 Bad input raises ValueError naming the expected shape or range. Token-id range checks
 run when the ids are concrete (eager calls, e.g. the first batch); under `jit` values are
 unknown at trace time and the data pipeline's tokenizer owns the range.
@@ -47,8 +49,8 @@ def check_token_ids(tokens: Array, vocab_size: int, name: str = "text") -> None:
 class _Embeddings(nn.Module):
   """Adds the learned position embedding and the modality-type embedding to [B, N, D].
 
-  With a patch `grid` (images) the position embedding is stored as [1, gh, gw, D] and
-  resampled bilinearly when the grid differs from the one seen at initialisation;
+  With a patch `grid` (images, audio) the position embedding is stored as [1, gh, gw, D]
+  and resampled when the grid differs from the one seen at initialisation;
   otherwise it is [1, N, D] and the length must stay the same.
   """
   dtype: Any = jnp.float32
@@ -126,9 +128,12 @@ class ImageTokenizer(nn.Module):
                        f"{images.shape}.")
     x = embed.PatchEmbed(self.patch_size, self.width, dtype=self.dtype,
                          name="patch_embed")(images)
-    grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
-    x = _Embeddings(self.dtype, name="embeddings")(x, grid)
+    x = _Embeddings(self.dtype, name="embeddings")(x, self.grid(images.shape))
     return x, jnp.ones(x.shape[:2], bool)
+
+  def grid(self, image_shape: Sequence[int]) -> Tuple[int, int]:
+    """The patch grid of images [B, H, W, C]: its position table's shape [1, *grid, D]."""
+    return image_shape[1] // self.patch_size, image_shape[2] // self.patch_size
 
 
 class VideoTokenizer(nn.Module):
@@ -177,16 +182,21 @@ class AudioTokenizer(nn.Module):
     if self.num_mel_bins % self.patch_size:
       raise ValueError(f"num_mel_bins={self.num_mel_bins} must be a multiple of "
                        f"patch_size={self.patch_size}.")
-    frames = spec.shape[1] - spec.shape[1] % self.patch_size  # drop the ragged tail
+    grid = self.grid(waveform.shape)
+    frames = grid[0] * self.patch_size  # drop the ragged tail
     spec = spec[:, :frames]
     mean = jnp.mean(spec, axis=(1, 2), keepdims=True)
     std = jnp.std(spec, axis=(1, 2), keepdims=True)
     spec = ((spec - mean) / (std + 1e-5))[..., None]
     x = embed.PatchEmbed(self.patch_size, self.width, dtype=self.dtype,
                          name="patch_embed")(spec)
-    grid = (frames // self.patch_size, self.num_mel_bins // self.patch_size)
     x = _Embeddings(self.dtype, name="embeddings")(x, grid)
     return x, jnp.ones(x.shape[:2], bool)
+
+  def grid(self, waveform_shape: Sequence[int]) -> Tuple[int, int]:
+    """The (time, mel) patch grid of waveforms [B, S]: its position table's shape [1, *grid, D]."""
+    frames = 1 + (waveform_shape[1] - self.frame_length) // self.hop_length
+    return frames // self.patch_size, self.num_mel_bins // self.patch_size
 
 
 class SensorTokenizer(nn.Module):

@@ -35,6 +35,7 @@ from mmjax import metrics
 from mmjax.models import heads
 from mmjax.models.base import Model
 from mmjax.models.text import TextTransformer
+from mmjax.nn.embed import PositionGrid
 from mmjax.models.vit import ViT
 from mmjax.registry import MODELS
 
@@ -102,6 +103,12 @@ class TwoTower(Model):
                                              bias_init=self.bias_init,
                                              max_scale=self.max_logit_scale,
                                              impl=self.contrastive_impl)
+
+  @nn.nowrap  # plain arithmetic: callable on an unbound model
+  def position_grids(self, batch: Mapping[str, Array]) -> Dict[str, PositionGrid]:
+    """The image tower's position table ('img/pos_embedding') for batch['image']."""
+    tower = ViT(variant=None, patch_size=self.patch_size, pool_type=self.image_pool)
+    return {f"img/{k}": v for k, v in tower.position_grids(batch).items()}
 
   def embed_image(self, image: Array, *, train: bool = False) -> Array:
     """Images [B, H, W, 3] -> L2-normalised embeddings [B, embed_dim] (float32)."""

@@ -19,8 +19,9 @@ variant; or `variant=None` with all five given, for tiny test models:
 `pool_type="none"`: all encoder tokens [B, prefix + N, D], the class token first).
 
 The learned position embedding covers the class token too (as in the original ViT), so
-parameter counts match the published ones; `resample_vit_posemb` moves it to a new image
-size (train at 224, fine-tune or evaluate at 384).
+parameter counts match the published ones; `position_grids` says how it is laid out, and
+`resample_vit_posemb` moves it to a new image size (train at 224, fine-tune or evaluate
+at 384).
 
 `activation` / `layer_norm_epsilon` (mmjax.nn.transformer) default to big_vision's
 tanh-GELU and 1e-6; checkpoint importers set their source's (e.g. exact GELU, 1e-12).
@@ -38,7 +39,8 @@ import optax
 
 from mmjax.models.base import Model
 from mmjax.nn.attention import MultiHeadAttention
-from mmjax.nn.embed import PatchEmbed, learned_posemb, posemb_sincos_2d, resample_posemb
+from mmjax.nn.embed import (PatchEmbed, PositionGrid, learned_posemb, posemb_sincos_2d,
+                            resample_posemb)
 from mmjax.nn.transformer import Encoder, Mlp
 from mmjax.registry import MODELS
 
@@ -149,6 +151,27 @@ class ViT(Model):
 
   def num_prefix_tokens(self) -> int:
     return int(self.pool_type == "cls" if self.class_token is None else self.class_token)
+
+  def patch_grid(self, image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(rows, columns) of patches of an image of `image_size` (int or (height, width))."""
+    patch = {**decode_variant(self.variant),
+             **({"patch_size": self.patch_size} if self.patch_size is not None else {})}
+    if "patch_size" not in patch:
+      raise ValueError(f"ViT(variant={self.variant!r}) has no patch_size; set it.")
+    patch = _pair(patch["patch_size"])
+    size = _pair(image_size)
+    if size[0] % patch[0] or size[1] % patch[1]:
+      raise ValueError(f"Image size {size} is not divisible by the patch size {patch}.")
+    return size[0] // patch[0], size[1] // patch[1]
+
+  @nn.nowrap  # plain arithmetic: callable on an unbound model
+  def position_grids(self, batch: Mapping[str, Any]) -> Dict[str, PositionGrid]:
+    """{'pos_embedding': (class tokens, grid)} for batch['image'] [B, H, W, C]; none for
+    fixed sin-cos embeddings (they follow the image already)."""
+    if self.posemb != "learn":
+      return {}
+    return {"pos_embedding": PositionGrid(self.num_prefix_tokens(),
+                                          *self.patch_grid(batch["image"].shape[1:3]))}
 
   @nn.compact
   def __call__(self, image: Array, *, train: bool = False) -> Array:
@@ -262,14 +285,12 @@ def resample_vit_posemb(model: ViT, params: Mapping[str, Any],
   if model.posemb != "learn":
     raise ValueError(f"Only learned position embeddings are resampled; given posemb="
                      f"{model.posemb!r} (sin-cos embeddings follow the image size already).")
-  patch = model.sizes()["patch_size"]
-  grids = []
-  for size in (old_image_size, new_image_size):
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if size[0] % patch[0] or size[1] % patch[1]:
-      raise ValueError(f"Image size {size} is not divisible by the patch size {patch}.")
-    grids.append((size[0] // patch[0], size[1] // patch[1]))
   params = dict(params)
-  params["pos_embedding"] = resample_posemb(params["pos_embedding"], grids[0], grids[1],
-                                            model.num_prefix_tokens())
+  params["pos_embedding"] = resample_posemb(
+      params["pos_embedding"], model.patch_grid(old_image_size),
+      model.patch_grid(new_image_size), model.num_prefix_tokens())
   return params
+
+
+def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
+  return (value, value) if isinstance(value, int) else tuple(value)

@@ -5,6 +5,9 @@
     suffix (target ids) ─► LM token embedding ──────────────────────────────────────────┘
         ─► decoder-only LM (Gemma / Llama blocks: RMSNorm, RoPE, GQA, gated MLP) ─► logits
 
+The LM may be a Gemma 2 (post-norms, soft-capped attention and logits, sliding-window
+local layers: the fields after `tie_embeddings`, all off by default).
+
 Attention (`prefix_attention`): "full" is PaliGemma's prefix-LM, the image tokens and
 the prompt see each other in both directions and the suffix is causal; "causal" makes
 the whole sequence causal (the ablation of the PaliGemma paper). The loss is the
@@ -46,6 +49,7 @@ from mmjax.models import decoding as decoding_lib
 from mmjax.models.base import Model
 from mmjax.models.language_model import DecoderLM
 from mmjax.models.vit import ViT
+from mmjax.nn.embed import PositionGrid
 from mmjax.nn.lm_block import LMBlockConfig
 from mmjax.nn.transformer import Mlp
 from mmjax.registry import MODELS
@@ -104,6 +108,13 @@ class VLM(Model):
   rope_base: float = 10_000.0
   embed_scale: bool = True                      # Gemma: embeddings x sqrt(width)
   tie_embeddings: bool = True
+  # Gemma 2 (defaults off: Gemma 1 / Llama); see language_model.py and lm_block.py.
+  post_norms: bool = False                      # RMSNorm after attention and MLP
+  query_pre_attn_scalar: Optional[float] = None  # scores x this^-1/2 (None: head_dim)
+  attn_logit_softcapping: Optional[float] = None   # scores -> c tanh(scores / c)
+  final_logit_softcapping: Optional[float] = None  # logits -> c tanh(logits / c)
+  sliding_window: Optional[int] = None          # local layers see |p_q - p_k| < window
+  sliding_window_pattern: int = 2               # every n-th layer global, others local
   prefix_attention: str = "full"                # "full" (prefix-LM) | "causal"
   tasks: Tuple[str, ...] = ("caption",)         # what the generation evaluation asks for
   # Generation (`generate_tokens`; the evaluation decodes as config.generation says).
@@ -125,15 +136,26 @@ class VLM(Model):
                        f"{ {k: _ENCODER_FIXED[k] for k in clash} } (or leave them out).")
     return {**_ENCODER_DEFAULT, **given, **_ENCODER_FIXED}
 
+  @nn.nowrap  # plain arithmetic: callable on an unbound model
+  def position_grids(self, batch: Batch) -> Dict[str, PositionGrid]:
+    """The image encoder's position table ('image_encoder/pos_embedding')."""
+    tower = ViT(**self.encoder_config())
+    return {f"image_encoder/{k}": v for k, v in tower.position_grids(batch).items()}
+
   def lm_module(self, decode: bool = False) -> DecoderLM:
     """The LM; `decode=True` gives an unbound copy with a key/value cache (generate)."""
     block = LMBlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
         num_kv_heads=self.num_kv_heads, activation=self.activation,
         norm_epsilon=self.norm_epsilon, norm_scale_offset=self.norm_scale_offset,
-        rope_base=self.rope_base, implementation=self.implementation)
+        rope_base=self.rope_base, implementation=self.implementation,
+        post_norms=self.post_norms, query_pre_attn_scalar=self.query_pre_attn_scalar,
+        attn_logit_softcapping=self.attn_logit_softcapping,
+        sliding_window=self.sliding_window)
     return DecoderLM(self.vocab_size, self.width, self.depth, block,
                      embed_scale=self.embed_scale, tie_embeddings=self.tie_embeddings,
+                     sliding_window_pattern=self.sliding_window_pattern,
+                     final_logit_softcapping=self.final_logit_softcapping,
                      decode=decode, dtype=jnp.dtype(self.dtype),
                      **(dict(parent=None) if decode else dict(name="lm")))
 
@@ -251,11 +273,20 @@ class VLM(Model):
     beams, or "sample": `temperature`, `top_k`, `rng`) feeds one token per step.
     """
     self._check(batch, ("image", "prefix"))
+    x, valid = self.prefix(batch)
+    return self.generate_after(x, valid, decoding=decoding, max_len=max_len, rng=rng,
+                               length_penalty=length_penalty)
+
+  def generate_after(self, x: Array, valid: Array, *, decoding: Optional[str] = None,
+                     max_len: Optional[int] = None, rng: Optional[Array] = None,
+                     length_penalty: float = 0.0) -> Array:
+    """Tokens [B, max_len] continuing the prefix embeddings `x` [B, P, width] (`valid`
+    [B, P] marks padding), as `generate_tokens` does after building its prefix: also
+    how the LM alone continues a text prompt (`x = lm.embed(ids)`)."""
     decoding = decoding or self.decoding
     max_len = max_len or self.max_decode_len
     if decoding not in DECODINGS:
       raise ValueError(f"vlm.generate: decoding={decoding!r}; expected one of {DECODINGS}.")
-    x, valid = self.prefix(batch)
     batch_size, num_prefix = valid.shape
     beams = self.beam_size if decoding == "beam" else 1
     rows = batch_size * beams

@@ -10,7 +10,7 @@
 """
 from mmjax.nn.attention import MultiHeadAttention, dot_product_attention
 from mmjax.nn.embed import (PatchEmbed, TubeletEmbed, learned_posemb, posemb_sincos_1d,
-                            posemb_sincos_2d, resample_posemb)
+                            PositionGrid, posemb_sincos_2d, resample_posemb)
 from mmjax.nn.gated_mlp import GatedMlp
 from mmjax.nn.lm_block import LMBlock, LMBlockConfig
 from mmjax.nn.norms import RMSNorm
@@ -21,5 +21,5 @@ __all__ = [
     "Decoder", "DecoderBlock", "Encoder", "EncoderBlock", "GatedMlp", "LMBlock",
     "LMBlockConfig", "Mlp", "MultiHeadAttention", "PatchEmbed", "RMSNorm", "TubeletEmbed",
     "apply_rope", "dot_product_attention", "learned_posemb", "posemb_sincos_1d",
-    "posemb_sincos_2d", "resample_posemb",
+    "posemb_sincos_2d", "PositionGrid", "resample_posemb",
 ]

@@ -13,17 +13,23 @@ interchangeable backends, registered by name in `mmjax.registry.ATTENTION_BACKEN
                (forward and backward): memory-efficient for long sequences; no dropout.
 
 `implementation=None` picks the best backend for the platform (see `default_backend`).
-A backend that cannot honour a mask, bias or dropout raises ValueError; none ignores
-one silently. Every backend returns zeros for a query whose keys are all masked.
+A backend that cannot honour a mask, bias, dropout or a logit soft-cap raises
+ValueError; none ignores one silently. Every backend returns zeros for a query whose
+keys are all masked.
 
 Masks are boolean, True = may attend, broadcastable to [batch, heads, q_length, kv_length];
 biases are additive and broadcast the same way. Causal masks are aligned top-left
-(query i sees keys 0..i), as in `jax.nn.dot_product_attention`.
+(query i sees keys 0..i), as in `jax.nn.dot_product_attention`. `logit_soft_cap` c
+(Gemma 2) bounds the scaled scores before bias and mask, s -> c * tanh(s / c):
+"reference", "chunked" and "splash" have it; jax.nn's "xla" / "cudnn" do not and refuse
+it, and the default choice avoids them.
 
 `MultiHeadAttention` (flax.linen) projects inputs to query / key / value heads (fewer
 key/value heads gives grouped- or multi-query attention), attends, and projects back; with
 `decode=True` it keeps a key/value cache in the "cache" collection for autoregressive
-decoding. Parameter names (query, key, value, out; kernel, bias) are the checkpoint format.
+decoding, and with `sliding_window` each query sees only keys whose position is within the
+window (Gemma 2's local layers). Parameter names (query, key, value, out; kernel, bias)
+are the checkpoint format.
 """
 import functools
 from typing import Any, Callable, Optional, Tuple
@@ -109,7 +115,8 @@ def _zero_fully_masked_rows(out: Array, mask: Optional[Array], is_causal: bool,
 
 @ATTENTION_BACKENDS.register("reference")
 def reference_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
-                        scale: float, dropout_rate=0.0, dropout_rng=None) -> Array:
+                        scale: float, dropout_rate=0.0, dropout_rng=None,
+                        logit_soft_cap=None) -> Array:
   """The definition: einsum logits, float32 softmax, masked keys get weight exactly 0."""
   q_length, num_heads = query.shape[1], query.shape[2]
   kv_length, num_kv_heads = key.shape[1], key.shape[2]
@@ -121,6 +128,8 @@ def reference_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
     value = jnp.repeat(value, num_heads // num_kv_heads, axis=2)
   query = query * jnp.asarray(scale, query.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+  if logit_soft_cap is not None:
+    logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   logits_mask = mask
@@ -139,10 +148,13 @@ def reference_attention(query, key, value, *, bias=None, mask=None, is_causal=Fa
   return _zero_fully_masked_rows(out, mask, is_causal, kv_length)
 
 
-def _refuse(backend: str, dropout_rate: float, **unsupported):
+def _refuse(backend: str, dropout_rate: float, logit_soft_cap=None, **unsupported):
   if dropout_rate > 0.0:
     raise ValueError(f"attention backend {backend!r} does not support dropout on the "
                      f"weights; given dropout_rate={dropout_rate}. Use 'reference'.")
+  if logit_soft_cap is not None:
+    raise ValueError(f"attention backend {backend!r} does not support logit soft-capping; "
+                     f"given logit_soft_cap={logit_soft_cap}. Use 'reference' or 'chunked'.")
   for name, value in unsupported.items():
     if value is not None:
       raise ValueError(f"attention backend {backend!r} does not support `{name}`; given "
@@ -150,9 +162,10 @@ def _refuse(backend: str, dropout_rate: float, **unsupported):
 
 
 def _jax_nn_attention(implementation, query, key, value, *, bias=None, mask=None,
-                      is_causal=False, scale: float, dropout_rate=0.0, dropout_rng=None):
+                      is_causal=False, scale: float, dropout_rate=0.0, dropout_rng=None,
+                      logit_soft_cap=None):
   del dropout_rng
-  _refuse(implementation, dropout_rate)
+  _refuse(implementation, dropout_rate, logit_soft_cap)
   if bias is not None:
     bias = bias.astype(query.dtype)
   out = jax.nn.dot_product_attention(query, key, value, bias, mask, scale=scale,
@@ -196,7 +209,7 @@ def _mesh_axes_that_divide(logical: str, size: int) -> Tuple[str, ...]:
   return axes if axes and size % shards == 0 else ()
 
 
-def _splash_kernel(query, key, value, *, is_causal, interpret):
+def _splash_kernel(query, key, value, *, is_causal, interpret, logit_soft_cap=None):
   """Splash on local arrays: q [B, Tq, H, D] (already scaled), k / v [B, Tk, K, D]."""
   # Imported lazily: Pallas TPU kernels are only needed by this backend.
   from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -210,7 +223,7 @@ def _splash_kernel(query, key, value, *, is_causal, interpret):
   # One multi-query kernel per key/value head serves its group of query heads (GQA).
   kernel = splash.make_splash_mqa(
       masks.MultiHeadMask([head_mask] * groups), block_sizes=blocks, head_shards=1,
-      q_seq_shards=1, interpret=interpret)
+      q_seq_shards=1, interpret=interpret, attn_logits_soft_cap=logit_soft_cap)
   q = query.reshape(batch, q_length, num_kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
   k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)   # [B, K, Tk, D]
   out = jax.vmap(jax.vmap(kernel))(q, k, v)                        # [B, K, G, Tq, D]
@@ -219,8 +232,9 @@ def _splash_kernel(query, key, value, *, is_causal, interpret):
 
 @ATTENTION_BACKENDS.register("splash")
 def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
-                     scale: float, dropout_rate=0.0, dropout_rng=None) -> Array:
-  """Pallas TPU splash attention; causal or full attention only.
+                     scale: float, dropout_rate=0.0, dropout_rng=None,
+                     logit_soft_cap=None) -> Array:
+  """Pallas TPU splash attention; causal or full attention only (with a soft-cap).
 
   XLA cannot partition a Pallas kernel, so under a mesh it runs in `shard_map`: the batch
   split like the activations' `batch` axis (data x fsdp), heads like `heads` (tensor),
@@ -238,7 +252,8 @@ def splash_attention(query, key, value, *, bias=None, mask=None, is_causal=False
                      f"kv_length {kv_length}.")
   query = query * jnp.asarray(scale, query.dtype)  # splash does not scale the logits itself
   kernel = functools.partial(_splash_kernel, is_causal=is_causal,
-                             interpret=target_platform() != "tpu")
+                             interpret=target_platform() != "tpu",
+                             logit_soft_cap=logit_soft_cap)
   batch_axes = _mesh_axes_that_divide("batch", batch)
   head_axes = _mesh_axes_that_divide("heads", num_heads)
   if not batch_axes and not head_axes:
@@ -259,7 +274,8 @@ def _query_chunk(q_length: int) -> int:
 
 @ATTENTION_BACKENDS.register("chunked")
 def chunked_attention(query, key, value, *, bias=None, mask=None, is_causal=False,
-                      scale: float, dropout_rate=0.0, dropout_rng=None) -> Array:
+                      scale: float, dropout_rate=0.0, dropout_rng=None,
+                      logit_soft_cap=None) -> Array:
   """"reference" over query chunks: one [chunk, kv_length] block of weights per head live.
 
   `lax.map` attends `_query_chunk(q_length)` queries at a time to every key, and
@@ -295,7 +311,7 @@ def chunked_attention(query, key, value, *, bias=None, mask=None, is_causal=Fals
       causal = _causal_mask(chunk, kv_length, index * chunk)
       chunk_mask = causal if chunk_mask is None else chunk_mask & causal
     return reference_attention(q, key, value, bias=arrays["bias"], mask=chunk_mask,
-                               scale=scale)
+                               scale=scale, logit_soft_cap=logit_soft_cap)
 
   out = jax.lax.map(jax.checkpoint(one_chunk), (jnp.arange(num_chunks), queries, per_chunk))
   return out.swapaxes(0, 1).reshape(batch, q_length, num_heads, head_dim)
@@ -303,7 +319,8 @@ def chunked_attention(query, key, value, *, bias=None, mask=None, is_causal=Fals
 
 def default_backend(*, platform: Optional[str] = None, dtype: Dtype = jnp.float32,
                     has_mask: bool = False, has_bias: bool = False, dropout: bool = False,
-                    q_length: int = 0, kv_length: int = 0, head_dim: int = 64) -> str:
+                    q_length: int = 0, kv_length: int = 0, head_dim: int = 64,
+                    soft_cap: bool = False) -> str:
   """The fastest backend that honours the request on `platform` (default: the target's).
 
   CPU: "chunked" from q_length 1024 on (when its query chunk divides q_length), else
@@ -315,16 +332,21 @@ def default_backend(*, platform: Optional[str] = None, dtype: Dtype = jnp.float3
     default (XLA) works.
   TPU: "splash" for full or causal attention on 128-multiple lengths, else "xla".
   Dropout on the weights: "reference" everywhere (the only backend that has it).
+  Logit soft-capping: on GPU and TPU, where jax.nn's kernels lack it, the CPU choice
+  ("chunked" or "reference", plain XLA) unless splash fits on a TPU.
   """
   platform = platform or target_platform()
   if dropout:
     return "reference"
-  if platform == "gpu":
+  if platform == "gpu" and not soft_cap:
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     return "cudnn" if half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
   if platform == "tpu":
     lengths_fit = q_length % _SPLASH_BLOCK == 0 and kv_length % _SPLASH_BLOCK == 0
-    return "splash" if lengths_fit and not has_mask and not has_bias else "xla"
+    if lengths_fit and not has_mask and not has_bias:
+      return "splash"
+    if not soft_cap:
+      return "xla"
   if q_length >= 1024 and q_length % _query_chunk(q_length) == 0:
     return "chunked"
   return "reference"
@@ -334,8 +356,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
                           bias: Optional[Array] = None, mask: Optional[Array] = None,
                           is_causal: bool = False, scale: Optional[float] = None,
                           dropout_rate: float = 0.0, dropout_rng: Optional[Array] = None,
+                          logit_soft_cap: Optional[float] = None,
                           implementation: Optional[str] = None) -> Array:
-  """softmax(q k^T * scale + bias, masked) v over [batch, length, heads, head_dim].
+  """softmax(cap(q k^T * scale) + bias, masked) v over [batch, length, heads, head_dim].
 
   Args:
     query: [B, Tq, H, D].
@@ -346,6 +369,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     scale: logits scale; default 1 / sqrt(D).
     dropout_rate: dropout on the attention weights; needs `dropout_rng` when > 0.
     dropout_rng: PRNG key for the dropout.
+    logit_soft_cap: c > 0 caps the scaled scores at +-c: cap(s) = c * tanh(s / c)
+      (Gemma 2); None leaves them as they are.
     implementation: a name in `mmjax.registry.ATTENTION_BACKENDS`, or None for
       `default_backend()`.
 
@@ -367,14 +392,19 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError(f"dot_product_attention: dropout_rate={dropout_rate} needs a "
                      "dropout_rng; given None.")
+  if logit_soft_cap is not None and not logit_soft_cap > 0:
+    raise ValueError(f"dot_product_attention: logit_soft_cap must be > 0 or None; given "
+                     f"{logit_soft_cap}.")
   if scale is None:
     scale = 1.0 / float(np.sqrt(head_dim))
   chosen = implementation or default_backend(
       dtype=query.dtype, has_mask=mask is not None, has_bias=bias is not None,
       dropout=dropout_rate > 0.0, q_length=q_length, kv_length=kv_length,
-      head_dim=head_dim)
+      head_dim=head_dim, soft_cap=logit_soft_cap is not None)
   kwargs = dict(bias=bias, mask=mask, is_causal=is_causal, scale=scale,
                 dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  if logit_soft_cap is not None:  # only then: backends registered by forks need not know it
+    kwargs["logit_soft_cap"] = float(logit_soft_cap)
   if implementation is None and chosen == "cudnn":
     try:
       return cudnn_attention(query, key, value, **kwargs)
@@ -428,6 +458,14 @@ class Projection(nn.Module):
     return y
 
 
+def _within_window(mask: Optional[Array], query_positions: Array, key_positions: Array,
+                   window: int) -> Array:
+  """`mask` & (|query position - key position| < window), [B, 1 or H, Tq, Tk]."""
+  distance = query_positions[:, :, None] - key_positions[:, None, :]
+  local = (jnp.abs(distance) < window)[:, None]
+  return local if mask is None else jnp.logical_and(mask, local)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head (or grouped-/multi-query) dot-product attention with a decoding cache.
 
@@ -447,6 +485,14 @@ class MultiHeadAttention(nn.Module):
 
   Rotary position embeddings (`rope_base` set, see mmjax.nn.rope): queries and keys are
   rotated by `positions` [B, L] before attention (and before caching).
+
+  Gemma 2 knobs: `scale` replaces the 1 / sqrt(head_dim) logits scale;
+  `logit_soft_cap` caps the scaled scores (see `dot_product_attention`);
+  `sliding_window` W (self-attention with `positions`) keeps a key visible only when its
+  position is within W - 1 of the query's, |p_q - p_k| < W, on top of `mask` (the window
+  of google-deepmind/gemma; over the causal part it is Hugging Face's q - k < W). Key
+  positions come from `positions`, or while decoding from the cache, which then also
+  holds them (`cached_positions`), so padding never counts against the window.
   """
   num_heads: int
   num_kv_heads: Optional[int] = None
@@ -459,6 +505,9 @@ class MultiHeadAttention(nn.Module):
   implementation: Optional[str] = None
   decode: bool = False
   rope_base: Optional[float] = None
+  scale: Optional[float] = None
+  logit_soft_cap: Optional[float] = None
+  sliding_window: Optional[int] = None
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_init: Callable = nn.initializers.zeros
 
@@ -495,36 +544,49 @@ class MultiHeadAttention(nn.Module):
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
     value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
-    if self.rope_base is not None:
+    if self.rope_base is not None or self.sliding_window is not None:
       if positions is None or inputs_kv is not inputs_q:
-        raise ValueError("MultiHeadAttention(rope_base=...) is self-attention with explicit "
-                         "`positions` [batch, length]; given positions="
-                         f"{None if positions is None else positions.shape}"
+        raise ValueError("MultiHeadAttention(rope_base=... or sliding_window=...) is "
+                         "self-attention with explicit `positions` [batch, length]; given "
+                         f"positions={None if positions is None else positions.shape}"
                          f"{'' if inputs_kv is inputs_q else ' and cross-attention inputs'}.")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"MultiHeadAttention: sliding_window must be >= 1 or None; given "
+                       f"{self.sliding_window}.")
+    if self.rope_base is not None:
       query = apply_rope(query, positions, self.rope_base)
       key = apply_rope(key, positions, self.rope_base)
 
+    key_positions = positions
     if self.decode:
-      key, value, mask, is_causal = self._use_cache(key, value, mask, is_causal,
-                                                    full_cache_mask)
+      key, value, mask, is_causal, key_positions = self._use_cache(
+          key, value, mask, is_causal, full_cache_mask, positions)
+    if self.sliding_window is not None:
+      mask = _within_window(mask, positions, key_positions, self.sliding_window)
 
     dropout_rate = 0.0 if deterministic else self.dropout_rate
     dropout_rng = self.make_rng("dropout") if dropout_rate > 0.0 else None
     x = dot_product_attention(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
-                              dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                              scale=self.scale, dropout_rate=dropout_rate,
+                              dropout_rng=dropout_rng, logit_soft_cap=self.logit_soft_cap,
                               implementation=self.implementation)
     out = projection((self.out_features or inputs_q.shape[-1],), ("heads", "kv", "embed"),
                      name="out")(x)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
-  def _use_cache(self, key, value, mask, is_causal, full_cache_mask=False):
-    """Writes this step's keys/values into the cache; returns the cached K/V and mask."""
+  def _use_cache(self, key, value, mask, is_causal, full_cache_mask=False, positions=None):
+    """Writes this step's keys/values (and positions, with a sliding window) into the
+    cache; returns the cached K/V, mask, is_causal and key positions."""
     initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    cached_positions = None
+    if self.sliding_window is not None:
+      cached_positions = self.variable("cache", "cached_positions", jnp.zeros,
+                                       positions.shape, jnp.int32)
     if not initialized:  # Initialisation only sizes the cache: attend as usual.
-      return key, value, mask, is_causal
+      return key, value, mask, is_causal, positions
     batch, max_length, num_kv_heads, head_dim = cached_key.value.shape
     if key.shape[0] != batch or key.shape[2:] != (num_kv_heads, head_dim):
       raise ValueError(f"MultiHeadAttention decode: step keys {key.shape} do not match the "
@@ -538,15 +600,20 @@ class MultiHeadAttention(nn.Module):
     cached_value.value = jax.lax.dynamic_update_slice(
         cached_value.value, value, (0, index, 0, 0))
     cache_index.value = index + step_length
+    key_positions = None
+    if cached_positions is not None:
+      cached_positions.value = jax.lax.dynamic_update_slice(
+          cached_positions.value, positions.astype(jnp.int32), (0, index))
+      key_positions = cached_positions.value
     del is_causal  # The cache mask is already causal over absolute positions.
     if full_cache_mask:
       if mask is None:
         raise ValueError("MultiHeadAttention decode: full_cache_mask=True needs a mask "
                          "[B, H, L, max_length]; given None.")
-      return cached_key.value, cached_value.value, mask, False
+      return cached_key.value, cached_value.value, mask, False, key_positions
     # New token t (at absolute position index + t) sees cached positions 0..index + t.
     query_position = index + jnp.arange(step_length)
     visible = jnp.arange(max_length)[None, :] <= query_position[:, None]
     visible = visible[None, None]                                   # [1, 1, L, max_length]
     mask = visible if mask is None else jnp.logical_and(mask, visible)
-    return cached_key.value, cached_value.value, mask, False
+    return cached_key.value, cached_value.value, mask, False, key_positions

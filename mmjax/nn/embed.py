@@ -6,13 +6,14 @@
   TubeletEmbed    [B, T, H, W, C] -> [B, (T/pt)(H/ph)(W/pw), D]   space-time tubelets
   posemb_sincos_2d / posemb_sincos_1d   fixed sin-cos position embeddings [1, N, D]
   learned_posemb                        a learned [1, N, D] parameter
+  PositionGrid                          how a learned table is laid out (prefix, h, w)
   resample_posemb                       a learned embedding moved to a new patch grid
 
 Both patch embeddings are a strided convolution written as reshape + einsum (identical
 maths, and the kernel layout [*patch, channels, width] is the conv layout big_vision /
 scenic checkpoints use, so they load unchanged). Parameter names: `kernel`, `bias`.
 """
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 from flax.linen import dtypes
@@ -190,13 +191,24 @@ def learned_posemb(module: nn.Module, name: str, length: int, width: int,
       (1, length, width), param_dtype)
 
 
+class PositionGrid(NamedTuple):
+  """How a learned position table is laid out: `prefix_tokens` rows (class / register
+  tokens) and then a row-major `height` x `width` patch grid. Models say this of their
+  tables (`Model.position_grids`), so no one guesses it from a table's length."""
+  prefix_tokens: int
+  height: int
+  width: int
+
+
 def resample_posemb(posemb: Array, old_grid: Grid, new_grid: Grid,
-                    num_prefix_tokens: int = 0, method: str = "bilinear") -> Array:
+                    num_prefix_tokens: int = 0) -> Array:
   """Interpolates a [1, prefix + oh*ow, D] embedding to [1, prefix + nh*nw, D].
 
-  The patch grid is resized (jax.image.resize `method`); the first `num_prefix_tokens`
-  positions (class / register tokens) are kept as they are. Lets a model trained at
-  224x224 run at 384x384: resample its learned `pos_embedding` and load it.
+  The patch grid is resized by linear interpolation with the grid's corners aligned,
+  which is what big_vision / the original ViT do (`scipy.ndimage.zoom(grid, order=1)`);
+  the first `num_prefix_tokens` rows (class / register tokens) are kept as they are.
+  Lets a model trained at 224x224 run at 384x384. The one resampler of mmjax: models,
+  converters and `init_from` all call it. Traceable (jit) and exact for an equal grid.
   """
   old_grid = _as_tuple("resample_posemb old_grid", old_grid, 2)
   new_grid = _as_tuple("resample_posemb new_grid", new_grid, 2)
@@ -206,9 +218,17 @@ def resample_posemb(posemb: Array, old_grid: Grid, new_grid: Grid,
     raise ValueError(f"resample_posemb expects shape [1, {num_prefix_tokens} + "
                      f"{old_grid[0]}*{old_grid[1]}, width] = [1, {expected}, width]; given "
                      f"{posemb.shape}.")
+  if old_grid == new_grid:
+    return posemb
   prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
   width = posemb.shape[-1]
   grid = grid.reshape(old_grid + (width,)).astype(jnp.float32)
-  grid = jax.image.resize(grid, new_grid + (width,), method=method)
-  grid = grid.reshape(1, new_grid[0] * new_grid[1], width).astype(posemb.dtype)
-  return jnp.concatenate([prefix, grid], axis=1)
+  # Output pixel i samples input coordinate i * (old - 1) / (new - 1): corners aligned.
+  axes = [jnp.arange(new, dtype=jnp.float32) * ((old - 1) / max(new - 1, 1))
+          for old, new in zip(old_grid, new_grid)]
+  coords = jnp.meshgrid(*axes, indexing="ij")
+  channels = jnp.moveaxis(grid, -1, 0)
+  zoomed = jax.vmap(lambda c: jax.scipy.ndimage.map_coordinates(
+      c, coords, order=1, mode="nearest"))(channels)
+  grid = jnp.moveaxis(zoomed, 0, -1).reshape(1, new_grid[0] * new_grid[1], width)
+  return jnp.concatenate([prefix, grid.astype(posemb.dtype)], axis=1)

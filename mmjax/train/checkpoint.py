@@ -21,13 +21,15 @@ What `restore_latest` does with each step, newest first:
 by `check()` (called every step) as `CheckpointSaveError`, the previous steps kept.
 
 `load_params` reads only the params of another run for fine-tuning; `merge_params` maps
-them onto a new model (rename, include / exclude, position-embedding resampling) and
-reports what was loaded, what is new and what was dropped.
+them onto a new model (rename, include / exclude, resampling of the position tables the
+model names in `position_grids`), refuses to drop a trained parameter the model has no
+place for unless `skip` lists it, and reports what was loaded, what is new and what was
+dropped.
 """
 import os
 import re
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import grain
 import jax
@@ -347,24 +349,33 @@ def load_params(path: str) -> Dict[str, np.ndarray]:
   return traverse_util.flatten_dict(restored["params"], sep="/")
 
 
-def resample_posemb(posemb: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-  """Resizes a [1, prefix + N, D] position embedding to `new_shape` (square patch grids;
-  a leading class-token row, when the lengths say there is one, is kept as is)."""
-  old_n, new_n = posemb.shape[-2], new_shape[-2]
-  for prefix in (0, 1):
-    if _is_square(old_n - prefix) and _is_square(new_n - prefix):
-      break
+def resample_position_table(value: np.ndarray, shape: Sequence[int], grid: embed.PositionGrid,
+                            name: str) -> np.ndarray:
+  """A checkpoint's position table moved onto the model's `grid` (the model's table has
+  `shape`: [1, prefix + h*w, D], or [1, h, w, D] when the grid is in the shape).
+
+  The checkpoint's grid is read from its shape when it is 4-D; a flat table keeps the
+  model's class tokens and aspect ratio (square images: a square grid).
+  """
+  width = shape[-1]
+  if value.ndim != len(shape) or value.shape[-1] != width or value.ndim not in (3, 4):
+    raise CheckpointShapeError(f"init_from: {name}: checkpoint {tuple(value.shape)} cannot be "
+                               f"resampled to the model's position table {tuple(shape)}.")
+  prefix = 0 if value.ndim == 4 else grid.prefix_tokens
+  if value.ndim == 4:
+    old = value.shape[1:3]
   else:
-    raise ConfigError(f"Cannot resample position embedding {posemb.shape} -> {tuple(new_shape)}: "
-                      "lengths are not square grids (with at most one class token).")
-  old_side, new_side = int(round(np.sqrt(old_n - prefix))), int(round(np.sqrt(new_n - prefix)))
-  out = embed.resample_posemb(jnp.asarray(posemb), (old_side, old_side), (new_side, new_side),
-                              num_prefix_tokens=prefix)
-  return np.asarray(out, posemb.dtype)
-
-
-def _is_square(n: int) -> bool:
-  return n > 0 and int(round(np.sqrt(n))) ** 2 == n
+    patches = value.shape[1] - prefix
+    rows = int(round(np.sqrt(patches * grid.height / grid.width)))
+    old = (rows, patches // max(rows, 1))
+    if patches <= 0 or old[0] * old[1] != patches or old[0] * grid.width != old[1] * grid.height:
+      raise CheckpointShapeError(
+          f"init_from: {name}: checkpoint {tuple(value.shape)} is not {prefix} class-token "
+          f"row(s) and a {grid.height}:{grid.width} patch grid like the model's "
+          f"{tuple(shape)} ({grid.height}x{grid.width}).")
+  flat = value.reshape(1, -1, width)
+  out = embed.resample_posemb(jnp.asarray(flat), old, (grid.height, grid.width), prefix)
+  return np.asarray(out, value.dtype).reshape(shape)
 
 
 # Named `init_from.rename` rules: a string entry of `rename` stands for its preset's pairs.
@@ -396,15 +407,20 @@ def rename_rules(rename: Sequence[Any]) -> Tuple[Tuple[str, str], ...]:
 
 def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
                  include: Sequence[str] = (".*",), exclude: Sequence[str] = (),
-                 rename: Sequence[Tuple[str, str]] = ()) -> Tuple[Dict[str, Any], Dict[str, list]]:
+                 skip: Sequence[str] = (), rename: Sequence[Tuple[str, str]] = (),
+                 grids: Optional[Mapping[str, embed.PositionGrid]] = None
+                 ) -> Tuple[Dict[str, Any], Dict[str, list]]:
   """Overwrites leaves of the flat `target` ('a/b/kernel' -> array) with `source` ones.
 
   Source names are first renamed (`re.sub` in order), then loaded when they match
-  `include`, no `exclude`, and exist in the target. Shapes must agree, except position
-  embeddings (names ending in 'pos_embedding' / 'posemb'), which are resampled.
-  Returns (merged flat params, report with 'loaded', 'resampled', 'new', 'dropped' and
-  'excluded', the dropped source names that `exclude` asked for).
+  `include` and no `exclude` (regexes on renamed names). Shapes must agree, except the
+  position tables `grids` names (the model's `position_grids`), which are resampled.
+  A trained parameter the model has no place for (renamed, it is not in `target`) is
+  refused with a ConfigError naming it, unless `skip` (regexes on renamed names) lists it.
+  Returns (merged flat params, report with 'loaded', 'resampled', 'new', 'dropped' and,
+  of the dropped source names, 'excluded' (by include / exclude) and 'skipped').
   """
+  grids = dict(grids or {})
   renamed = {}
   for name, value in source.items():
     new = name
@@ -412,26 +428,38 @@ def merge_params(target: Dict[str, Any], source: Dict[str, np.ndarray], *,
       new = re.sub(pattern, replacement, new)
     renamed[new] = (name, value)
   merged = dict(target)
-  report = {"loaded": [], "resampled": [], "new": [], "dropped": [], "excluded": []}
-  problems = []
+  report = {"loaded": [], "resampled": [], "new": [], "dropped": [], "excluded": [],
+            "skipped": []}
+  problems, unplaced = [], []
   for name, (original, value) in sorted(renamed.items()):
-    wanted = (any(re.fullmatch(p, name) for p in include)
-              and not any(re.fullmatch(p, name) for p in exclude))
-    if not wanted or name not in target:
+    if (not any(re.fullmatch(p, name) for p in include)
+        or any(re.fullmatch(p, name) for p in exclude)):
       report["dropped"].append(original)
-      if any(re.fullmatch(p, name) for p in exclude):
-        report["excluded"].append(original)
+      report["excluded"].append(original)
+      continue
+    if name not in target:
+      if any(re.fullmatch(p, name) for p in skip):
+        report["dropped"].append(original)
+        report["skipped"].append(original)
+      else:
+        unplaced.append(original if original == name else f"{original} (as {name})")
       continue
     shape = tuple(target[name].shape)
     if tuple(value.shape) != shape:
-      if re.search(r"(pos_embedding|posemb)$", name) and value.ndim == len(shape):
-        value = resample_posemb(value, shape)
+      if name in grids:
+        value = resample_position_table(value, shape, grids[name], name)
         report["resampled"].append(name)
       else:
         problems.append(f"{original} -> {name}: checkpoint {tuple(value.shape)} vs model {shape}")
         continue
     merged[name] = np.asarray(value, dtype=target[name].dtype)
     report["loaded"].append(name)
+  if unplaced:
+    raise ConfigError(
+        f"init_from: the model has no parameter for {len(unplaced)} trained parameters of "
+        f"the checkpoint: {', '.join(unplaced)}; set the model fields that need them (a "
+        "converted checkpoint records its own in model_config.json), map them with "
+        "config.init_from.rename, or list them in config.init_from.skip to train without them.")
   if problems:
     raise CheckpointShapeError("init_from: shapes do not match for\n  " + "\n  ".join(problems))
   report["new"] = sorted(set(target) - set(report["loaded"]))

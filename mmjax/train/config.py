@@ -115,6 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
                                    # whose model_config.json fills unset model fields
       include=(r".*",),            # regexes on (renamed) names of parameters to load
       exclude=(),                  # regexes on (renamed) names never loaded (e.g. the head)
+      skip=(),                     # regexes on (renamed) names the model has no place for,
+                                   # dropped on purpose (any other such name is refused)
       rename=(),                   # ((regex, replacement), ...) source name -> this model,
                                    # or preset names (checkpoint.RENAME_PRESETS)
   ))
@@ -285,12 +287,7 @@ def model_fields_from_init_checkpoint(config: ml_collections.ConfigDict) -> Dict
   to `config.init_from.checkpoint` (what `python -m mmjax.convert` writes), so converted
   weights train with one flag; returns the fields set. A config that sets a field keeps
   its value; a checkpoint of another model adds nothing."""
-  source = config.init_from.checkpoint
-  path = os.path.join(source, "model_config.json") if source and "://" not in source else ""
-  if not path or not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    saved = json.load(f)
+  saved = _init_checkpoint_model_config(config)
   name = config.model.get("name")
   if saved.get("name") != name or name not in MODELS:
     return {}
@@ -300,6 +297,31 @@ def model_fields_from_init_checkpoint(config: ml_collections.ConfigDict) -> Dict
     for key, value in added.items():
       config.model[key] = tuple(value) if isinstance(value, list) else value
   return added
+
+
+def data_fields_from_init_checkpoint(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Sets `config.data.image_normalization`, when the config leaves it unset, to the pixel
+  normalisation the converter recorded in `config.init_from.checkpoint`'s model_config.json
+  (e.g. CLIP's mean / std), so the data are normalised as the weights were trained;
+  returns the fields set."""
+  from mmjax.convert.common import IMAGE_NORMALIZATION  # pylint: disable=g-import-not-at-top
+  recorded = _init_checkpoint_model_config(config).get(IMAGE_NORMALIZATION)
+  if not recorded or config.data.get("image_normalization") is not None:
+    return {}
+  value = (tuple(recorded["mean"]), tuple(recorded["std"]))
+  with config_keys.unlocked(config.data):
+    config.data["image_normalization"] = value
+  return {"image_normalization": value}
+
+
+def _init_checkpoint_model_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The model_config.json next to `config.init_from.checkpoint`; {} if there is none."""
+  source = config.init_from.checkpoint
+  path = os.path.join(source, "model_config.json") if source and "://" not in source else ""
+  if not path or not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def summary_hooks(config: ml_collections.ConfigDict) -> List[Callable[..., str]]:

@@ -97,7 +97,7 @@ def build(config: ml_collections.ConfigDict, batch_spec: BatchSpec,
   boxed = state_lib.abstract_params(model, example, jax.random.PRNGKey(0))
   tx, schedule = optim.make_optimizer(config, state_lib.unbox_abstract(boxed))
   init, abstract, shardings = state_lib.create_train_state(
-      model, tx, example, config.seed, mesh, rules)
+      model, tx, example, config.seed, mesh, rules, boxed_params=boxed)
 
   batch_shardings = {k: sharding_lib.batch_sharding(mesh) for k in spec}
   train_step = jax.jit(

@@ -93,8 +93,12 @@ def state_shardings(abstract_state: TrainState, boxed_params: Any, mesh: Mesh, r
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        example_batch: Mapping[str, Any], seed: int, mesh: Mesh,
-                       rules) -> Tuple[Callable[[], TrainState], TrainState, TrainState]:
+                       rules, boxed_params: Any = None
+                       ) -> Tuple[Callable[[], TrainState], TrainState, TrainState]:
   """(init, abstract state, shardings); `init()` returns the state born sharded.
+
+  `boxed_params`: the model's `abstract_params` when the caller has them already (one
+  trace of the model's init fewer).
 
   Nothing is computed until `init()` is called, so a run that resumes from a checkpoint
   never materialises a throwaway state.
@@ -112,8 +116,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng)
 
-  boxed = abstract_params(model, example_batch, init_rng)
-  abstract = jax.eval_shape(init_state, init_rng)
+  boxed = (abstract_params(model, example_batch, init_rng) if boxed_params is None
+           else boxed_params)
+  params = unbox_abstract(boxed)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(tx.init, params),
+                        rng=jax.eval_shape(lambda: state_rng))
   _check_float32(abstract.params)
   shardings = state_shardings(abstract, boxed, mesh, rules)
   init = lambda: jax.jit(init_state, out_shardings=shardings)(init_rng)

@@ -141,15 +141,17 @@ def batch_spec(local_batch: Mapping[str, np.ndarray]) -> program_lib.BatchSpec:
 # Fine-tuning from another run.
 
 
-def apply_init_from(state: TrainState, init_config,
-                    param_shardings: Any) -> Tuple[TrainState, Dict]:
-  """Loads `init_config.checkpoint`'s params into `state.params` (subset, renamed, resampled)."""
+def apply_init_from(state: TrainState, init_config, param_shardings: Any,
+                    grids: Optional[Mapping[str, Any]] = None) -> Tuple[TrainState, Dict]:
+  """Loads `init_config.checkpoint`'s params into `state.params` (subset, renamed, and the
+  position tables `grids` names, the model's `position_grids`, resampled)."""
   source = checkpoint_lib.load_params(init_config.checkpoint)
   # The fresh params stay where they are (new leaves keep them); only loaded ones move.
   target = traverse_util.flatten_dict(state.params, sep="/")
   merged, report = checkpoint_lib.merge_params(
       target, source, include=tuple(init_config.include), exclude=tuple(init_config.exclude),
-      rename=checkpoint_lib.rename_rules(init_config.rename))
+      skip=tuple(init_config.get("skip", ())),
+      rename=checkpoint_lib.rename_rules(init_config.rename), grids=grids)
   if not report["loaded"]:
     raise ValueError(f"init_from {init_config.checkpoint!r} loaded no parameter; checkpoint "
                      f"names look like {sorted(source)[:8]}, model names like "
@@ -199,10 +201,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   import_models(config.imports)
   from_checkpoint = config_lib.model_fields_from_init_checkpoint(config)
+  data_from_checkpoint = config_lib.data_fields_from_init_checkpoint(config)
   program_lib.check(config, jax.devices())  # before any data is prepared
-  if from_checkpoint and jax.process_index() == 0:
-    print(f"config.model fields from {config.init_from.checkpoint}/model_config.json: "
-          f"{from_checkpoint}", flush=True)
+  for section, fields in (("model", from_checkpoint), ("data", data_from_checkpoint)):
+    if fields and jax.process_index() == 0:
+      print(f"config.{section} fields from {config.init_from.checkpoint}/model_config.json: "
+            f"{fields}", flush=True)
   workdir = workdir_lib.resolve(workdir)
   lock = lock_lib.acquire(workdir)  # before orbax, which cleans other runs' temporary saves
   # From here on SIGTERM / Ctrl-C mean "save a step and stop" (during start-up: the first).
@@ -248,7 +252,9 @@ def _train_and_evaluate_locked(config, workdir, start_over, preemption) -> Dict[
       start_step, pending = 0, first_batch
       state = program.init()
       if config.init_from.checkpoint:
-        state, report = apply_init_from(state, config.init_from, shardings.params)
+        grids = program.model.position_grids(program_lib.abstract_batch(spec, 1)) if hasattr(
+            program.model, "position_grids") else {}
+        state, report = apply_init_from(state, config.init_from, shardings.params, grids)
         _log_init_from(report, config.init_from.checkpoint)
         writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
 
@@ -401,8 +407,7 @@ def _log_init_from(report: Mapping[str, List[str]], path: str) -> None:
     return
   print(f"init_from {path}: loaded {len(report['loaded'])}, resampled {report['resampled']}, "
         f"new {report['new']}, dropped {report['dropped']}", flush=True)
-  unasked = sorted(set(report["dropped"]) - set(report["excluded"]))
-  if unasked:  # trained weights thrown away without `exclude` saying so
-    logging.warning("init_from %s: %d trained parameters of the checkpoint are not loaded: %s; "
-                    "list them in config.init_from.exclude if that is intended, or map them "
-                    "with config.init_from.rename.", path, len(unasked), unasked)
+  skipped = report.get("skipped", [])
+  if skipped:  # trained weights thrown away (those the model has a place for are `excluded`)
+    logging.warning("init_from %s: %d trained parameters of the checkpoint are dropped, as "
+                    "config.init_from.skip asks: %s.", path, len(skipped), skipped)

@@ -49,6 +49,10 @@ class ZeroShotEvaluator:
                        f"name; got {tuple(zs.prompts)}.")
     pipeline = importlib.import_module(config.data_pipeline)
     self.data = zs.data if zs.data.get("name") else config.data
+    if (self.data.get("image_normalization") is None
+        and config.data.get("image_normalization") is not None):  # the model's pixels
+      self.data = ml_collections.ConfigDict(
+          dict(self.data.to_dict(), image_normalization=config.data.image_normalization))
     classes = list(zs.classes) or pipeline.dataset_info(self.data).get("classes")
     if not classes:
       raise ValueError(f"Dataset {self.data.name!r} names no classes; set "

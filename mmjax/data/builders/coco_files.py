@@ -124,6 +124,6 @@ class CocoFiles(files.FilesDataset):
     c = self.config
     del train  # the same at evaluation: `pick` takes the first caption there
     size = c.get("image_size") or 224
-    return (f"decode|resize({size})|normalize(0.5, 0.5)|"
+    return (f"decode|resize({size})|normalize|"
             f"pick('captions', 'caption')|tokenize('caption', 'text', {c.max_text_len})|"
             "keep('image', 'text')")

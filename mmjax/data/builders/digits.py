@@ -103,7 +103,7 @@ class Digits(dataset_lib.TfdsDataset):
     c = self.config
     size = c.get("image_size") or 8
     crop = f"random_crop({size}, pad=1)|" if train else ""
-    return (f"decode|resize({size})|{crop}normalize(0.5, 0.5)|"
+    return (f"decode|resize({size})|{crop}normalize|"
             f"tokenize('caption', 'text', {c.max_text_len})|"
             f"tokenize('question', 'question', {c.max_question_len})|"
             "keep('image', 'text', 'question', 'answer', 'label', 'question_type')")

@@ -80,7 +80,7 @@ class ImageFolder(files.FilesDataset):
   def default_preprocess(self, train: bool) -> str:
     size = self.config.get("image_size") or 224
     flip = "flip_lr|" if train else ""
-    return f"decode|resize({size})|{flip}normalize(0.5, 0.5)|keep('image', 'label')"
+    return f"decode|resize({size})|{flip}normalize|keep('image', 'label')"
 
   def info(self) -> Dict[str, Any]:
     self.prepare()

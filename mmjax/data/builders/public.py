@@ -133,7 +133,7 @@ class PublicTfds(dataset_lib.Dataset):
         ops.append(f"resize({size})")
       if train:
         ops.append("flip_lr")
-      ops.append("normalize(0.5, 0.5)")
+      ops.append("normalize")
     if "text" in keys:
       ops.append(f"tokenize('text', 'text', {c.max_text_len})")
     if "question" in keys:

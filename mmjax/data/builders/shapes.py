@@ -282,7 +282,7 @@ class Shapes(dataset_lib.TfdsDataset):
     # Shifts of a few pixels keep every object in its grid cell; flips would not
     # (they change "left" / "right" in the captions and answers).
     crop = f"random_crop({size}, pad=1)|" if train else ""
-    return (f"decode|{resize}{crop}normalize(0.5, 0.5)|decode('audio')|"
+    return (f"decode|{resize}{crop}normalize|decode('audio')|"
             f"tokenize('caption', 'text', {c.max_text_len})|"
             f"tokenize('question', 'question', {c.max_question_len})|"
             "keep('image', 'text', 'audio', 'sensor', 'question', 'answer', 'question_type')")

@@ -132,7 +132,7 @@ class Vqav2Files(files.FilesDataset):
     del train
     c = self.config
     size = c.get("image_size") or 224
-    return (f"decode|resize({size})|normalize(0.5, 0.5)|"
+    return (f"decode|resize({size})|normalize|"
             f"tokenize('question', 'question', {c.max_question_len})|"
             "keep('image', 'question', 'answer')")
 
