@@ -71,9 +71,13 @@ def fusion_names():
   return FUSIONS.names()
 
 
-def _run_rank(objective: str) -> int:
+def _run_rank(objective: str, model=None) -> float:
   """Built-in objectives run in RUN_ORDER; a fork's after them (a stable sort keeps the
   order of `loss_weights`, objectives they need first)."""
+  if objective == "vqa" and model is not None and model.vqa_mode == "generate":
+    # Generated answers run after captions, as before objectives were modules: the order
+    # fixes which dropout draws each fusion pass gets.
+    return RUN_ORDER.index("caption") + 0.5
   return RUN_ORDER.index(objective) if objective in RUN_ORDER else len(RUN_ORDER)
 
 
@@ -156,7 +160,8 @@ class MultimodalModel(Model):
         composed[name] = objective
     for name in self.objective_weights():
       add(name)
-    return {name: composed[name] for name in sorted(composed, key=_run_rank)}
+    return {name: composed[name]
+            for name in sorted(composed, key=lambda name: _run_rank(name, self))}
 
   def used_modalities(self) -> Tuple[str, ...]:
     """Every batch key the enabled objectives read as a modality."""
