@@ -1,4 +1,5 @@
-"""Name -> object registries: how configs select models, fusions, datasets, backends.
+"""Name -> object registries: how configs select models, fusions, objectives, datasets,
+backends.
 
 A research fork adds an entry from its own file, without editing mmjax:
 
@@ -52,3 +53,4 @@ MODELS = Registry("model")
 FUSIONS = Registry("fusion strategy")
 ATTENTION_BACKENDS = Registry("attention implementation")
 DATASETS = Registry("dataset")
+OBJECTIVES = Registry("objective")  # of the multimodal model (mmjax/models/objectives/)

@@ -9,6 +9,7 @@ import pytest
 
 from test_train_fixtures import tiny_config
 
+from fixtures import example_model_and_batch
 from mmjax.errors import ConfigError
 from mmjax.nn.embed import PositionGrid, resample_posemb
 from mmjax.train import checkpoint as checkpoint_lib
@@ -165,7 +166,6 @@ def test_restored_state_is_checked_finite(tmp_path, monkeypatch):
 
 
 def _model_with_position_tables(name):
-  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
   from mmjax.models.base import build_model  # pylint: disable=g-import-not-at-top
   from mmjax.train.config import import_models  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -173,7 +173,7 @@ def _model_with_position_tables(name):
   image = jnp.zeros((2, 16, 24, 3))  # a 2x3 grid of 8x8 patches: the aspect ratio counts
   tiny_vit = dict(variant=None, width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8)
   if name == "multimodal":
-    model, batch = multimodal.example_model_and_batch(
+    model, batch = example_model_and_batch(
         fusion="early", modalities=("image", "audio"), loss_weights={"classify": 1.0},
         width=16, num_layers=1, num_heads=2, mlp_dim=32, num_classes=3)
     return model, dict(batch, image=jnp.zeros((len(batch["label"]),) + image.shape[1:]))

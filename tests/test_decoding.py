@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fixtures import example_model_and_batch
 from mmjax.models import decoding, multimodal
 
 VOCAB, EOS, BOS = 5, 4, 3
@@ -73,7 +74,7 @@ def test_wide_beam_finds_the_best_sequence_and_pads_after_eos():
 
 
 def test_cached_greedy_captions_equal_full_recomputation():
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       modalities=("image",), width=32, num_layers=1, num_heads=2, mlp_dim=64, max_text_len=6,
       vocab_size=20, loss_weights={"caption": 1.0}, fusion="early", batch_size=2)
   variables = jax.jit(functools.partial(model.init, train=False, method="loss"))(

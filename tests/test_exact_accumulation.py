@@ -17,7 +17,7 @@ import pytest
 
 from configs import demo
 from mmjax import sweep as sweep_lib
-from mmjax.models import multimodal
+from fixtures import example_model_and_batch
 from mmjax.train import config as config_lib
 from mmjax.train import program as program_lib
 from mmjax.train import sharding
@@ -48,7 +48,7 @@ def _demo():
   fields["loss_weights"] = {**fields["loss_weights"], "itm": 1.0, "mlm": 1.0}
   model_config = dict(fields)
   fields.pop("name")
-  _, batch = multimodal.example_model_and_batch(batch_size=BATCH, **fields)
+  _, batch = example_model_and_batch(batch_size=BATCH, **fields)
   return model_config, {k: np.asarray(batch[k]) for k in ("image", "question", "text", "answer")}
 
 

@@ -235,8 +235,8 @@ def test_default_evaluate_returns_each_examples_own_loss_and_metrics():
 def test_itm_initialises_on_one_row():
   """A 1-device mesh initialises with one example: ITM's hard negatives need two."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
-  model, batch = multimodal.example_model_and_batch(
+  from fixtures import example_model_and_batch  # pylint: disable=g-import-not-at-top
+  model, batch = example_model_and_batch(
       fusion="early", modalities=("image",), loss_weights={"itm": 1.0}, width=16,
       num_layers=1, num_heads=2, mlp_dim=32, embed_dim=16, batch_size=1)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, method="loss"))
@@ -250,8 +250,9 @@ def test_clip_temperature_starts_at_one_over_0_07_in_both_models():
   for loss, expected in (("softmax", 1 / 0.07), ("sigmoid", 10.0)):
     params = heads.ContrastiveHead(loss).init(jax.random.key(0), z, z)["params"]
     assert np.exp(params["logit_scale"]) == pytest.approx(expected, rel=1e-6)
-  from mmjax.models import multimodal, two_tower  # pylint: disable=g-import-not-at-top
-  model, batch = multimodal.example_model_and_batch(
+  from fixtures import example_model_and_batch  # pylint: disable=g-import-not-at-top
+  from mmjax.models import two_tower  # pylint: disable=g-import-not-at-top
+  model, batch = example_model_and_batch(
       fusion="early", modalities=("image",), loss_weights={"itc": 1.0}, width=16,
       num_layers=1, num_heads=2, mlp_dim=32, embed_dim=16, batch_size=2)
   params = jax.jit(lambda: model.init(jax.random.key(0), batch, method="loss"))()["params"]
@@ -288,11 +289,11 @@ def test_init_from_a_converted_checkpoint_fills_the_model_fields_the_config_leav
 def test_rename_preset_carries_mlm_text_weights_into_the_question_stream():
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
+  from fixtures import example_model_and_batch  # pylint: disable=g-import-not-at-top
   from mmjax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
   def flat_params(modalities, loss_weights):
-    model, batch = multimodal.example_model_and_batch(
+    model, batch = example_model_and_batch(
         fusion="bottleneck", modalities=modalities, loss_weights=loss_weights, width=16,
         num_layers=2, fusion_layer=1, num_heads=2, mlp_dim=32, embed_dim=16)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, method="loss"))

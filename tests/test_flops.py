@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from fixtures import example_model_and_batch
 from mmjax.models import flops, fusion, multimodal, two_tower
 
 TINY = dict(width=32, num_layers=2, num_heads=2, mlp_dim=64, vocab_size=40, max_text_len=8,
@@ -26,13 +27,13 @@ def _assert_close(model, batch, method):
 
 @pytest.mark.parametrize("name", multimodal.fusion_names())
 def test_multimodal_flops_match_xla_for_every_fusion(name):
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion=name, **TINY, **fusion.fields_for(name, dict(fusion_layer=1, num_bottlenecks=2)))
   assert _assert_close(model, batch, "evaluate") > 0
 
 
 def test_captioning_and_two_tower_flops_match_xla():
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion="early", modalities=("image",), loss_weights={"caption": 1.0, "itm": 1.0}, **TINY)
   _assert_close(model, batch, "evaluate")
   tower = two_tower.TwoTower(vocab_size=40, max_text_len=8, image_width=32, text_width=32,

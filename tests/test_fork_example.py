@@ -1,5 +1,6 @@
-"""The research-fork example (experiments/fork_fusion.py): registered from outside mmjax,
-a real fusion strategy, and trained by the unchanged trainer selected from the config."""
+"""The research-fork examples (experiments/fork_fusion.py, experiments/fork_objective.py):
+registered from outside mmjax, a real fusion strategy and a real objective, each trained
+by the unchanged trainer selected from the config."""
 import importlib
 
 from flax import traverse_util
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.nn.transformer import BlockConfig
-from mmjax.registry import FUSIONS
+from mmjax.registry import FUSIONS, OBJECTIVES
 
 
 def _fusion_and_streams():
@@ -50,12 +51,44 @@ def test_gates_start_closed_then_let_the_other_modality_in():
   assert float(jnp.abs(grad["image_xattn1"]["gate"])) > 0
 
 
-def test_unchanged_trainer_trains_the_fork_selected_by_name(tmp_path):
+def test_unchanged_trainer_trains_the_forks_selected_by_name(tmp_path):
+  """The fork's fusion strategy and its objective (below) in one run, to save a run."""
   from test_configs import ROOT, TINY, _tiny  # pylint: disable=g-import-not-at-top
   from mmjax.train.config import load_config_file  # pylint: disable=g-import-not-at-top
   from mmjax.train.trainer import train_and_evaluate  # pylint: disable=g-import-not-at-top
   config = load_config_file(f"{ROOT}/configs/demo.py")
   config = _tiny(config, {**TINY["demo.py"], "model.fusion": "gated_xattn",
-                          "imports": ("experiments.fork_fusion",)}, str(tmp_path / "data"))
+                          "model.loss_weights": {"itc": 1.0, "vqa": 1.0, "iac": 0.5},
+                          "imports": ("experiments.fork_fusion", "experiments.fork_objective")},
+                 str(tmp_path / "data"))
   result = train_and_evaluate(config, str(tmp_path / "run"))
   assert result["step"] == 1 and np.isfinite(result["train/loss"])
+  assert np.isfinite(result["train/iac_loss"]) and "eval/vqa_accuracy" in result
+  assert 0.0 <= result["eval/iac_i2t_recall@1"] <= 1.0
+
+
+# ---------------------------------------------------------- a fork's objective (iac)
+
+def test_importing_the_fork_registers_its_objective_by_name():
+  importlib.import_module("experiments.fork_objective")
+  assert "iac" in OBJECTIVES.names()
+
+
+def test_forked_objective_adds_its_heads_loss_and_summary_to_the_model():
+  from fixtures import example_model_and_batch  # pylint: disable=g-import-not-at-top
+  importlib.import_module("experiments.fork_objective")
+  model, batch = example_model_and_batch(
+      fusion="early", modalities=("image", "audio"), loss_weights={"iac": 1.0}, width=16,
+      num_layers=1, num_heads=2, mlp_dim=32, embed_dim=8)
+  params = jax.jit(lambda b: model.init(jax.random.key(0), b, method="loss"))(batch)["params"]
+  assert {"iac_image_proj", "iac_audio_proj", "iac_contrastive"} <= set(params)
+  loss_fn = lambda p: model.apply({"params": p}, batch, train=True, method="loss")
+  (loss, logged), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert set(logged) == {"iac_loss"} and float(loss) == float(logged["iac_loss"]) > 0
+  for head in ("iac_image_proj", "iac_audio_proj", "iac_contrastive"):
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grads[head])), head
+  outputs = jax.jit(lambda p: model.apply({"params": p}, batch, method="evaluate"))(params)
+  summary = type(model).summarize({k: np.asarray(v) for k, v in outputs.items()})
+  assert summary["iac_i2t_recall@5"] == 1.0  # 4 candidates
+  assert set(summary) == {f"iac_{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+

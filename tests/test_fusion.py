@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fixtures import example_model_and_batch
 from mmjax.models import fusion, heads
 from mmjax.nn.attention import MultiHeadAttention
 from mmjax.nn.transformer import BlockConfig, Mlp
@@ -203,10 +204,9 @@ def test_block_settings_reach_every_block_of_every_fusion_and_the_decoder(name):
   """The multimodal model's activation, LayerNorm epsilon, param dtype and key/value heads
   reach every fusion layer (co-attention and fusion-in-transformer ones included), the
   final norms and the caption decoder."""
-  from mmjax.models import multimodal  # pylint: disable=g-import-not-at-top
   settings = dict(activation="quick_gelu", layer_norm_epsilon=1e-5, param_dtype="bfloat16",
                   num_kv_heads=1)
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion=name, modalities=("image", "question"), loss_weights={"vqa": 1.0, "caption": 1.0},
       width=16, num_layers=2, num_heads=2, mlp_dim=32, decoder_layers=1, **settings,
       **fusion.fields_for(name, dict(fusion_layer=1)))

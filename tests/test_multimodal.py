@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from fixtures import example_model_and_batch
 from mmjax.models import fusion, multimodal, two_tower
 from mmjax.models.base import build_model
 from mmjax.registry import FUSIONS, MODELS
@@ -49,7 +50,7 @@ def _check_trains(model, batch, every_parameter=True):
 def test_every_fusion_jit_compiles_with_finite_gradients_for_every_parameter(name):
   # VQA alone (one pass through the fusion); a random head lets gradients reach every
   # parameter on the first step.
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion=name, modalities=("image", "question"), loss_weights={"vqa": 1.0},
       head_zeroinit=False, **TINY, **fusion.fields_for(name, FUSION_FIELDS))
   logged = _check_trains(model, batch)
@@ -57,7 +58,7 @@ def test_every_fusion_jit_compiles_with_finite_gradients_for_every_parameter(nam
 
 
 def test_every_objective_has_finite_loss_and_gradients_with_audio_and_sigmoid_loss():
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion="early", modalities=("image", "audio"), contrastive_loss="sigmoid",
       loss_weights={"itc": 1.0, "vqa": 0.5, "classify": 0.5, "itm": 1.0, "mlm": 1.0,
                     "caption": 1.0}, num_classes=10, **dict(TINY, num_layers=1))
@@ -68,7 +69,7 @@ def test_every_objective_has_finite_loss_and_gradients_with_audio_and_sigmoid_lo
 @functools.lru_cache(maxsize=None)
 def _early_audio_model():
   """One initialised model shared by the contract and bad-input tests (one compile)."""
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion="early", modalities=("image", "question", "audio"), **TINY)
   variables = jax.jit(functools.partial(model.init, train=False, method="loss"))(
       jax.random.key(0), batch)
@@ -110,7 +111,7 @@ class _MeanOfStreams(fusion.FusionEncoder):
 
 
 def test_a_forked_fusion_strategy_is_selected_by_name():
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       fusion="mean_of_streams", modalities=("image", "question"), **TINY)
   variables = jax.eval_shape(functools.partial(model.init, train=False, method="loss"),
                              jax.random.key(0), batch)
@@ -133,7 +134,7 @@ def test_bad_input_raises_errors_naming_what_was_expected():
       (dict(num_answers=0), "needs num_answers > 0"),
       (dict(modalities=("image", "smell")), "Unknown modality 'smell'"),
   ):
-    bad, _ = multimodal.example_model_and_batch(
+    bad, _ = example_model_and_batch(
         **{**TINY, "modalities": ("image", "question"), **fields})
     with pytest.raises(ValueError, match=message):
       jax.eval_shape(functools.partial(bad.init, method="loss"), jax.random.key(0), batch)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mmjax import losses, ring_loss
-from mmjax.models import heads, multimodal
+from fixtures import example_model_and_batch
+from mmjax.models import heads
 from mmjax.train import sharding
 
 N, D = 64, 16  # 8 rows per device
@@ -94,7 +95,7 @@ def test_ring_refuses_what_it_cannot_do_exactly():
   head = heads.ContrastiveHead(impl="sparse")
   with pytest.raises(ValueError, match="contrastive_impl"):
     head.init(jax.random.key(0), x, x)
-  model, batch = multimodal.example_model_and_batch(
+  model, batch = example_model_and_batch(
       width=16, num_layers=2, num_heads=2, mlp_dim=32, fusion_layer=1, modalities=("image",),
       loss_weights={"itc": 1.0, "itm": 1.0}, contrastive_impl="ring")
   with pytest.raises(ValueError, match="cannot serve the 'itm' objective"):

@@ -14,13 +14,14 @@ cost analysis (within 10%).
 
 `python -m mmjax.models.flops` prints, for every registered fusion strategy, the
 parameter count and forward GFLOPs per example of the multimodal model at one small
-shared config (multimodal.example_model_and_batch).
+shared config (`FUSION_TABLE_MODEL`, `FUSION_TABLE_INPUTS`).
 """
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Dict
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 _ELEMENTWISE = {
@@ -125,27 +126,60 @@ def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
+# The fusion table's model: demo-sized (width 64, 4 layers), every modality of the demo,
+# ITC + VQA; and its inputs {batch key: (shape without the batch axis, dtype)}: 32x32
+# images, 0.5 s of 16 kHz audio, 32-step sensors (and `max_text_len` text tokens).
+FUSION_TABLE_MODEL = dict(
+    fusion="hybrid", modalities=("image", "question", "audio", "sensor"), width=64,
+    num_layers=4, num_heads=4, mlp_dim=256, vocab_size=100, max_text_len=16, num_answers=10,
+    loss_weights={"itc": 1.0, "vqa": 1.0})
+# Mid fusion through 4 bottleneck tokens (MBT), for the strategies that have these fields.
+FUSION_TABLE_MID_FUSION = dict(fusion_layer=2, num_bottlenecks=4)
+FUSION_TABLE_INPUTS = {"image": ((32, 32, 3), jnp.float32), "audio": ((8000,), jnp.float32),
+                       "sensor": ((32, 6), jnp.float32), "answer": ((), jnp.int32)}
+
+
+def fusion_table_fields(fusion: str = "hybrid", **overrides) -> Dict[str, Any]:
+  """The fusion table's model fields for `fusion`, `overrides` applied."""
+  from mmjax.models import fusion as fusion_lib  # pylint: disable=g-import-not-at-top
+  from mmjax.registry import FUSIONS  # pylint: disable=g-import-not-at-top
+  fields = dict(FUSION_TABLE_MODEL, fusion=fusion)
+  if fusion in FUSIONS:  # (an unknown one is the model's error, raised at init)
+    fields.update(fusion_lib.fields_for(fusion, FUSION_TABLE_MID_FUSION))
+  return {**fields, **overrides}
+
+
+def fusion_table_model(fusion: str = "hybrid", batch_size: int = 4, **overrides):
+  """The fusion table's model with `overrides`, and an abstract batch of its inputs
+  (shapes only: parameter counts and FLOPs need no values)."""
+  from mmjax.models import multimodal  # multimodal imports this package, not the reverse
+  model = multimodal.MultimodalModel(**fusion_table_fields(fusion, **overrides))
+  text = ((model.max_text_len,), jnp.int32)
+  inputs = dict(FUSION_TABLE_INPUTS, text=text, question=text)
+  batch: Dict[str, Any] = {k: jax.ShapeDtypeStruct((batch_size,) + shape, dtype)
+                           for k, (shape, dtype) in inputs.items()}
+  return model, batch
+
+
 def fusion_table(**overrides):
   """Rows (fusion, params, VQA GFLOPs/example, ITC + VQA GFLOPs/example) for every
-  registered fusion at the shared demo-sized config of `multimodal.example_model_and_batch`
-  (keyword overrides change it, e.g. width=128)."""
-  # Imported here: multimodal imports this package's modules, not the other way round.
-  from mmjax.models import multimodal
+  registered fusion at the shared demo-sized config `FUSION_TABLE_MODEL` (keyword
+  overrides change it, e.g. width=128)."""
+  from mmjax.models import multimodal  # multimodal imports this package, not the reverse
   rows = []
   for fusion in multimodal.fusion_names():
-    model, batch = multimodal.example_model_and_batch(fusion=fusion, **overrides)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False,
-                                                  method="loss"))
-    per_example = lambda method: model_flops(model, variables, batch, method) / len(
-        batch["image"]) / 1e9
+    model, batch = fusion_table_model(fusion, **overrides)
+    variables = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False,
+                                                    method="loss"), batch)
+    per_example = lambda method: model_flops(model, variables, batch, method) / batch[
+        "image"].shape[0] / 1e9
     rows.append((fusion, count_params(variables["params"]), per_example("fused_logits"),
                  per_example("evaluate")))
   return rows
 
 
 def main():
-  from mmjax.models import multimodal
-  model, batch = multimodal.example_model_and_batch("bottleneck")
+  model, batch = fusion_table_model()
   print(f"multimodal, modalities {model.modalities}, width {model.width}, "
         f"{model.num_layers} layers, {model.num_heads} heads, mlp {model.mlp_dim}, "
         f"fusion_layer {model.fusion_layer} and {model.num_bottlenecks} bottlenecks where a "

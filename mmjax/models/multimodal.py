@@ -1,35 +1,24 @@
-"""The multimodal model: modality tokenizers -> fusion strategy -> task heads.
+"""The multimodal model: modality tokenizers -> fusion strategy -> objectives.
 
     batch ──► tokenizers (one per modality, shared width) ──► fusion (config.model.fusion)
-          ──► per-modality pooled vectors ──► heads (one per objective)
+          ──► objectives (their heads, losses, evaluation summaries)
 
-Objectives, switched on by a positive weight in `loss_weights` (the total loss is the
-weighted sum; every term is also logged):
+Objectives live in mmjax/models/objectives/, one file each, registered by name; the
+model runs those `loss_weights` gives a positive weight (the total loss is the weighted
+sum; every term is also logged as `{objective}_loss`), plus those they need:
 
-  itc       image-text contrastive: the image alone and the caption (`text`) alone go
-            through the same fusion encoder (each strategy accepts any subset of its
-            modalities), are mean-pooled and projected; CLIP / SigLIP loss
-            (`contrastive_loss`; `contrastive_impl` "dense" or "ring", see
-            mmjax/ring_loss.py). evaluate -> embeddings; summarize -> retrieval
-            recall@1/5/10 in both directions over the whole split.
-  vqa       the `modalities` (e.g. image + question + audio + sensor) fused, pooled per
-            modality, combined (`combine`: concat / sum / gate) and classified over
-            `num_answers` answers (batch key `answer`); accuracy. With
-            `vqa_mode="generate"` the answer is text instead: a causal decoder
-            cross-attends to the fused tokens of `modalities` and predicts the answer's
-            tokens (batch key `answer_text`, see config.data.max_answer_len); evaluation
-            decodes it (`generate`) and scores it with the official VQAv2 accuracy.
-  classify  the same over `num_classes` classes (batch key `label`); accuracy.
-  itm       image-text matching: the fused (image, caption) pair is a match or not;
-            negatives are hard ones drawn from the contrastive similarities of the
-            global batch (ALBEF), one draw per example (keyed by its id); in
-            evaluation the hardest valid wrong partner in the eval batch.
-  mlm       masked language modelling of the caption, fused with the image; the
-            prediction head is tied to the text embedding table; masks are drawn
-            per example (keyed by its id), so they do not depend on the batch.
-  caption   a causal text decoder cross-attends to the fused `caption_from` modalities
-            and predicts the caption (teacher forcing); `generate_captions` decodes
-            greedily or with beam search using the key/value cache.
+  itc       image-text contrastive (CLIP / SigLIP), retrieval recall     objectives/itc.py
+  itm       image-text matching with hard negatives (needs itc)          objectives/itm.py
+  mlm       masked language modelling of the caption with the image      objectives/mlm.py
+  vqa       answers over `num_answers`, or generated (`vqa_mode`)        objectives/vqa.py
+  classify  classes of the fused `modalities` over `num_classes`         objectives/classify.py
+  caption   a causal decoder writes the caption from `caption_from`      objectives/caption.py
+
+A fork adds one in its own file (see objectives/base.py for what an objective defines).
+The model owns what the objectives share: the tokenizers, the fusion encoder, the
+`combine` of pooled modalities, and the encoder passes `encode`, `pooled`, `memory`,
+`embed_image` / `embed_text`; objective settings (`num_answers`, `mlm_rate`, ...) are
+fields of this model, so a config sets every one of them as `config.model.X`.
 
 Generation: `generation_tasks()` names what the model can write ("caption", "vqa") and
 `generate(variables, batch, task=...)` decodes it greedily or with beam search.
@@ -37,17 +26,20 @@ Generation: `generation_tasks()` names what the model can write ("caption", "vqa
 Zero-shot classification (as two_tower): `class_embeddings(prompt_tokens)` embeds class
 prompts with the contrastive text path, `zero_shot_logits(batch, class_embeddings)`.
 
-Trainer contract: `features` gives per-example embeddings, losses and statistics,
-`loss_from_features` the weighted total over the batch (token objectives weighted by
-tokens over the whole batch), and `feature_context` ITM's negatives from the global
-batch, so gradient accumulation is exact for every objective (mmjax/models/base.py).
+Trainer contract: `features` gives each objective's per-example features (embeddings,
+per-example losses and statistics), `loss_from_features` the weighted total over the
+batch (token objectives weighted by tokens over the whole batch), and `feature_context`
+ITM's negatives from the global batch, so gradient accumulation is exact for every
+objective (mmjax/models/base.py).
 
 Token ids: the data vocabulary is [0, vocab_size) with 0 = padding; the model appends
 three ids of its own, MASK = vocab_size, BOS = vocab_size + 1, EOS = vocab_size + 2.
 
-Parameter tree: `token_embed` (shared by the text modalities), `embed_{modality}`
-(tokenizers), `fusion` (see fusion.py), `image_proj` / `text_proj` / `contrastive`,
-`combine`, `vqa_head`, `cls_head`, `itm_head`, `caption_decoder`, `answer_decoder`.
+Parameter tree (names are the checkpoint format): `token_embed` (shared by the text
+modalities), `embed_{modality}` (tokenizers), `fusion_encoder` (see fusion.py),
+`combiner`, and the objectives' heads under the names they give: `image_proj` /
+`text_proj` / `contrastive` (itc), `itm_head`, `vqa_head` or `answer_decoder`, `cls_head`,
+`caption_decoder`. tests/test_multimodal_params.py holds them fixed.
 """
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -56,13 +48,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses, metrics
 from mmjax.models import decoding, heads, tokenizers
-from mmjax.models.base import Model, example_ids
-from mmjax.models.text import TextDecoder
+from mmjax.models.base import Model
+from mmjax.models.objectives import RUN_ORDER, FeaturePass, Objective
+from mmjax.models.objectives.caption import teacher_forcing
 from mmjax.nn.embed import PositionGrid, TokenEmbed
 from mmjax.nn.transformer import BlockConfig
-from mmjax.registry import FUSIONS, MODELS
+from mmjax.registry import FUSIONS, MODELS, OBJECTIVES
 
 # Importing fusion registers the built-in strategies.
 from mmjax.models import fusion as _fusion  # noqa: F401  pylint: disable=unused-import
@@ -73,19 +65,27 @@ Batch = Mapping[str, Array]
 # Batch key -> tokenizer kind. `question` and `text` (caption) are both text.
 MODALITY_KINDS = {"image": "image", "video": "video", "audio": "audio", "sensor": "sensor",
                   "text": "text", "question": "text"}
-OBJECTIVES = ("itc", "vqa", "classify", "itm", "mlm", "caption")
 NUM_SPECIAL_TOKENS = 3  # MASK, BOS, EOS appended after the data vocabulary
-VQA_MODES = ("classify", "generate")
-ITM_CONTEXT = ("itm_negative_text", "itm_negative_image")  # batch keys of global negatives
 
 
 def fusion_names():
   return FUSIONS.names()
 
 
+def _run_rank(objective: str, model=None) -> float:
+  """Built-in objectives run in RUN_ORDER; a fork's after them (a stable sort keeps the
+  order of `loss_weights`, objectives they need first)."""
+  if objective == "vqa" and model is not None and model.vqa_mode == "generate":
+    # Generated answers run after captions, as before objectives were modules: the order
+    # fixes which dropout draws each fusion pass gets.
+    return RUN_ORDER.index("caption") + 0.5
+  return RUN_ORDER.index(objective) if objective in RUN_ORDER else len(RUN_ORDER)
+
+
 @MODELS.register("multimodal")
 class MultimodalModel(Model):
-  """Tokenizers + a registered fusion strategy + heads for the enabled objectives."""
+  """Tokenizers + a registered fusion strategy + the objectives `loss_weights` names
+  (mmjax/models/objectives/, one file each)."""
   # What is fused for vqa / classify, in this order.
   modalities: Sequence[str] = ("image", "question")
   # Fusion (see fusion.py).
@@ -137,39 +137,50 @@ class MultimodalModel(Model):
   dtype: str = "float32"
   implementation: Optional[str] = None
 
+  num_special_tokens = NUM_SPECIAL_TOKENS  # not a field: the token ids are fixed
+
   # ----------------------------------------------------------------------------- setup
 
   def objective_weights(self) -> Dict[str, float]:
     weights = dict(self.loss_weights if self.loss_weights is not None
                    else {"itc": 1.0, "vqa": 1.0})
-    unknown = sorted(set(weights) - set(OBJECTIVES))
+    unknown = sorted(set(weights) - set(OBJECTIVES.names()))
     if unknown:
       raise ValueError(f"Unknown objectives {unknown} in loss_weights; expected some of "
-                       f"{OBJECTIVES}.")
+                       f"{OBJECTIVES.names()} (a fork's once `config.imports` imports it).")
     active = {k: float(v) for k, v in weights.items() if v}
     if not active:
       raise ValueError(f"loss_weights {weights} enables no objective; give at least one of "
-                       f"{OBJECTIVES} a non-zero weight.")
+                       f"{OBJECTIVES.names()} a non-zero weight.")
     return active
 
   def block_config(self) -> BlockConfig:
     """The settings of every Transformer block: the fusion layers and the text decoders."""
     return BlockConfig.of(self)
 
+  def objectives(self) -> Dict[str, Objective]:
+    """The objectives this model runs, in the order they run: those `loss_weights`
+    enables and those they need (built-ins in RUN_ORDER, then a fork's)."""
+    composed = {}
+
+    def add(name):
+      if name not in composed:
+        objective = OBJECTIVES.get(name)()
+        for needed in objective.needs:
+          add(needed)
+        composed[name] = objective
+    for name in self.objective_weights():
+      add(name)
+    return {name: composed[name]
+            for name in sorted(composed, key=lambda name: _run_rank(name, self))}
+
   def used_modalities(self) -> Tuple[str, ...]:
     """Every batch key the enabled objectives read as a modality."""
-    used = []
-    for objective in self.objective_weights():
-      if objective in ("vqa", "classify"):
-        used += list(self.modalities)
-      elif objective == "caption":
-        used += list(self.caption_from)
-      else:
-        used += ["image", "text"]
-    return tuple(dict.fromkeys(used))
+    composed = self.objectives()
+    names = list(self.objective_weights()) + list(composed)
+    return tuple(dict.fromkeys(m for name in names for m in composed[name].inputs(self)))
 
   def setup(self):
-    weights = self.objective_weights()
     dtype = jnp.dtype(self.dtype)
     for m in tuple(self.modalities) + tuple(self.caption_from):
       if m not in MODALITY_KINDS:
@@ -177,14 +188,8 @@ class MultimodalModel(Model):
     if not self.modalities:
       raise ValueError("`modalities` is empty; list the batch keys to fuse, e.g. "
                        "('image', 'question').")
-    if self.vqa_mode not in VQA_MODES:
-      raise ValueError(f"Unknown vqa_mode {self.vqa_mode!r}; expected one of {VQA_MODES}.")
-    for objective, count in (("vqa", self.num_answers), ("classify", self.num_classes)):
-      if objective == "vqa" and self.vqa_mode == "generate":
-        continue  # answers are text: no answer vocabulary
-      if objective in weights and count <= 0:
-        field = "num_answers" if objective == "vqa" else "num_classes"
-        raise ValueError(f"Objective {objective!r} needs {field} > 0; got {count}.")
+    for objective in self.objectives().values():
+      objective.check(self)
     text_vocab = self.vocab_size + NUM_SPECIAL_TOKENS
     self.token_embed = TokenEmbed(text_vocab, self.width)
     self.embed = {m: self._tokenizer(m, dtype) for m in self.used_modalities()}
@@ -195,28 +200,13 @@ class MultimodalModel(Model):
         num_bottlenecks=self.num_bottlenecks, shared_weights=self.shared_weights,
         fit_weights=self.fit_weights)
     self.combiner = heads.Combine(self.combine, dtype=dtype)
-    dense = lambda n: nn.Dense(n, use_bias=False, dtype=dtype)
-    classifier = lambda n: heads.ClassifierHead(n, self.head_hidden_dim, self.head_zeroinit,
-                                                dtype)
-    if "itc" in weights or "itm" in weights:
-      self.image_proj, self.text_proj = dense(self.embed_dim), dense(self.embed_dim)
-      if "itm" in weights and self.contrastive_impl == "ring":
-        raise ValueError("contrastive_impl='ring' cannot serve the 'itm' objective: its hard "
-                         "negatives are drawn from the full similarity matrix, which the ring "
-                         "never builds; use contrastive_impl='dense' with itm.")
-      self.contrastive = heads.ContrastiveHead(self.contrastive_loss, impl=self.contrastive_impl)
-    if "vqa" in weights and self.vqa_mode == "classify":
-      self.vqa_head = classifier(self.num_answers)
-    if "vqa" in weights and self.vqa_mode == "generate":
-      self.answer_decoder = TextDecoder(text_vocab, block, self.width, self.decoder_layers,
-                                        max_len=self.max_answer_len + 1)
-    if "classify" in weights:
-      self.cls_head = classifier(self.num_classes)
-    if "itm" in weights:
-      self.itm_head = classifier(2)
-    if "caption" in weights:
-      self.caption_decoder = TextDecoder(text_vocab, block, self.width, self.decoder_layers,
-                                         max_len=self.max_text_len + 1)
+    # Each objective's heads, under the names it gives: they are the parameter names.
+    for objective_name, objective in self.objectives().items():
+      for name, head in objective.heads(self).items():
+        if hasattr(self, name):
+          raise ValueError(f"Objective {objective_name!r} names a head {name!r}, which the "
+                           "model already has (a field, method or another objective's head).")
+        setattr(self, name, head)
 
   @nn.nowrap  # no module context: position_grids builds tokenizers outside setup too
   def _tokenizer(self, modality: str, dtype) -> nn.Module:
@@ -295,93 +285,13 @@ class MultimodalModel(Model):
     head = self.vqa_head if "vqa" in self.objective_weights() else self.cls_head
     return head(self.pooled(batch, self.modalities, train=train))
 
-  # ---------------------------------------------------------------------- objectives
-
-  def _sample_key(self, train: bool) -> Optional[Array]:
-    """The one "sample" key of a training call (None in evaluation): drawn once, first,
-    so that `features` and `feature_context` see the same key; objectives fold in a tag."""
-    return self.make_rng("sample") if train and self.has_rng("sample") else None
-
-  def _itm_negatives(self, batch, zimg, ztxt, key) -> Dict[str, Array]:
-    """Hard-negative inputs per row (a text per image, an image per text) drawn from these
-    rows' similarities; padding rows (`valid` False) are never negatives."""
-    n = batch["image"].shape[0]
-    if n < 2 and self.is_initializing():  # init on one device sees one row: shapes only
-      return {"itm_negative_text": batch["text"], "itm_negative_image": batch["image"]}
-    neg_text, neg_image = losses.hard_negatives(
-        zimg @ ztxt.T, None if key is None else jax.random.fold_in(key, 1),
-        example_ids=example_ids(batch), candidates=batch.get("valid"))
-    return {"itm_negative_text": batch["text"][neg_text],
-            "itm_negative_image": batch["image"][neg_image]}
-
-  def _itm(self, batch, negatives, train):
-    """Matching on each positive and its 2 hard negatives -> (nll [B], correct [B])."""
-    images = jnp.concatenate([batch["image"], batch["image"], negatives["itm_negative_image"]])
-    texts = jnp.concatenate([batch["text"], negatives["itm_negative_text"], batch["text"]])
-    n = batch["image"].shape[0]
-    pairs = {"image": images, "text": texts}
-    logits = self.itm_head(self.pooled(pairs, ("image", "text"), train=train))
-    labels = jnp.concatenate([jnp.ones(n, jnp.int32), jnp.zeros(2 * n, jnp.int32)])
-    hits = metrics.correct(logits, labels).reshape(3, n)
-    nll = losses.cross_entropy(logits, labels).reshape(3, n)
-    return jnp.mean(nll, axis=0), jnp.mean(hits, axis=0)
-
-  def _mlm(self, batch, key, train):
-    """Masked caption tokens predicted from the (image, caption) fusion; token stats."""
-    # Evaluation: a fixed mask per example, so that numbers are comparable between runs.
-    key = jax.random.key(0) if key is None else jax.random.fold_in(key, 2)
-    corrupted, targets = losses.mask_tokens(
-        key, batch["text"], mask_id=self.vocab_size, vocab_size=self.vocab_size,
-        rate=self.mlm_rate, example_ids=example_ids(batch))
-    encoded, _ = self.encode(batch, ("image", "text"), train=train,
-                             overrides={"text": corrupted})
-    logits = self.token_embed.attend(encoded["text"]).astype(jnp.float32)
-    return metrics.token_statistics(logits, targets)
-
-  def caption_targets(self, text: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
-    """Decoder inputs [BOS, t_1..t_L] and targets [t_1..t_L, 0] with EOS after the last token.
-
-    Padding is `mask` when the pipeline sends one (a tokenizer whose pad id is a real
-    token), else id 0; it becomes 0, the decoder's padding target, either way (so a real
-    id 0 inside a masked text, CLIP's "!", is not scored as a target).
-    """
-    bos, eos = self.vocab_size + 1, self.vocab_size + 2
-    if mask is not None:
-      text = jnp.where(mask, text, 0)
-    batch = text.shape[0]
-    inputs = jnp.concatenate([jnp.full((batch, 1), bos, text.dtype), text], axis=1)
-    targets = jnp.concatenate([text, jnp.zeros((batch, 1), text.dtype)], axis=1)
-    length = jnp.sum(text != 0 if mask is None else mask, axis=1)
-    targets = targets.at[jnp.arange(batch), length].set(eos)
-    return inputs, targets
-
-  def _memory(self, batch: Batch, modalities: Sequence[str], train: bool) -> Tuple[Array, Array]:
+  def memory(self, batch: Batch, modalities: Sequence[str], *,
+             train: bool = False) -> Tuple[Array, Array]:
+    """The fused tokens of `modalities`, concatenated, for a decoder to cross-attend to:
+    ([B, N, D], mask [B, N])."""
     encoded, masks = self.encode(batch, modalities, train=train)
     return (jnp.concatenate([encoded[m] for m in modalities], axis=1),
             jnp.concatenate([masks[m] for m in modalities], axis=1))
-
-  def caption_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
-    """The fused `caption_from` tokens the decoder attends to: ([B, N, D], mask [B, N])."""
-    return self._memory(batch, self.caption_from, train)
-
-  def caption_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
-                     train: bool = False, decode: bool = False) -> Array:
-    return self.caption_decoder(tokens, memory, memory_mask, train=train, decode=decode)
-
-  def vqa_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
-    """The fused tokens of `modalities` the answer decoder attends to: ([B, N, D], [B, N])."""
-    return self._memory(batch, self.modalities, train)
-
-  def vqa_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
-                 train: bool = False, decode: bool = False) -> Array:
-    return self.answer_decoder(tokens, memory, memory_mask, train=train, decode=decode)
-
-  def _generated_vqa(self, batch, train):
-    """Teacher-forced answer tokens from the fused modalities; token statistics."""
-    memory, memory_mask = self.vqa_memory(batch, train=train)
-    inputs, targets = self.caption_targets(batch["answer_text"], batch.get("answer_text_mask"))
-    return metrics.token_statistics(self.vqa_logits(inputs, memory, memory_mask, train=train),
-                                    targets)
 
   def class_embeddings(self, prompt_tokens: Array, prompt_mask: Optional[Array] = None) -> Array:
     """Zero-shot prompts [C, P, L] (+ mask) -> contrastive text embeddings [C, P, embed_dim]."""
@@ -398,66 +308,60 @@ class MultimodalModel(Model):
     """Zero-shot class logits [B, C] of batch['image'] against prompt-ensembled classes."""
     return heads.zero_shot_logits(self.embed_image(batch), class_embeddings)
 
-  def _caption(self, batch, train):
-    memory, memory_mask = self.caption_memory(batch, train=train)
-    inputs, targets = self.caption_targets(batch["text"], batch.get("text_mask"))
-    logits = self.caption_logits(inputs, memory, memory_mask, train=train)
-    return metrics.token_statistics(logits, targets)
-
   # ---------------------------------------------------------------- trainer contract
 
+  def _sample_key(self, train: bool) -> Optional[Array]:
+    """The one "sample" key of a training call (None in evaluation): drawn once, first,
+    so that `features` and `feature_context` see the same key; objectives fold in a tag."""
+    return self.make_rng("sample") if train and self.has_rng("sample") else None
+
   def features(self, batch: Batch, train: bool = False) -> Dict[str, Array]:
-    """Per-example features: contrastive embeddings, per-example losses and statistics."""
-    weights = self.objective_weights()
-    generate_vqa = "vqa" in weights and self.vqa_mode == "generate"
-    keys = list(self.used_modalities())
-    keys += [k for o, k in (("vqa", "answer_text" if generate_vqa else "answer"),
-                            ("classify", "label")) if o in weights]
-    self.check_batch(batch, keys)
-    key = self._sample_key(train)
-    out = {}
-    if "itc" in weights or "itm" in weights:
-      zimg, ztxt = self.embed_image(batch, train=train), self.embed_text(batch, train=train)
-      out.update(image_embedding=zimg, text_embedding=ztxt)
-    if ("vqa" in weights and not generate_vqa) or "classify" in weights:
-      fused = self.pooled(batch, self.modalities, train=train)  # one pass serves both heads
-    for objective, label, head in (("vqa", "answer", "vqa_head"), ("classify", "label", "cls_head")):
-      if objective in weights and not (objective == "vqa" and generate_vqa):
-        logits = getattr(self, head)(fused)
-        out[f"{objective}_nll"] = losses.cross_entropy(logits, batch[label])
-        out[f"{objective}_correct"] = metrics.correct(logits, batch[label])
-    if "itm" in weights:
-      # Negatives from the global batch when the trainer gives them (feature_context),
-      # else from these rows (the whole batch without accumulation; the eval batch).
-      negatives = {k: batch[k] for k in ITM_CONTEXT if k in batch}
-      if len(negatives) != len(ITM_CONTEXT):
-        negatives = self._itm_negatives(batch, zimg, ztxt, key)
-      out["itm_nll"], out["itm_correct"] = self._itm(batch, negatives, train)
-    tasks = [("mlm", lambda: self._mlm(batch, key, train)),
-             ("caption", lambda: self._caption(batch, train))]
-    if generate_vqa:  # answers as text: token statistics, like captions
-      tasks.append(("vqa", lambda: self._generated_vqa(batch, train)))
-    for objective, fn in tasks:
-      if objective in weights:
-        out.update({f"{objective}_{k}": v for k, v in fn().items()})
-    return out
+    """Per-example features of every objective, computed in turn (see objectives/)."""
+    composed = self.objectives()
+    targets = [k for objective in composed.values() for k in objective.targets(self)]
+    self.check_batch(batch, tuple(dict.fromkeys(list(self.used_modalities()) + targets)))
+    run = FeaturePass(train=train, key=self._sample_key(train))
+    for objective in composed.values():
+      run.features.update(objective.features(self, batch, run))
+    return run.features
 
   def feature_context(self, features: Mapping[str, Array], batch: Batch) -> Dict[str, Array]:
-    """ITM's hard negatives drawn from the global batch's similarities (training only)."""
+    """Per-example entries drawn from the global batch's features (ITM's hard negatives)."""
     key = self._sample_key(train=True)
-    if "itm" not in self.objective_weights():
-      return {}
-    zimg = jax.lax.stop_gradient(features["image_embedding"])
-    ztxt = jax.lax.stop_gradient(features["text_embedding"])
-    return self._itm_negatives(batch, zimg, ztxt, key)
+    context = {}
+    for objective in self.objectives().values():
+      context.update(objective.context(self, features, batch, key))
+    return context
+
+  def loss_from_features(self, features: Mapping[str, Array],
+                         train: bool = False) -> Tuple[Array, Dict[str, Array]]:
+    """The weighted sum of the objectives' losses; each logged as `{objective}_loss`."""
+    del train
+    weights = self.objective_weights()
+    terms, logged = {}, {}
+    for name, objective in self.objectives().items():
+      terms[name], metrics = objective.loss(self, features)
+      logged.update(metrics)
+    total = sum(weights[k] * terms[k] for k in weights)  # needed-only objectives: logged
+    return total, {**{f"{k}_loss": v for k, v in terms.items()}, **logged}
+
+  def evaluate(self, batch: Batch) -> Dict[str, Array]:
+    return self.features(batch, train=False)
+
+  @staticmethod
+  def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
+    """Every registered objective's summary of its outputs (those absent give none)."""
+    summary = {}
+    for name in sorted(OBJECTIVES, key=_run_rank):
+      summary.update(OBJECTIVES.get(name).summarize(outputs))
+    return summary
 
   # ---------------------------------------------------------------------- generation
 
   def generation_tasks(self) -> Tuple[str, ...]:
     """What `generate` can write: "caption" and / or "vqa" (answers, vqa_mode="generate")."""
-    weights = self.objective_weights()
-    tasks = ("caption",) if "caption" in weights else ()
-    return tasks + (("vqa",) if "vqa" in weights and self.vqa_mode == "generate" else ())
+    return tuple(name for name, objective in self.objectives().items()
+                 if objective.generates(self))
 
   def generate(self, variables, batch: Batch, *, task: str = "caption",
                beam_size: Optional[int] = None, max_len: Optional[int] = None,
@@ -466,49 +370,25 @@ class MultimodalModel(Model):
     return generate_text(self, variables, batch, task=task, beam_size=beam_size,
                          max_len=max_len, length_penalty=length_penalty)
 
+  # `method=` entry points of the decoders (objectives/caption.py and vqa.py).
+  def caption_targets(self, text: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
+    return teacher_forcing(text, mask, self.vocab_size)
 
-  def loss_from_features(self, features: Mapping[str, Array],
-                         train: bool = False) -> Tuple[Array, Dict[str, Array]]:
-    del train
-    weights = self.objective_weights()
-    terms = {}
-    if "itc" in weights or "itm" in weights:
-      terms["itc"], _ = self.contrastive(features["image_embedding"], features["text_embedding"])
-    for objective in ("vqa", "classify", "itm"):
-      if objective in weights and f"{objective}_nll" in features:
-        terms[objective] = jnp.mean(features[f"{objective}_nll"])
-    for objective in ("mlm", "caption", "vqa"):  # token-weighted over the whole batch
-      if objective in weights and f"{objective}_num_tokens" in features:
-        terms[objective] = (jnp.sum(features[f"{objective}_nll_sum"])
-                            / jnp.maximum(jnp.sum(features[f"{objective}_num_tokens"]), 1))
-    total = sum(weights[k] * terms[k] for k in weights)
-    logged = {f"{k}_loss": v for k, v in terms.items()}
-    for objective in ("vqa", "classify"):
-      if f"{objective}_correct" in features:
-        logged[f"{objective}_accuracy"] = jnp.mean(features[f"{objective}_correct"])
-    if "itc" in weights or "itm" in weights:
-      scale = jnp.exp(self.contrastive.variables["params"]["logit_scale"])
-      logged["logit_scale"] = jnp.minimum(scale, self.contrastive.max_scale)  # in effect
-    return total, logged
+  def caption_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
+    return OBJECTIVES.get("caption")().memory(self, batch, train=train)
 
-  def evaluate(self, batch: Batch) -> Dict[str, Array]:
-    return self.features(batch, train=False)
+  def caption_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
+                     train: bool = False, decode: bool = False) -> Array:
+    return OBJECTIVES.get("caption")().logits(self, tokens, memory, memory_mask, train=train,
+                                              decode=decode)
 
-  @staticmethod
-  def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    summary = {}
-    if "image_embedding" in outputs:
-      summary.update(metrics.retrieval_recall(outputs["image_embedding"],
-                                              outputs["text_embedding"]))
-    for key in ("vqa_correct", "classify_correct", "itm_correct"):
-      if key in outputs:
-        summary[key.replace("_correct", "_accuracy")] = float(np.mean(outputs[key]))
-    for objective in ("mlm", "caption", "vqa"):
-      if f"{objective}_num_tokens" in outputs:
-        stats = {k: outputs[f"{objective}_{k}"]
-                 for k in ("nll_sum", "correct_tokens", "num_tokens")}
-        summary.update({f"{objective}_{k}": v for k, v in metrics.summarize_tokens(stats).items()})
-    return summary
+  def vqa_memory(self, batch: Batch, *, train: bool = False) -> Tuple[Array, Array]:
+    return OBJECTIVES.get("vqa")().memory(self, batch, train=train)
+
+  def vqa_logits(self, tokens: Array, memory: Array, memory_mask: Array, *,
+                 train: bool = False, decode: bool = False) -> Array:
+    return OBJECTIVES.get("vqa")().logits(self, tokens, memory, memory_mask, train=train,
+                                          decode=decode)
 
 
 @MODELS.register("captioning")
@@ -538,27 +418,28 @@ def generate_text(model: MultimodalModel, variables, batch: Batch, *, task: str 
   when `beam_size` is None, else beam search. Jit it with `static_argnames=("task",
   "beam_size", "max_len")` (and the model bound by functools.partial) to compile once.
 
-  Encodes the decoder's memory once (`caption_from`, or the fused `modalities` for
-  "vqa"), sizes the decoder's key/value cache for B * beam_size rows (zeros:
-  `jax.eval_shape`, no decoder pass) and runs decoding.py.
+  Encodes the decoder's memory once (the `task` objective's `memory`: `caption_from`, or
+  the fused `modalities` for "vqa"), sizes the decoder's key/value cache for
+  B * beam_size rows (zeros: `jax.eval_shape`, no decoder pass) and runs decoding.py.
   """
   if task not in model.generation_tasks():
     raise ValueError(f"This model generates {model.generation_tasks() or 'nothing'}; got task "
                      f"{task!r} (captions need the 'caption' objective, answers "
                      f"vqa_mode='generate'; loss_weights={model.loss_weights}).")
-  limit = (model.max_text_len if task == "caption" else model.max_answer_len) + 1
+  objective = OBJECTIVES.get(task)()
+  limit = objective.max_len(model) + 1
   max_len = max_len or limit
   if max_len > limit:
     raise ValueError(f"max_len={max_len} exceeds the {task} decoder's {limit} positions.")
   params = {"params": variables["params"]}
-  memory, mask = model.apply(params, batch, method=f"{task}_memory")
+  memory, mask = model.apply(params, batch, method=objective.memory)
   batch_size = memory.shape[0]
   rows = batch_size * (beam_size or 1)
   memory, mask = (jnp.repeat(x, rows // batch_size, axis=0) for x in (memory, mask))
 
   def run(tokens, cache=None):
     v = dict(params, cache=cache) if cache is not None else params
-    return model.apply(v, tokens, memory, mask, decode=True, method=f"{task}_logits",
+    return model.apply(v, tokens, memory, mask, decode=True, method=objective.logits,
                        mutable=["cache"])
 
   shapes = jax.eval_shape(lambda: run(jnp.zeros((rows, max_len), jnp.int32)))[1]["cache"]
@@ -579,32 +460,3 @@ def generate_text(model: MultimodalModel, variables, batch: Batch, *, task: str 
                                      beam_size=beam_size, max_len=max_len, bos_id=bos,
                                      eos_id=eos, length_penalty=length_penalty)
   return jnp.where(tokens == eos, 0, tokens)
-
-
-def example_model_and_batch(fusion: str = "hybrid", batch_size: int = 4, **overrides):
-  """A small demo-shaped model and a random batch (image, question, audio, sensor, text).
-
-  The shared configuration of the fusion table (`python -m mmjax.models.flops`) and of
-  the tests: width 64, 4 layers, 32x32 images, 0.5 s of 16 kHz audio, 32-step sensors.
-  """
-  fields = dict(fusion=fusion, modalities=("image", "question", "audio", "sensor"),
-                width=64, num_layers=4, num_heads=4, mlp_dim=256, vocab_size=100,
-                max_text_len=16, num_answers=10, loss_weights={"itc": 1.0, "vqa": 1.0})
-  # Mid fusion through 4 bottleneck tokens (MBT), where the strategy has these fields.
-  if fusion in FUSIONS:  # (an unknown one is the model's error, raised at init)
-    fields.update(_fusion.fields_for(fusion, dict(fusion_layer=2, num_bottlenecks=4)))
-  fields.update(overrides)
-  model = MultimodalModel(**fields)
-  rng = np.random.default_rng(0)
-  length = fields["max_text_len"]
-  batch = {
-      "image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
-      "audio": rng.normal(size=(batch_size, 8000)).astype(np.float32),
-      "sensor": rng.normal(size=(batch_size, 32, 6)).astype(np.float32),
-      "text": rng.integers(1, fields["vocab_size"], (batch_size, length)).astype(np.int32),
-      "question": rng.integers(1, fields["vocab_size"], (batch_size, length)).astype(np.int32),
-      "answer": rng.integers(0, max(fields["num_answers"], 1), (batch_size,)).astype(np.int32),
-      "label": rng.integers(0, 10, (batch_size,)).astype(np.int32),
-  }
-  batch["text"][:, length // 2:] = 0  # some padding
-  return model, {k: jnp.asarray(v) for k, v in batch.items()}
