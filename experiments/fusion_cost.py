@@ -3,6 +3,8 @@ Nagrani et al. 2021, which the toy-scale ablation cannot show).
 
   python experiments/fusion_cost.py [--topology v5e:2x4] [--skip-aot] [--repeats 2]
 
+(`--skip-aot` keeps the memory columns of the previous run's JSON.)
+
 `configs/mbt_audiovisual.py` with 16 px patches per frame instead of its 2-frame tubelets
 (the token count MBT's efficiency table is about): ViT-B width (12 layers, 768 wide, 12
 heads), 8 frames of 224 px cut into 16 px patches (1,568 tokens) plus an 8 s, 128-bin
@@ -49,6 +51,9 @@ STRATEGIES = {  # label: model overrides (fusion_layer 8 and 4 bottlenecks as MB
                               "num_bottlenecks": None},
     "late": {"fusion": "late", "fusion_layer": None, "num_bottlenecks": None},
 }
+
+
+AOT_FIELDS = ("peak_gib", "needed_gib", "fits", "error", "global_batch")
 
 
 def _config(overrides):
@@ -110,11 +115,17 @@ def main():
   counts = {"video": 8 * (224 // 16) ** 2, "audio": (128_000 // 160 // 16) * (128 // 16)}
   tokens = {k: jnp.asarray(rng.normal(size=(1, n, width)), jnp.float32)
             for k, n in counts.items()}
+  json_path = os.path.join(args.out, "fusion_cost.json")
+  earlier = {}  # with --skip-aot, the memory columns of an earlier run are kept
+  if args.skip_aot and os.path.exists(json_path):
+    with open(json_path) as f:
+      earlier = {r["strategy"]: {k: r[k] for k in AOT_FIELDS if k in r} for r in json.load(f)}
   rows = []
   for label, overrides in STRATEGIES.items():
     config = _config(overrides)
     row = {"strategy": label, "tokens": counts, "gflops_per_clip": analytic_gflops(config),
-           "cpu_seconds": block_stack_seconds(config, tokens, args.repeats)}
+           "cpu_seconds": block_stack_seconds(config, tokens, args.repeats),
+           **earlier.get(label, {})}
     if devices is not None:
       config.model.dtype = "bfloat16"
       report = aot.compile_config(config, args.topology, devices, "mbt_audiovisual.py")
@@ -126,7 +137,7 @@ def main():
   joint = rows[0]["cpu_seconds"]
   for row in rows:
     row["cpu_time_vs_early"] = row["cpu_seconds"] / joint
-  with open(os.path.join(args.out, "fusion_cost.json"), "w") as f:
+  with open(json_path, "w") as f:
     json.dump(rows, f, indent=1)
   lines = [f"| strategy | GFLOPs per clip (forward) | per-chip peak GiB ({args.topology}, "
            "batch 64, bf16) | CPU fwd+bwd of the block stack vs early |",

@@ -79,7 +79,8 @@ def _objects(prefix):
                 for b in storage.Client().list_blobs(BUCKET, prefix=prefix + "/"))
 
 
-def test_other_urls_are_refused_in_one_line_and_gs_is_kept_as_a_url():
+def test_other_urls_are_refused_in_one_line_and_gs_is_kept_as_a_url(monkeypatch):
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")  # credentials: none needed
   with pytest.raises(workdir_lib.UnsupportedWorkdirError, match=r"s3:// workdirs are not"):
     workdir_lib.resolve("s3://bucket/run")
   with pytest.raises(workdir_lib.UnsupportedWorkdirError, match="expected gs://BUCKET/PATH"):

@@ -1,10 +1,10 @@
 """Parameter names are the checkpoint format: refactoring must not change them.
 
-tests/fixtures/param_trees.json records, for every config in configs/ at the tiny sizes
+tests/golden/param_trees.json records, for every config in configs/ at the tiny sizes
 of tests/test_configs.py and for more variants (every fusion strategy, shared weights,
 every multimodal objective, MAP pooling with scanned layers), the model config, one
 example's batch shapes and {param path: [shape, dtype]}, as written from the code before
-the block redesign by tests/fixtures/make_param_trees.py. Each model is initialised on
+the block redesign by tests/golden/make_param_trees.py. Each model is initialised on
 shapes only (`jax.eval_shape`), so this costs tracing, no compute.
 """
 import json
@@ -13,10 +13,10 @@ import os
 import jax
 import pytest
 
-from tests.fixtures.make_param_trees import param_tree
+from tests.golden.make_param_trees import param_tree
 from mmjax.train.config import import_models
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "param_trees.json")
+FIXTURE = os.path.join(os.path.dirname(__file__), "golden", "param_trees.json")
 with open(FIXTURE) as f:
   RECORDED = json.load(f)
 
