@@ -3,6 +3,7 @@
 Dependence is tested by perturbation: change the text tokens, and check which image-stream
 activations (captured per layer with `capture_intermediates`) change.
 """
+import os
 import functools
 
 import flax.linen as nn
@@ -244,3 +245,17 @@ def test_a_config_switches_strategy_by_unsetting_the_fields_it_set():
   assert m.fusion_layer is None and m.num_bottlenecks is None
   FUSIONS.get(m.fusion)(num_layers=2, block=BLOCK, fusion_layer=m.fusion_layer,
                         num_bottlenecks=m.num_bottlenecks)
+
+
+def test_config_check_refuses_a_field_the_strategy_ignores_before_any_data(tmp_path):
+  """`mmjax.main` checks this with the config, before data or workdir exist."""
+  from mmjax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from mmjax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "mbt_audiovisual.py"))
+  config.model.fusion = "early"  # mbt sets fusion_layer=8 and num_bottlenecks=4
+  with pytest.raises(ConfigError, match=r"'early' does not use fusion_layer \(given 8\).*"
+                                        r"--config.model.fusion_layer=None"):
+    config_lib.validate(config, 1, 1)
+  config.model.fusion_layer = config.model.num_bottlenecks = None
+  config_lib.validate(config, 1, 1)

@@ -48,7 +48,7 @@ A fork adds a strategy by subclassing `FusionEncoder` in its own file, decoratin
 with `@FUSIONS.register("name")` and listing the strategy fields it reads in `uses`.
 """
 import functools
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -108,6 +108,17 @@ STRATEGY_FIELDS = {"fusion_layer": None, "num_bottlenecks": 4, "shared_weights":
                    "fit_weights": "head"}
 
 
+def check_fields(fusion: str, uses: Sequence[str], fields: Mapping[str, Any]) -> None:
+  """Raises naming a field of `STRATEGY_FIELDS` set (not None) that strategy `fusion`
+  does not use (it is not in `uses`): it would silently do nothing."""
+  for field in STRATEGY_FIELDS:
+    value = fields.get(field)
+    if value is not None and field not in uses:
+      raise ValueError(f"fusion {fusion!r} does not use {field} (given {value!r}); it uses "
+                       f"{', '.join(uses) or 'none of ' + ', '.join(STRATEGY_FIELDS)}. "
+                       f"Leave {field} unset (None; on the command line --config.model.{field}=None).")
+
+
 def fields_for(fusion: str, fields: Mapping[str, Any]) -> Dict[str, Any]:
   """`fields` less the `STRATEGY_FIELDS` that strategy `fusion` does not use: one set of
   fields (e.g. a test's or a table's) for every strategy."""
@@ -138,13 +149,8 @@ class FusionEncoder(nn.Module):
 
   def __post_init__(self):
     super().__post_init__()
-    for field in STRATEGY_FIELDS:
-      value = getattr(self, field)
-      if value is not None and field not in self.uses:
-        name = next((n for n in FUSIONS if FUSIONS.get(n) is type(self)), type(self).__name__)
-        raise ValueError(f"fusion {name!r} does not use {field} (given {value!r}); it uses "
-                         f"{', '.join(self.uses) or 'none of ' + ', '.join(STRATEGY_FIELDS)}. "
-                         f"Leave {field} unset (None).")
+    name = next((n for n in FUSIONS if FUSIONS.get(n) is type(self)), type(self).__name__)
+    check_fields(name, self.uses, {field: getattr(self, field) for field in STRATEGY_FIELDS})
 
   def setting(self, field: str) -> Any:
     """The value of one of `STRATEGY_FIELDS`: as given, or its default when unset."""

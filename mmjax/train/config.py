@@ -25,6 +25,7 @@ import ml_collections
 
 from mmjax import config_keys
 from mmjax.errors import ConfigError
+from mmjax.models import fusion as fusion_lib
 from mmjax.models.base import build_model
 from mmjax.registry import ATTENTION_BACKENDS, DATASETS, FUSIONS, MODELS
 from mmjax.train import sharding
@@ -346,6 +347,12 @@ def _check_model(model_config: ml_collections.ConfigDict) -> None:
   for field, registry in REGISTRY_FIELDS.items():
     if model_config.get(field) is not None:
       registry.get(model_config[field])
+  fusion = model_config.get("fusion")
+  if isinstance(fusion, str) and fusion in FUSIONS:  # before any data: fields it ignores
+    try:
+      fusion_lib.check_fields(fusion, FUSIONS.get(fusion).uses, model_config)
+    except ValueError as e:
+      raise ConfigError(f"config.model: {e}") from e
   model = build_model(model_config)
   if hasattr(model, "objective_weights"):
     try:
