@@ -32,6 +32,7 @@ The split into `features` and `loss` keeps gradient accumulation exact (see
 mmjax/models/base.py): a loss over the batch must be computed in `loss` from per-example
 features (e.g. token-weighted means as sums of nll and of tokens), never inside `features`.
 """
+import abc
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -56,13 +57,15 @@ class FeaturePass:
   cache: Dict[str, Any] = dataclasses.field(default_factory=dict)  # encoder passes to share
 
 
-class Objective:
-  """The defaults: no heads, no context, nothing generated (see the module docstring)."""
+class Objective(abc.ABC):
+  """The defaults: no heads, no context, nothing generated (see the module docstring).
+  A subclass must define inputs, features, loss and summarize."""
   needs: Tuple[str, ...] = ()
 
   def check(self, model) -> None:
     del model
 
+  @abc.abstractmethod
   def inputs(self, model) -> Tuple[str, ...]:
     raise NotImplementedError
 
@@ -74,6 +77,7 @@ class Objective:
     del model
     return {}
 
+  @abc.abstractmethod
   def features(self, model, batch: Batch, run: FeaturePass) -> Dict[str, Array]:
     raise NotImplementedError
 
@@ -82,10 +86,12 @@ class Objective:
     del model, features, batch, key
     return {}
 
+  @abc.abstractmethod
   def loss(self, model, features: Mapping[str, Array]) -> Tuple[Array, Dict[str, Array]]:
     raise NotImplementedError
 
   @staticmethod
+  @abc.abstractmethod
   def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
     raise NotImplementedError
 
