@@ -45,6 +45,21 @@ def test_train_batches_follow_the_batch_contract(digits):
   assert np.all(np.abs(batch["image"]) <= 1.0)
 
 
+@pytest.mark.parametrize("max_answer_len", [0, 4])
+def test_batch_spec_declares_what_the_iterators_give(digits, max_answer_len):
+  """The shapes `mmjax.aot` compiles for, read without data, are the real batches' (the
+  answers' tokens of generative VQA included)."""
+  config = digits.copy_and_resolve_references()
+  config.max_answer_len = max_answer_len
+  for train, iterator in ((True, pipeline.create_train_iterator(config, global_batch_size=8, seed=0)),
+                          (False, pipeline.create_eval_iterator(config, global_batch_size=8))):
+    batch = next(iter(iterator))
+    want = {k: ((8,) + shape, dtype)
+            for k, (shape, dtype) in pipeline.batch_spec(config, train=train).items()}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
+    assert ("answer_text" in want) == bool(max_answer_len)
+
+
 def test_train_order_is_a_function_of_the_seed(digits):
   a = take(pipeline.create_train_iterator(digits, global_batch_size=8, seed=3), 3)
   b = take(pipeline.create_train_iterator(digits, global_batch_size=8, seed=3), 3)

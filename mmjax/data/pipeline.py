@@ -153,6 +153,15 @@ def get_dataset(data_config) -> dataset_lib.Dataset:
   return DATASETS.get(data_config.name)(data_config)
 
 
+def _preprocess_spec(data_config, ds, train: bool) -> str:
+  """The configured (or the dataset's default) preprocessing of one example."""
+  spec = (data_config.preprocess if train else data_config.eval_preprocess)
+  spec = spec or ds.default_preprocess(train)
+  if data_config.max_answer_len:  # generative VQA: the answer's text as tokens too
+    spec += f"|answer_text({data_config.max_answer_len})"
+  return spec
+
+
 class _ExampleMaker:
   """Reads, checks and preprocesses one record; picklable for grain worker processes."""
 
@@ -165,12 +174,8 @@ class _ExampleMaker:
     self.fields = ds.fields()
     self.drop_bad = data_config.drop_bad_records
     tokenizer = _tokenizer(data_config, ds)
-    spec = data_config.preprocess if train else data_config.eval_preprocess
-    self.pp_spec = spec or ds.default_preprocess(train)
-    answers = None
-    if data_config.max_answer_len:  # generative VQA: the answer's text as tokens too
-      self.pp_spec += f"|answer_text({data_config.max_answer_len})"
-      answers = ds.info().get("answers")
+    self.pp_spec = _preprocess_spec(data_config, ds, train)
+    answers = ds.info().get("answers") if data_config.max_answer_len else None
     self.pp = pp_lib.build(self.pp_spec, pp_lib.Context(
         tokenizer=tokenizer, answers=answers,
         image_normalization=data_config.image_normalization))
@@ -337,9 +342,9 @@ def batch_spec(data_config, *, train: bool = True) -> Dict[str, Any]:
   data_config = _complete(data_config)
   ds = get_dataset(data_config)
   record = {k: field.example() for k, field in ds.declared_fields().items()}
-  spec = (data_config.preprocess if train else data_config.eval_preprocess)
-  spec = spec or ds.default_preprocess(train)
-  pp = pp_lib.build(spec, pp_lib.Context(tokenizer=tokenizer_lib.ByteTokenizer()))
+  # Shapes do not depend on which answer the text is: any vocabulary of one will do.
+  pp = pp_lib.build(_preprocess_spec(data_config, ds, train), pp_lib.Context(
+      tokenizer=tokenizer_lib.ByteTokenizer(), answers=["answer"]))
   example = pp(record, np.random.default_rng(0) if train else None)
   example = {k: _to_contract(k, v, f"declared {data_config.name} record")
              for k, v in example.items()}
