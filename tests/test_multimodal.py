@@ -57,13 +57,19 @@ def test_every_fusion_jit_compiles_with_finite_gradients_for_every_parameter(nam
   assert {"vqa_loss", "vqa_accuracy"} <= set(logged)
 
 
-def test_every_objective_has_finite_loss_and_gradients_with_audio_and_sigmoid_loss():
+def test_every_objective_has_finite_loss_and_gradients_with_audio_sigmoid_loss_and_gate():
   model, batch = example_model_and_batch(
-      fusion="early", modalities=("image", "audio"), contrastive_loss="sigmoid",
-      loss_weights={"itc": 1.0, "vqa": 0.5, "classify": 0.5, "itm": 1.0, "mlm": 1.0,
-                    "caption": 1.0}, num_classes=10, **dict(TINY, num_layers=1))
+      fusion="early", modalities=("image", "question", "audio"), contrastive_loss="sigmoid",
+      combine="gate", loss_weights={"itc": 1.0, "vqa": 0.5, "classify": 0.5, "itm": 1.0,
+                                    "mlm": 1.0, "caption": 1.0},
+      num_classes=10, **dict(TINY, num_layers=1))
   logged = _check_trains(model, batch, every_parameter=False)
   assert {"itm_loss", "mlm_loss", "caption_loss", "classify_accuracy"} <= set(logged)
+  # The gate weighs the model's three modalities; ITM's (image, text) pair has its own.
+  params = jax.eval_shape(functools.partial(model.init, train=False, method="loss"),
+                          jax.random.key(0), batch)["params"]
+  assert nn.meta.unbox(params["combiner"]["gate"]["kernel"]).shape == (3 * 32, 3)
+  assert nn.meta.unbox(params["itm_combiner"]["gate"]["kernel"]).shape == (2 * 32, 2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -265,10 +265,13 @@ class MultimodalModel(Model):
     return self.fusion_encoder(tokens, masks, deterministic=not train), masks
 
   def pooled(self, batch: Batch, modalities: Sequence[str], *, train: bool = False,
-             overrides: Optional[Mapping[str, Array]] = None) -> Array:
-    """Fused, mean-pooled per modality, combined: [B, D'] (what the heads classify)."""
+             overrides: Optional[Mapping[str, Array]] = None,
+             combiner: Optional[nn.Module] = None) -> Array:
+    """Fused, mean-pooled per modality, combined (by the model's `combiner` unless another
+    is given): [B, D'] (what the heads classify)."""
     encoded, masks = self.encode(batch, modalities, train=train, overrides=overrides)
-    return self.combiner([heads.masked_mean(encoded[m], masks[m]) for m in modalities])
+    combiner = combiner or self.combiner
+    return combiner([heads.masked_mean(encoded[m], masks[m]) for m in modalities])
 
   def embed_image(self, batch: Batch, *, train: bool = False) -> Array:
     """L2-normalised contrastive image embeddings [B, embed_dim] (the image alone)."""

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import losses, metrics
+from mmjax.models import heads as heads_lib
 from mmjax.models.base import example_ids
 from mmjax.models.objectives.base import Objective, accuracy_summary, classifier
 from mmjax.registry import OBJECTIVES
 
 CONTEXT = ("itm_negative_text", "itm_negative_image")  # batch keys of the global negatives
+PAIR = ("image", "text")  # what is matched
 
 
 @OBJECTIVES.register("itm")
@@ -31,10 +33,19 @@ class ImageTextMatching(Objective):
                        "never builds; use contrastive_impl='dense' with itm.")
 
   def inputs(self, model):
-    return ("image", "text")
+    return PAIR
 
   def heads(self, model):
-    return {"itm_head": classifier(model, 2)}
+    heads = {"itm_head": classifier(model, 2)}
+    if self._own_combiner(model):
+      heads["itm_combiner"] = heads_lib.Combine("gate", dtype=jnp.dtype(model.dtype))
+    return heads
+
+  @staticmethod
+  def _own_combiner(model) -> bool:
+    """A gate weighs a fixed set of modalities: when the model's combiner gates others
+    (e.g. image + question for VQA), the (image, text) pair gets its own."""
+    return model.combine == "gate" and tuple(model.modalities) != PAIR
 
   def features(self, model, batch, run):
     # Negatives from the global batch when the trainer gives them (context), else from
@@ -46,8 +57,9 @@ class ImageTextMatching(Objective):
     images = jnp.concatenate([batch["image"], batch["image"], negatives["itm_negative_image"]])
     texts = jnp.concatenate([batch["text"], negatives["itm_negative_text"], batch["text"]])
     n = batch["image"].shape[0]
-    logits = model.itm_head(model.pooled({"image": images, "text": texts}, ("image", "text"),
-                                         train=run.train))
+    combiner = model.itm_combiner if self._own_combiner(model) else None
+    logits = model.itm_head(model.pooled({"image": images, "text": texts}, PAIR,
+                                         train=run.train, combiner=combiner))
     labels = jnp.concatenate([jnp.ones(n, jnp.int32), jnp.zeros(2 * n, jnp.int32)])
     nll = losses.cross_entropy(logits, labels).reshape(3, n)
     hits = metrics.correct(logits, labels).reshape(3, n)
