@@ -121,3 +121,15 @@ def test_damaged_array_record_shard_names_dataset_split_record_and_file(tmp_path
   dropping = pipeline._ExampleMaker(config, "train", train=False)
   assert all(dropping(i) is None for i, _ in bad)
   assert pipeline.DROPPED["shapes/train"] == len(bad)
+
+
+@pytest.mark.parametrize("kind, value, message", [
+    ("texts", [], "non-empty list of non-empty strings"),
+    ("texts", [b"a caption", b"  "], "non-empty list of non-empty strings"),
+    ("image_bytes", b"", "non-empty bytes of an image file"),
+    ("image_bytes", np.zeros((2, 2)), "non-empty bytes of an image file")])
+def test_caption_lists_and_image_files_are_checked(kind, value, message):
+  field = dataset_lib.Field(kind)
+  dataset_lib.check_record({"x": field.example(8)}, {"x": field}, "files/train[0]")
+  with pytest.raises(dataset_lib.BadRecordError, match=f"files/train\\[3\\].*'x'.*{message}"):
+    dataset_lib.check_record({"x": value}, {"x": field}, "files/train[3]")

@@ -25,6 +25,14 @@ def _coco(root, split="val2017", ids=(1, 2, 3)):
     json.dump(data, f)
 
 
+def _assert_declared_shapes(config, batch, train):
+  """What mmjax.aot compiles for without the files (pipeline.batch_spec) is what they give."""
+  n = len(batch["index"])
+  want = {k: ((n,) + shape, dtype)
+          for k, (shape, dtype) in pipeline.batch_spec(config, train=train).items()}
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
+
+
 def _coco_config(root, data_dir, **extra):
   options = dict(root=str(root), annotations={"train": "annotations/captions_val2017.json",
                                               "val": "annotations/captions_val2017.json"},
@@ -47,6 +55,8 @@ def test_coco_captions_prepare_decode_and_references(tmp_path):
     assert refs[batch["index"][row]] == [f"Image {image_id} caption {j}." for j in range(5)]
   train = next(pipeline.create_train_iterator(config, global_batch_size=2, seed=0))
   assert train["text"].shape == (2, 12)
+  _assert_declared_shapes(config, batch, train=False)
+  _assert_declared_shapes(config, train, train=True)
 
 
 def test_coco_karpathy_split(tmp_path):
@@ -106,6 +116,7 @@ def test_vqav2_files_answers_and_vocabulary(tmp_path):
   assert sorted(map(tuple, refs)) == sorted(map(tuple, answers))
   for row in range(3):  # "2" is class 0; "yes" is outside the 1 kept answer: "<other>"
     assert batch["answer"][row] == (1 if refs[batch["index"][row]][0] == "yes" else 0)
+  _assert_declared_shapes(config, batch, train=False)
 
 
 def test_image_folder_classes_and_bad_file(tmp_path):
@@ -120,6 +131,7 @@ def test_image_folder_classes_and_bad_file(tmp_path):
   assert info["classes"] == ["golden retriever", "tabby"] and info["splits"] == {"train": 4, "val": 4}
   batch = next(iter(pipeline.create_eval_iterator(config, global_batch_size=4)))
   assert sorted(batch["label"]) == [0, 0, 1, 1]
+  _assert_declared_shapes(config, batch, train=False)
   (root / "val" / "tabby" / "1.jpg").write_bytes(b"GIF89a broken")
   bad = pipeline.default_config("image_folder", data_dir=str(tmp_path / "data2"),
                                 image_folder=dict(root=str(root)))

@@ -55,7 +55,9 @@ class Field:
   """What one raw field of a good record looks like.
 
   kind: "array" (numeric; `shape` with None for any size, floats must be finite),
-        "text" (bytes or str, must be non-empty), or "index" (integer in [0, num_values)).
+        "text" (bytes or str, must be non-empty), "texts" (a non-empty list of those),
+        "image_bytes" (an encoded image file, non-empty) or "index" (integer in
+        [0, num_values)).
   dtype: numpy dtype name of an "array" when known (used to make example records).
   """
   kind: str
@@ -67,6 +69,14 @@ class Field:
     """A good record value of this field (None dims take `unknown_size`)."""
     if self.kind == "text":
       return b"a b c"
+    if self.kind == "texts":
+      return [b"a b c"]
+    if self.kind == "image_bytes":
+      import io  # pylint: disable=g-import-not-at-top
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      png = io.BytesIO()
+      Image.new("RGB", (unknown_size, unknown_size)).save(png, format="PNG")
+      return png.getvalue()
     if self.kind == "index":
       return np.int64(0)
     shape = tuple(unknown_size if d is None else d for d in (self.shape or ()))
@@ -89,6 +99,17 @@ def check_record(record: Mapping[str, Any], fields: Mapping[str, Field], where: 
       if not text.strip():
         raise BadRecordError(f"Bad record {where}: field {key!r} is an empty text; "
                              "expected a non-empty string.")
+    elif field.kind == "texts":
+      texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
+               for t in (value if isinstance(value, (list, tuple, np.ndarray)) else [None])]
+      if not texts or not all(t.strip() for t in texts):
+        raise BadRecordError(f"Bad record {where}: field {key!r} is {value!r}; expected a "
+                             "non-empty list of non-empty strings.")
+    elif field.kind == "image_bytes":
+      if not isinstance(value, (bytes, np.bytes_)) or not value:
+        raise BadRecordError(f"Bad record {where}: field {key!r} is {type(value).__name__} "
+                             f"of length {len(value) if hasattr(value, '__len__') else '?'}; "
+                             "expected the non-empty bytes of an image file.")
     elif field.kind == "index":
       v = np.asarray(value)
       if v.shape != () or not np.issubdtype(v.dtype, np.integer) or not (
@@ -107,7 +128,8 @@ def check_record(record: Mapping[str, Any], fields: Mapping[str, Field], where: 
         raise BadRecordError(f"Bad record {where}: field {key!r} has non-finite values "
                              f"(at flat index {int(np.argmin(np.isfinite(v)))}).")
     else:
-      raise ValueError(f"Field kind {field.kind!r} of {key!r}: expected array/text/index.")
+      raise ValueError(f"Field kind {field.kind!r} of {key!r}: expected array, text, texts, "
+                       "image_bytes or index.")
 
 
 class Dataset(abc.ABC):
@@ -192,6 +214,9 @@ def fields_from_tfds(features) -> Dict[str, Field]:
       fields[key] = Field("index", num_values=feature.num_classes)
     elif isinstance(feature, tfds.features.Text):
       fields[key] = Field("text")
+    elif (isinstance(feature, tfds.features.Sequence)
+          and isinstance(feature.feature, tfds.features.Text)):
+      fields[key] = Field("texts")
     elif isinstance(feature, (tfds.features.Tensor, tfds.features.Image)):
       fields[key] = Field("array", shape=tuple(feature.shape),
                           dtype=np.dtype(feature.np_dtype).name)

@@ -116,6 +116,13 @@ class FilesDataset(dataset_lib.TfdsDataset):
     return self.builder_class(source=self.options, data_dir=self.data_dir,
                               file_format="array_record")
 
+  def fields(self) -> Dict[str, dataset_lib.Field]:
+    fields = super().fields()
+    for key, feature in self.builder.info.features.items():
+      if feature is IMAGE_BYTES:
+        fields[key] = dataset_lib.Field("image_bytes")
+    return fields
+
   def metadata(self) -> Dict[str, Any]:
     self.prepare()
     return dict(self.builder.info.metadata or {})
