@@ -49,7 +49,8 @@ ROWS = {
                         [{}, FULL_REMAT, {**FULL_REMAT, "mesh.fsdp": 16}]),
     "mbt": ("mbt_audiovisual.py", "v5e:2x4", BF16, [{}, {"mesh.fsdp": 8}]),
     # PaliGemma 3B (So400m/14 + Gemma 2B), big_vision's transfer batch of 256.
-    "paligemma_224": ("paligemma_224.py", "v5e:4x4", {}, [{}, {"mesh.fsdp": 16}]),
+    "paligemma_224": ("paligemma_224.py", "v5e:4x4", {},
+                      [{}, {"mesh.fsdp": 16}, {"mesh.fsdp": 16, **FULL_REMAT}]),
 }
 
 def command(config: str, topology: str, overrides) -> str:
@@ -78,9 +79,11 @@ def main():
   results = []
   json_path = os.path.join(args.out, "will_it_fit.json")
   if os.path.exists(json_path):
-    with open(json_path) as f:
-      rerun = {entry.partition(":")[0] for entry in args.rows.split(",")}
-      results = [r for r in json.load(f) if r["row"] not in rerun]
+    with open(json_path) as f:  # rows re-measured now replace theirs; others are kept
+      rerun = {name: int(first or 0) for name, _, first in
+               (entry.partition(":") for entry in args.rows.split(","))}
+      results = [r for r in json.load(f)
+                 if r["row"] not in rerun or r["setting"] < rerun[r["row"]]]
   for entry in args.rows.split(","):
     name, _, first = entry.partition(":")  # NAME:K starts at the row's K-th setting
     config_file, topology, base, settings = ROWS[name]

@@ -27,6 +27,7 @@ import numpy as np
 
 from mmjax.nn.lm_block import LMBlock, LMBlockConfig
 from mmjax.nn.norms import RMSNorm
+from mmjax.nn.transformer import rematerialized
 
 
 class DecoderLM(nn.Module):
@@ -39,6 +40,7 @@ class DecoderLM(nn.Module):
   tie_embeddings: bool = True     # Gemma: logits = x @ embedding.T; Llama: a `head`
   sliding_window_pattern: int = 2  # block.sliding_window: layer i global iff (i+1) % n == 0
   final_logit_softcapping: Optional[float] = None  # Gemma 2: logits -> c * tanh(logits / c)
+  remat_policy: str = "none"      # blocks recomputed in the backward pass (REMAT_POLICIES)
   decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -48,8 +50,9 @@ class DecoderLM(nn.Module):
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")))
-    self.layers = [LMBlock(self.layer_config(i), decode=self.decode, dtype=self.dtype,
-                           param_dtype=self.param_dtype) for i in range(self.depth)]
+    block_cls = rematerialized(LMBlock, "none" if self.decode else self.remat_policy)
+    self.layers = [block_cls(self.layer_config(i), decode=self.decode, dtype=self.dtype,
+                             param_dtype=self.param_dtype) for i in range(self.depth)]
     self.final_norm = RMSNorm(self.block.norm_epsilon, self.block.norm_scale_offset,
                               dtype=self.dtype, param_dtype=self.param_dtype)
     if not self.tie_embeddings:

@@ -126,6 +126,9 @@ class VLM(Model):
   top_k: int = 0
   dtype: str = "float32"
   implementation: Optional[str] = None
+  # Both towers' blocks recomputed in the backward pass (REMAT_POLICIES in nn.transformer);
+  # `encoder.remat_policy` sets the image tower's alone.
+  remat_policy: str = "none"
 
   def encoder_config(self) -> Dict[str, Any]:
     """The ViT fields of the image tower."""
@@ -134,7 +137,7 @@ class VLM(Model):
     if clash:
       raise ValueError(f"vlm.encoder must output every patch token; given {clash}, expected "
                        f"{ {k: _ENCODER_FIXED[k] for k in clash} } (or leave them out).")
-    return {**_ENCODER_DEFAULT, **given, **_ENCODER_FIXED}
+    return {**_ENCODER_DEFAULT, "remat_policy": self.remat_policy, **given, **_ENCODER_FIXED}
 
   @nn.nowrap  # plain arithmetic: callable on an unbound model
   def position_grids(self, batch: Batch) -> Dict[str, PositionGrid]:
@@ -156,7 +159,7 @@ class VLM(Model):
                      embed_scale=self.embed_scale, tie_embeddings=self.tie_embeddings,
                      sliding_window_pattern=self.sliding_window_pattern,
                      final_logit_softcapping=self.final_logit_softcapping,
-                     decode=decode, dtype=jnp.dtype(self.dtype),
+                     remat_policy=self.remat_policy, decode=decode, dtype=jnp.dtype(self.dtype),
                      **(dict(parent=None) if decode else dict(name="lm")))
 
   def setup(self):

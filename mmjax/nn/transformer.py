@@ -74,10 +74,16 @@ def activation_fn(activation: Union[str, Callable[[Array], Array]]) -> Callable[
   return ACTIVATIONS[activation]
 
 
-def _remat_policy(name: str):
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat_policy {name!r}; expected one of {sorted(REMAT_POLICIES)}.")
-  return REMAT_POLICIES[name]
+def rematerialized(module_cls, policy: str, *, static_argnums=(), prevent_cse: bool = True):
+  """`module_cls` whose activations the backward pass recomputes as `policy` (a name in
+  REMAT_POLICIES) says; `module_cls` itself for "none". Parameter names are unchanged."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"Unknown remat_policy {policy!r}; expected one of "
+                     f"{sorted(REMAT_POLICIES)}.")
+  if policy == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse,
+                  static_argnums=static_argnums)
 
 
 def _check_tokens(module: str, x: Array):
@@ -245,12 +251,10 @@ def _stack(stack: nn.Module, block_cls, prefix: str, x: Array, *args, **extra_fi
   """
   fields = {"config": stack.block} | extra_fields
   rates = droppath_rates(stack.droppath_rate, stack.num_layers, stack.droppath_schedule)
-  policy = _remat_policy(stack.remat_policy)
-  if stack.remat_policy != "none":
-    # `deterministic` is static for tracing (argument numbers count `self` as 0).
-    num_args = len(inspect.signature(block_cls.__call__).parameters)
-    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not stack.scan_layers,
-                         static_argnums=(num_args - 1,))
+  # `deterministic` is static for tracing (argument numbers count `self` as 0).
+  num_args = len(inspect.signature(block_cls.__call__).parameters)
+  block_cls = rematerialized(block_cls, stack.remat_policy, prevent_cse=not stack.scan_layers,
+                             static_argnums=(num_args - 1,))
   if not stack.scan_layers:
     for i in range(stack.num_layers):
       x = block_cls(name=f"{prefix}_{i}", droppath_rate=rates[i], **fields)(x, *args)
