@@ -24,7 +24,9 @@ serve it (`model.encode`, `model.pooled`, `model.memory`, `model.embed_image`, .
   summarize(outputs)    the evaluation summary from the whole split's features; {} when
                         they are absent (the model asks every registered objective)
 
-and, for objectives that write text (caption, generated VQA): `generates(model)`,
+`combines(model)` says whether its head reads `fused_pooled`, the model's modalities
+combined by the model's `combiner` (vqa over answers, classify); and, for objectives that
+write text (caption, generated VQA): `generates(model)`,
 `max_len(model)`, `memory(model, batch, train)` and `logits(model, tokens, memory, mask,
 ...)`, which `multimodal.generate_text` decodes with.
 
@@ -96,6 +98,10 @@ class Objective(abc.ABC):
     raise NotImplementedError
 
   def generates(self, model) -> bool:
+    del model
+    return False
+
+  def combines(self, model) -> bool:
     del model
     return False
 

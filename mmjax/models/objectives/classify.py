@@ -27,6 +27,9 @@ class Classification(Objective):
   def heads(self, model):
     return {"cls_head": classifier(model, model.num_classes)}
 
+  def combines(self, model):
+    return True
+
   def features(self, model, batch, run):
     return classification_features("classify", model.cls_head(fused_pooled(model, batch, run)),
                                    batch["label"])

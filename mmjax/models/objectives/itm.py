@@ -43,9 +43,11 @@ class ImageTextMatching(Objective):
 
   @staticmethod
   def _own_combiner(model) -> bool:
-    """A gate weighs a fixed set of modalities: when the model's combiner gates others
-    (e.g. image + question for VQA), the (image, text) pair gets its own."""
-    return model.combine == "gate" and tuple(model.modalities) != PAIR
+    """A gate weighs a fixed set of modalities: when another head gates the model's
+    modalities with the model's combiner (e.g. image + question for VQA), the (image,
+    text) pair gets its own."""
+    return (model.combine == "gate" and tuple(model.modalities) != PAIR
+            and any(o.combines(model) for o in model.objectives().values()))
 
   def features(self, model, batch, run):
     # Negatives from the global batch when the trainer gives them (context), else from

@@ -60,6 +60,9 @@ class VisualQuestionAnswering(Objective):
   def summarize(outputs):
     return {**accuracy_summary("vqa", outputs), **token_summary("vqa", outputs)}
 
+  def combines(self, model):
+    return not self.generates(model)
+
   def generates(self, model):
     return model.vqa_mode == "generate"
 
