@@ -105,10 +105,25 @@ def checksums(tree: Any) -> Dict[str, List[int]]:
           for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+# Orbax copies a replicated array to the host in one slice per replica, in parallel; each
+# slice is an eager op compiled for its offsets, thousands of compiles for a small model's
+# few hundred arrays. Only slices of at least this many bytes are worth it.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_replica_slices_for_large_arrays_only() -> None:
+  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.metadata import array_metadata_store
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),  # as Orbax's default handler
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
 class Checkpointer:
   """Saves and restores (TrainState, data iterator) pairs under `directory`."""
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    _use_replica_slices_for_large_arrays_only()
     self.directory = paths.absolute(directory)  # a local path or a gs:// URL
     self.corrupt_directory = self.directory + ".corrupt"
     self._manager = ocp.CheckpointManager(

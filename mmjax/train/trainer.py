@@ -259,8 +259,8 @@ def _train_and_evaluate_locked(config, workdir, start_over, preemption) -> Dict[
         writer.write(0, {f"init_from_{k}": len(v) for k, v in report.items()})
 
     with program.context():
-      flops_per_step = _flops(program.train_step, program.abstract_state,
-                              program_lib.abstract_batch(spec, config.batch_size))
+      # The state and the batch as the loop passes them: the trace is then the loop's own.
+      flops_per_step = _flops(program.train_step, state, program.batch(spec, config.batch_size))
       extra_evals = evaluate_lib.make_extra_evaluators(  # generation, zero-shot (if configured)
           config, program.model, shardings.params, mesh, workdir, make_eval_iter)
       peak = writers.device_peak_flops() * jax.device_count()
@@ -375,10 +375,10 @@ def _train_loop(config, state, start_step, pending, train_iter, make_eval_iter, 
   return results
 
 
-def _flops(train_step, abstract_state, global_example) -> float:
-  """FLOPs of one step from XLA's cost analysis of the (unpartitioned) lowered program."""
+def _flops(train_step, state, global_batch) -> float:
+  """FLOPs of one step from XLA's cost analysis of the lowered program."""
   try:
-    cost = train_step.lower(abstract_state, global_example).cost_analysis()
+    cost = train_step.lower(state, global_batch).cost_analysis()
   except Exception as e:  # cost analysis is best effort on some backends
     logging.warning("XLA cost analysis failed (%s); MFU will read nan.", e)
     return float("nan")
