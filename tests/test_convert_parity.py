@@ -8,6 +8,7 @@ checkpoints are built from the same HF model through their documented tensor nam
 
 Needs torch and transformers (pip install -e ".[convert]"); skipped without them.
 """
+import functools
 import json
 import os
 import re
@@ -19,6 +20,7 @@ torch = pytest.importorskip("torch", reason="parity tests need torch (pip instal
 transformers = pytest.importorskip(
     "transformers", reason="parity tests need transformers (pip install -e '.[convert]')")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mmjax.convert import __main__ as cli  # noqa: E402
@@ -86,8 +88,9 @@ def _hf_vit_outputs(model, images):
 def _mmjax_vit_outputs(model_config, params, images):
   """(logits, per-block outputs) of the mmjax ViT."""
   model = build_model(model_config)
-  logits, state = model.apply({"params": params}, jnp.asarray(images), capture_intermediates=True,
-                              mutable=["intermediates"])
+  logits, state = jax.jit(functools.partial(
+      model.apply, capture_intermediates=True, mutable=["intermediates"]))(
+          {"params": params}, jnp.asarray(images))
   captured = common.flatten(state["intermediates"])
   blocks = {int(m.group(1)): v[0] for k, v in captured.items()
             for m in [re.fullmatch(r"encoder/encoderblock_(\d+)/__call__", k)] if m}
@@ -398,8 +401,10 @@ def _clip_config(path):
 def _assert_clip_parity(config, params, hf_model):
   out = _clip_outputs(hf_model)
   model, variables = build_model(config), {"params": params}
-  zimg = np.asarray(model.apply(variables, jnp.asarray(_images()), method="embed_image"))
-  ztxt = np.asarray(model.apply(variables, jnp.asarray(_texts()), method="embed_text"))
+  zimg = np.asarray(jax.jit(functools.partial(model.apply, method="embed_image"))(
+      variables, jnp.asarray(_images())))
+  ztxt = np.asarray(jax.jit(functools.partial(model.apply, method="embed_text"))(
+      variables, jnp.asarray(_texts())))
   np.testing.assert_allclose(zimg, out.image_embeds.numpy(), atol=TOL, rtol=0)
   np.testing.assert_allclose(ztxt, out.text_embeds.numpy(), atol=TOL, rtol=0)
   scale = np.exp(np.asarray(common.flatten(params)[layout.LOGIT_SCALE]))
@@ -563,8 +568,10 @@ def test_big_vision_siglip_embeddings_logits_and_loss_match(hf_siglip, tmp_path)
                                       method="loss")
   np.testing.assert_allclose(loss, out.loss.item(), rtol=TOL)
   model, variables = build_model(config), {"params": params}
-  zimg = np.asarray(model.apply(variables, jnp.asarray(images), method="embed_image"))
-  ztxt = np.asarray(model.apply(variables, jnp.asarray(texts), method="embed_text"))
+  zimg = np.asarray(jax.jit(functools.partial(model.apply, method="embed_image"))(
+      variables, jnp.asarray(images)))
+  ztxt = np.asarray(jax.jit(functools.partial(model.apply, method="embed_text"))(
+      variables, jnp.asarray(texts)))
   np.testing.assert_allclose(zimg, out.image_embeds.numpy(), atol=TOL, rtol=0)
   np.testing.assert_allclose(ztxt, out.text_embeds.numpy(), atol=TOL, rtol=0)
   flat = common.flatten(params)

@@ -4,6 +4,7 @@ SigLIP (randomly initialised, tiny, built here: nothing is downloaded).
 Logits agree within 1e-4 (relative to their scale) in float32 with the prefix-LM mask,
 greedy generation agrees token for token, and export -> import is exact.
 """
+import functools
 import json
 import os
 
@@ -96,7 +97,7 @@ def test_paligemma_logits_with_prefix_mask_and_greedy_generation(paligemma, tmp_
   ids, types, pixels = _hf_inputs(hf_model, PROMPT, SUFFIX)
   with torch.no_grad():
     want = hf_model(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits.numpy()
-  got = model.apply(params, batch, method="suffix_logits")
+  got = jax.jit(functools.partial(model.apply, method="suffix_logits"))(params, batch)
   start = ids.shape[1] - len(SUFFIX[0]) - 1       # the last prompt position
   assert _relative_error(got, want[:, start:]) < TOL
   # Without the prefix-LM mask (HF's plain causal LM) the logits differ: the mask matters.
@@ -110,7 +111,8 @@ def test_paligemma_logits_with_prefix_mask_and_greedy_generation(paligemma, tmp_
     out = hf_model.generate(input_ids=ids, pixel_values=pixels, token_type_ids=types,
                             max_new_tokens=8, do_sample=False, eos_token_id=-1,
                             pad_token_id=0)[:, ids.shape[1]:].numpy()
-  tokens = model.apply(params, _mmjax_batch(PROMPT, SUFFIX), method="generate_tokens", max_len=8)
+  tokens = jax.jit(functools.partial(model.apply, method="generate_tokens", max_len=8))(
+      params, _mmjax_batch(PROMPT, SUFFIX))
   np.testing.assert_array_equal(np.asarray(tokens), out)
   assert len(set(out.ravel().tolist())) > 3, out       # not one repeated token
 
@@ -155,8 +157,9 @@ def test_causal_lm_logits(family, tmp_path):
   valid = jnp.ones(tokens.shape, bool)
   mask = vlm_lib.prefix_lm_mask(valid, 0, False)     # a plain causal LM
   positions = vlm_lib.positions_of(valid)
-  got = model.apply({"params": params[0]}, tokens,
-                    method=lambda m, t: m.lm(m.lm.embed(t), positions, mask))
+  got = jax.jit(functools.partial(
+      model.apply, method=lambda m, t: m.lm(m.lm.embed(t), positions, mask)))(
+          {"params": params[0]}, tokens)
   with torch.no_grad():
     want = hf_model(torch.tensor(PROMPT)).logits.numpy()
   assert _relative_error(got, want) < TOL
@@ -174,8 +177,8 @@ def test_siglip_vision_tower_and_pairing_with_an_lm(tmp_path):
   assert "no source for projection/.*" in report and "attention-pooling head" in report
   assert "projection" not in params["params"] and "lm" in params["params"]
   model = build_model(config)
-  encoder = model.apply(params, jnp.asarray(_images()),
-                        method=lambda m, x: m.image_encoder(x))
+  encoder = jax.jit(functools.partial(model.apply, method=lambda m, x: m.image_encoder(x)))(
+      params, jnp.asarray(_images()))
   with torch.no_grad():
     want = siglip(torch.from_numpy(_images().transpose(0, 3, 1, 2))).last_hidden_state.numpy()
   assert _relative_error(encoder, want) < TOL

@@ -36,6 +36,7 @@ def test_gates_start_closed_then_let_the_other_modality_in():
       "image_xattn1", "question_xattn1"]  # only from fusion_layer on
   changed = dict(tokens, question=tokens["question"][::-1])  # swap the examples
 
+  @jax.jit  # op by op, each of the fusion's ops would compile on its own
   def image_out(params, inputs):
     return fusion.apply({"params": params}, inputs, masks)["image"]
 
