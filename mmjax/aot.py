@@ -96,7 +96,11 @@ def _gpu_devices(gpu: str, hosts: int, per_host: int):
   """Compile-only devices of `hosts` x `per_host` GPUs, from the CUDA plugin (no GPU needed)."""
   import jax._src.xla_bridge as xla_bridge  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+  try:
+    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+  except ModuleNotFoundError:  # not even the jax_plugins namespace
+    plugin = None
+  if plugin is None:
     raise AotError("GPU topologies need JAX's CUDA plugin; install it with "
                    "`pip install -e \".[gpu]\"` (no GPU is needed to compile).")
   xla_bridge._discover_and_register_pjrt_plugins()  # pylint: disable=protected-access

@@ -129,6 +129,16 @@ def test_cli_reports_json_and_refuses_a_bad_topology(tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e:banana'")
 
 
+def test_gpu_topology_without_the_cuda_plugin_is_one_line(monkeypatch):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  def find_spec(name, *args):  # as on a machine without the `gpu` extra
+    raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+  monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+  with pytest.raises(aot.AotError, match=r"pip install -e \".\[gpu\]\""):
+    aot.topology_devices("h100:8")
+
+
 def test_find_max_batch_brackets_the_largest_fitting_batch(monkeypatch):
   """The search alone, against a compiler whose peak is linear in the batch (plus a
   refusal above the HBM, as the TPU compiler does); the real compile is tested above."""
@@ -152,3 +162,15 @@ def test_find_max_batch_brackets_the_largest_fitting_batch(monkeypatch):
   exact = (hbm - fixed) // per_example // step * step
   assert best % step == 0 and exact * 0.98 <= best <= exact
   assert len(compiled) <= 12
+
+
+def test_multi_slice_mesh_spans_the_slices_with_the_data_axis():
+  from mmjax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from mmjax.train.config import ConfigError  # pylint: disable=g-import-not-at-top
+  devices = aot.topology_devices("2xv5e:2x2")
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 1}, devices)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slices[:2] == 0).all() and (slices[2:] == 1).all()  # fsdp stays within a slice
+  with pytest.raises(ConfigError, match="multiple of the 2 slices"):
+    sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, devices)

@@ -59,3 +59,19 @@ def test_command_line_override_of_unknown_key_names_valid_keys(tmp_path):
     cli.check_overrides([f"--config={config_file}", "--config.optimizer.lrr=0.1"])
   cli.check_overrides([f"--config={config_file}", "--config.optimizer.lr=0.1"])
 
+
+
+def test_vlm_encoder_takes_vit_fields_and_remat_policies_are_checked_first():
+  config_file = "configs/vlm_shapes.py"
+  new = cli.check_overrides([f"--config={config_file}",
+                             "--config.model.encoder.remat_policy=full"])
+  assert new == {"model.encoder.remat_policy": "full"}  # a ViT field the file leaves unset
+  with pytest.raises(ValueError, match=r"config.model.encoder.bogus.*valid keys.*remat_policy"):
+    cli.check_overrides([f"--config={config_file}", "--config.model.encoder.bogus=1"])
+  config = config_lib.load_config_file(config_file)
+  for section in (config.model, config.model.encoder):
+    with config_lib.config_keys.unlocked(section):
+      section["remat_policy"] = "bogus"
+    with pytest.raises(config_lib.ConfigError, match=r"remat_policy='bogus'; expected one of"):
+      config_lib.validate(config, 1, 1)
+    section["remat_policy"] = "none"

@@ -36,7 +36,6 @@ Parameter tree: `image_encoder` (a "vit" with pool_type "none"), `projection`
 (`kernel`/`bias`, or `fc1`/`fc2` for the MLP), `lm` (see language_model.py). The
 encoder is frozen with `config.optimizer.frozen = ("image_encoder/.*",)`.
 """
-import functools
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -91,6 +90,7 @@ def positions_of(valid: Array) -> Array:
 @MODELS.register("vlm")
 class VLM(Model):
   """Image encoder -> projector -> decoder-only LM with a prefix-LM mask."""
+  SUB_MODELS = {"encoder": "vit"}  # `encoder` holds "vit" fields (config keys checked as such)
   # Image encoder: fields of the "vit" model (variant, width, depth, patch_size, ...).
   encoder: Optional[Mapping[str, Any]] = None   # None: SigLIP So400m/14
   projector: str = "linear"                     # "linear" | "mlp" (2 layers, GELU)

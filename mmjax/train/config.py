@@ -27,6 +27,7 @@ from mmjax import config_keys
 from mmjax.errors import ConfigError
 from mmjax.models import fusion as fusion_lib
 from mmjax.models.base import build_model
+from mmjax.nn.transformer import REMAT_POLICIES
 from mmjax.registry import ATTENTION_BACKENDS, DATASETS, FUSIONS, MODELS
 from mmjax.train import sharding
 
@@ -150,6 +151,9 @@ def model_schema(name: str) -> Dict[str, Any]:
     hints = {}
   fields = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)
             if f.name not in ("parent", "name")}
+  # A field holding another registered model's fields (the VLM's `encoder`: a ViT's).
+  for field, sub_model in getattr(cls, "SUB_MODELS", {}).items():
+    fields[field] = {k: v for k, v in model_schema(sub_model).items() if k != "name"}
   return {"name": str, **fields}
 
 
@@ -347,6 +351,12 @@ def _check_model(model_config: ml_collections.ConfigDict) -> None:
   for field, registry in REGISTRY_FIELDS.items():
     if model_config.get(field) is not None:
       registry.get(model_config[field])
+  for where, fields in (("config.model", model_config),
+                        ("config.model.encoder", model_config.get("encoder") or {})):
+    policy = fields.get("remat_policy") if hasattr(fields, "get") else None
+    if policy is not None and policy not in REMAT_POLICIES:
+      raise ConfigError(f"{where}.remat_policy={policy!r}; expected one of "
+                        f"{sorted(REMAT_POLICIES)}.")
   fusion = model_config.get("fusion")
   if isinstance(fusion, str) and fusion in FUSIONS:  # before any data: fields it ignores
     try:

@@ -46,11 +46,24 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> Tuple[int, i
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+  Over several TPU slices (multi-slice, joined by the data-center network) `data` spans
+  the slices: only the data-parallel gradient reduction crosses between them.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if num_slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if shape[0] % num_slices:
+    raise ConfigError(f"config.mesh data = {shape[0]} must be a multiple of the {num_slices} "
+                      "slices: the data axis spans the slices.")
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  per_slice = (shape[0] // num_slices,) + tuple(shape[1:])
+  grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
