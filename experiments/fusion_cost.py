@@ -1,9 +1,12 @@
 """What each fusion strategy costs at MBT's real token counts (the efficiency claim of
 Nagrani et al. 2021, which the toy-scale ablation cannot show).
 
-  python experiments/fusion_cost.py [--topology v5e:2x4] [--skip-aot] [--repeats 2]
+  python experiments/fusion_cost.py [--topology v5e:2x4] [--skip-aot] [--skip-cpu]
+      [--strategies early,cross,...] [--repeats 2]
 
-(`--skip-aot` keeps the memory columns of the previous run's JSON.)
+(`--skip-aot` / `--skip-cpu` keep the memory / CPU-time columns of the previous run's JSON;
+`--strategies` measures only those fusions and keeps the other rows. CPU ratios are only
+comparable within one run: measure them for all strategies at once, on a quiet machine.)
 
 `configs/mbt_audiovisual.py` with 16 px patches per frame instead of its 2-frame tubelets
 (the token count MBT's efficiency table is about): ViT-B width (12 layers, 768 wide, 12
@@ -54,6 +57,7 @@ STRATEGIES = {  # label: model overrides (fusion_layer 8 and 4 bottlenecks as MB
 
 
 AOT_FIELDS = ("peak_gib", "needed_gib", "fits", "error", "global_batch")
+CPU_FIELDS = ("cpu_seconds",)
 
 
 def _config(overrides):
@@ -102,6 +106,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--topology", default="v5e:2x4")
   parser.add_argument("--skip-aot", action="store_true")
+  parser.add_argument("--skip-cpu", action="store_true")
+  parser.add_argument("--strategies", default="",
+                      help="comma-separated fusion names to measure (default: all)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
   args = parser.parse_args()
@@ -116,16 +123,28 @@ def main():
   tokens = {k: jnp.asarray(rng.normal(size=(1, n, width)), jnp.float32)
             for k, n in counts.items()}
   json_path = os.path.join(args.out, "fusion_cost.json")
-  earlier = {}  # with --skip-aot, the memory columns of an earlier run are kept
-  if args.skip_aot and os.path.exists(json_path):
+  wanted = set(filter(None, args.strategies.split(",")))
+  unknown = wanted - {o["fusion"] for o in STRATEGIES.values()}
+  if unknown:
+    parser.error(f"--strategies: unknown {sorted(unknown)}; expected some of "
+                 f"{[o['fusion'] for o in STRATEGIES.values()]}")
+  earlier = {}  # rows (or columns) this run does not measure are kept from the last run
+  if os.path.exists(json_path):
     with open(json_path) as f:
-      earlier = {r["strategy"]: {k: r[k] for k in AOT_FIELDS if k in r} for r in json.load(f)}
+      earlier = {r["strategy"]: r for r in json.load(f)}
   rows = []
   for label, overrides in STRATEGIES.items():
+    if wanted and overrides["fusion"] not in wanted:
+      if label in earlier:
+        rows.append(earlier[label])
+      continue
     config = _config(overrides)
+    kept = earlier.get(label, {})
     row = {"strategy": label, "tokens": counts, "gflops_per_clip": analytic_gflops(config),
-           "cpu_seconds": block_stack_seconds(config, tokens, args.repeats),
-           **earlier.get(label, {})}
+           **{k: kept[k] for k in AOT_FIELDS if args.skip_aot and k in kept},
+           **{k: kept[k] for k in CPU_FIELDS if args.skip_cpu and k in kept}}
+    if not args.skip_cpu:
+      row["cpu_seconds"] = block_stack_seconds(config, tokens, args.repeats)
     if devices is not None:
       config.model.dtype = "bfloat16"
       report = aot.compile_config(config, args.topology, devices, "mbt_audiovisual.py")
@@ -134,9 +153,10 @@ def main():
                  fits=report.fits, error=report.error, global_batch=report.global_batch)
     rows.append(row)
     print(row, flush=True)
-  joint = rows[0]["cpu_seconds"]
+  joint = rows[0].get("cpu_seconds") if rows and rows[0]["strategy"].startswith("early") else None
   for row in rows:
-    row["cpu_time_vs_early"] = row["cpu_seconds"] / joint
+    row["cpu_time_vs_early"] = (row["cpu_seconds"] / joint
+                                if joint and row.get("cpu_seconds") else None)
   with open(json_path, "w") as f:
     json.dump(rows, f, indent=1)
   lines = [f"| strategy | GFLOPs per clip (forward) | per-chip peak GiB ({args.topology}, "
@@ -145,8 +165,8 @@ def main():
   for row in rows:
     peak = (f"{row['peak_gib']:.2f}" if row.get("peak_gib") else
             f"needs {row['needed_gib']:.2f} (> HBM)" if row.get("needed_gib") else "-")
-    lines.append(f"| {row['strategy']} | {row['gflops_per_clip']:.0f} | {peak} | "
-                 f"x{row['cpu_time_vs_early']:.2f} |")
+    ratio = f"x{row['cpu_time_vs_early']:.2f}" if row.get("cpu_time_vs_early") else "-"
+    lines.append(f"| {row['strategy']} | {row['gflops_per_clip']:.0f} | {peak} | {ratio} |")
   with open(os.path.join(args.out, "fusion_cost.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -76,19 +76,18 @@ def main():
   parser.add_argument("--max-compiles", type=int, default=4)
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results"))
   args = parser.parse_args()
-  results = []
   json_path = os.path.join(args.out, "will_it_fit.json")
-  if os.path.exists(json_path):
-    with open(json_path) as f:  # rows re-measured now replace theirs; others are kept
-      rerun = {name: int(first or 0) for name, _, first in
-               (entry.partition(":") for entry in args.rows.split(","))}
-      results = [r for r in json.load(f)
-                 if r["row"] not in rerun or r["setting"] < rerun[r["row"]]]
-  for entry in args.rows.split(","):
-    name, _, first = entry.partition(":")  # NAME:K starts at the row's K-th setting
+  rerun = {name: int(first or 0) for name, _, first in
+           (entry.partition(":") for entry in args.rows.split(","))}
+  unknown = sorted(set(rerun) - set(ROWS))
+  if unknown:
+    parser.error(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")
+  # Rows re-measured now replace theirs (from their first setting on); others are kept.
+  _update(json_path, lambda r: r["row"] not in rerun or r["setting"] < rerun[r["row"]])
+  for name, first in rerun.items():
     config_file, topology, base, settings = ROWS[name]
     devices = aot.topology_devices(topology)
-    for index, setting in list(enumerate(settings))[int(first or 0):]:
+    for index, setting in list(enumerate(settings))[first:]:
       overrides = {**base, **setting}
       report = aot.compile_config(_configured(config_file, overrides), topology, devices,
                                   config_file)
@@ -100,12 +99,24 @@ def main():
             max_compiles=args.max_compiles)
       row = dict(row=name, setting=index, command=command(config_file, topology, overrides)
                  + (" --find-max-batch" if report.fits else ""), **dataclasses.asdict(report))
-      results.append(row)
-      with open(json_path, "w") as f:
-        json.dump(results, f, indent=1)
+      _update(json_path, lambda r, row=row: (r["row"], r["setting"]) != (name, index), row)
       if report.fits:
         break
-  write_markdown(results, os.path.join(args.out, "will_it_fit.md"))
+
+
+def _update(json_path: str, keep, row=None) -> None:
+  """Rewrites the JSON (and the markdown next to it) with the rows `keep` accepts, plus
+  `row`; read again each time, so that runs of different rows can share the file."""
+  results = []
+  if os.path.exists(json_path):
+    with open(json_path) as f:
+      results = [r for r in json.load(f) if keep(r)]
+  results = sorted(results + ([row] if row else []),
+                   key=lambda r: (list(ROWS).index(r["row"]), r["setting"]))
+  with open(json_path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(json_path + ".tmp", json_path)
+  write_markdown(results, os.path.join(os.path.dirname(json_path), "will_it_fit.md"))
 
 
 def write_markdown(results, path: str) -> None:
