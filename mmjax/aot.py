@@ -221,7 +221,9 @@ class Report:
              f"  compile {self.compile_seconds:.1f} s; XLA FLOPs/step/chip "
              f"{self.xla_flops_per_device:.4g}; model FLOPs/step {self.model_flops_per_step:.4g}"]
     if self.max_global_batch is not None:
-      lines.append(f"  largest global batch that fits: {self.max_global_batch}")
+      lines.append(f"  largest global batch that fits: {self.max_global_batch} "
+                   f"({self.max_global_batch / self.devices:g} per chip; the search stops "
+                   "within 2% or one data-parallel step of the first batch that does not)")
     return "\n".join(lines)
 
 
