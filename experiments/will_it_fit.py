@@ -82,8 +82,6 @@ def main():
   unknown = sorted(set(rerun) - set(ROWS))
   if unknown:
     parser.error(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")
-  # Rows re-measured now replace theirs (from their first setting on); others are kept.
-  _update(json_path, lambda r: r["row"] not in rerun or r["setting"] < rerun[r["row"]])
   for name, first in rerun.items():
     config_file, topology, base, settings = ROWS[name]
     devices = aot.topology_devices(topology)
@@ -99,7 +97,9 @@ def main():
             max_compiles=args.max_compiles)
       row = dict(row=name, setting=index, command=command(config_file, topology, overrides)
                  + (" --find-max-batch" if report.fits else ""), **dataclasses.asdict(report))
-      _update(json_path, lambda r, row=row: (r["row"], r["setting"]) != (name, index), row)
+      # A row re-measured replaces its earlier results from this setting on (kept until
+      # then: an interrupted run loses nothing).
+      _update(json_path, lambda r: r["row"] != name or r["setting"] < index, row)
       if report.fits:
         break
 
