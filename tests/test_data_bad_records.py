@@ -126,6 +126,7 @@ def test_damaged_array_record_shard_names_dataset_split_record_and_file(tmp_path
 @pytest.mark.parametrize("kind, value, message", [
     ("texts", [], "non-empty list of non-empty strings"),
     ("texts", [b"a caption", b"  "], "non-empty list of non-empty strings"),
+    ("texts", b"one caption, not a list", "non-empty list of non-empty strings"),
     ("image_bytes", b"", "non-empty bytes of an image file"),
     ("image_bytes", np.zeros((2, 2)), "non-empty bytes of an image file")])
 def test_caption_lists_and_image_files_are_checked(kind, value, message):

@@ -100,8 +100,8 @@ def check_record(record: Mapping[str, Any], fields: Mapping[str, Field], where: 
         raise BadRecordError(f"Bad record {where}: field {key!r} is an empty text; "
                              "expected a non-empty string.")
     elif field.kind == "texts":
-      texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
-               for t in (value if isinstance(value, (list, tuple, np.ndarray)) else [None])]
+      items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else []
+      texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in items]
       if not texts or not all(t.strip() for t in texts):
         raise BadRecordError(f"Bad record {where}: field {key!r} is {value!r}; expected a "
                              "non-empty list of non-empty strings.")
