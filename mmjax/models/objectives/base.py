@@ -69,7 +69,7 @@ class Objective(abc.ABC):
 
   @abc.abstractmethod
   def inputs(self, model) -> Tuple[str, ...]:
-    raise NotImplementedError
+    """Batch keys it tokenizes and fuses (modalities)."""
 
   def targets(self, model) -> Tuple[str, ...]:
     del model
@@ -81,7 +81,7 @@ class Objective(abc.ABC):
 
   @abc.abstractmethod
   def features(self, model, batch: Batch, run: FeaturePass) -> Dict[str, Array]:
-    raise NotImplementedError
+    """Per-example arrays [B, ...] that `loss` and `summarize` read."""
 
   def context(self, model, features: Mapping[str, Array], batch: Batch,
               key: Optional[Array]) -> Dict[str, Array]:
@@ -90,12 +90,12 @@ class Objective(abc.ABC):
 
   @abc.abstractmethod
   def loss(self, model, features: Mapping[str, Array]) -> Tuple[Array, Dict[str, Array]]:
-    raise NotImplementedError
+    """(This objective's loss over the whole batch, other logged metrics)."""
 
   @staticmethod
   @abc.abstractmethod
   def summarize(outputs: Mapping[str, np.ndarray]) -> Dict[str, float]:
-    raise NotImplementedError
+    """The evaluation summary from the whole split's features ({} when absent)."""
 
   def generates(self, model) -> bool:
     del model
