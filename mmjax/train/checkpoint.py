@@ -27,6 +27,7 @@ model names in `position_grids`), refuses to drop a trained parameter the model 
 place for unless `skip` lists it, and reports what was loaded, what is new and what was
 dropped.
 """
+import functools
 import os
 import re
 import time
@@ -111,6 +112,7 @@ def checksums(tree: Any) -> Dict[str, List[int]]:
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
+@functools.cache  # a process-wide registration: once is enough
 def _use_replica_slices_for_large_arrays_only() -> None:
   # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.metadata import array_metadata_store
