@@ -93,3 +93,21 @@ def test_forked_objective_adds_its_heads_loss_and_summary_to_the_model():
   assert summary["iac_i2t_recall@5"] == 1.0  # 4 candidates
   assert set(summary) == {f"iac_{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
 
+
+
+def test_a_fork_objective_missing_a_method_is_refused_when_made():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from mmjax.models.objectives import Objective  # pylint: disable=g-import-not-at-top
+
+  class NoLoss(Objective):
+    def inputs(self, model):
+      return ("image",)
+
+    def features(self, model, batch, run):
+      return {}
+
+    @staticmethod
+    def summarize(outputs):
+      return {}
+  with pytest.raises(TypeError, match="loss"):
+    NoLoss()
