@@ -116,9 +116,12 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 def _use_replica_slices_for_large_arrays_only() -> None:
   # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.metadata import array_metadata_store
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      array_metadata_store=array_metadata_store.Store(),  # as Orbax's default handler
-      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+  from orbax.checkpoint._src.serialization import type_handler_registry
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          array_metadata_store=array_metadata_store.Store(),  # as Orbax's default handler
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+      override=True, ignore_warnings=True)  # replacing the default is the point
 
 
 class Checkpointer:
