@@ -15,7 +15,7 @@ included; `--topology local` compiles for this machine's own devices.
 Reports per-chip bytes (arguments, outputs, temporaries, aliased, peak) against the
 chip's HBM, whether it fits, compile seconds, XLA's FLOPs per chip and the analytic model
 FLOPs per step, and parameter / optimizer-state bytes per chip. `--find-max-batch`
-bisects the largest global batch (a multiple of the data-parallel size) that fits.
+searches the largest global batch (a multiple of the data-parallel size) that fits.
 Exits 1 when the program does not compile or does not fit, naming why.
 
 Needs the TPU compiler for TPU topologies: `pip install -e ".[tpu]"`.
@@ -227,8 +227,10 @@ class Report:
     return "\n".join(lines)
 
 
-def compile_config(config, topology: str, devices, config_name: str = "") -> Report:
-  """Compiles `config`'s train and eval steps for `devices`; never raises for the program."""
+def compile_config(config, topology: str, devices, config_name: str = "",
+                   train_only: bool = False) -> Report:
+  """Compiles `config`'s train and eval steps (`train_only`: the train step alone, as the
+  batch search needs) for `devices`; never raises for the program."""
   import jax  # pylint: disable=g-import-not-at-top
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from mmjax.models import flops as flops_lib  # pylint: disable=g-import-not-at-top
@@ -277,6 +279,8 @@ def compile_config(config, topology: str, devices, config_name: str = "") -> Rep
       int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
       report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes)
   report.fits = report.peak_bytes <= report.hbm_bytes
+  if train_only:
+    return report
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.xla_flops_per_device = float((cost or {}).get("flops", float("nan")))
@@ -305,41 +309,53 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
                    tolerance: float = 0.02, max_compiles: int = 10) -> int:
   """The largest global batch, a multiple of data x fsdp, whose train step fits (0: none).
 
-  Peak memory is close to linear in the batch, so each guess is where the line through
-  the two measurements nearest the boundary meets the HBM; each guess is compiled, and the
-  search stops when a fitting and a non-fitting batch are within `tolerance` (or one
-  data-parallel step) of each other.
+  Peak memory is close to linear in the batch, so each guess is where a line meets the
+  HBM: the line through the two measurements nearest it (a batch the compiler refused
+  counts with the bytes it said it needed), or, with one measurement, the line from the
+  state's bytes (which do not grow with the batch) through it. Each guess is compiled
+  (train step only); the search stops when a fitting and a non-fitting batch are within
+  `tolerance` (or one data-parallel step) of each other.
   """
   step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
-  peaks = {first.global_batch: first.peak_bytes if first.compiled else None}
-  fits = {first.global_batch: first.fits}
+  state_bytes = first.param_bytes + first.opt_state_bytes
+  peaks, fits = {}, {}
+
+  def record(report: Report) -> None:
+    peak = report.peak_bytes if report.compiled else report.needed_bytes
+    if peak:
+      peaks[report.global_batch] = peak
+    fits[report.global_batch] = report.fits
 
   def measure(batch: int) -> None:
     trial = config.copy_and_resolve_references()
     trial.batch_size = batch
-    report = compile_config(trial, topology, devices, config_name)
-    peaks[batch], fits[batch] = (report.peak_bytes if report.compiled else None), report.fits
+    report = compile_config(trial, topology, devices, config_name, train_only=True)
+    record(report)
     print(f"  batch {batch}: " + ("fits" if report.fits else "does not fit"
                                    if report.compiled or report.out_of_memory
                                    else "does not compile")
-          + (f", peak {report.peak_bytes / GIB:.2f} GiB" if report.compiled else ""),
-          flush=True)
+          + (f", peak {report.peak_bytes / GIB:.2f} GiB" if report.compiled
+             else f", needs {report.needed_bytes / GIB:.2f} GiB" if report.needed_bytes
+             else ""), flush=True)
 
+  def estimate() -> float:
+    """The batch at which the line through the measurements nearest the HBM reaches it."""
+    near = sorted(peaks, key=lambda b: abs(peaks[b] - first.hbm_bytes))[:2]
+    if len(near) < 2 or peaks[near[0]] == peaks[near[1]]:
+      near = [0] + near[:1]
+    (b0, b1), (p0, p1) = near, (peaks.get(near[0], state_bytes), peaks[near[1]])
+    return b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0) if p1 != p0 else 2 * b1
+
+  record(first)
   for _ in range(max_compiles):
     low = max((b for b, ok in fits.items() if ok), default=0)
     high = min((b for b, ok in fits.items() if not ok and b > low), default=None)
-    if high is not None and high - low <= max(step, tolerance * low):
+    least = low + max(step, tolerance * low)  # the smallest move worth a compile
+    if high is not None and high <= least:
       break
-    known = sorted(b for b, peak in peaks.items() if peak)
-    near = sorted(known, key=lambda b: abs(peaks[b] - first.hbm_bytes))[:2]
-    if high is not None:  # bracketed: bisect (the compiler refuses what does not fit)
-      guess = (low + high) / 2
-    elif len(near) == 2 and peaks[near[0]] != peaks[near[1]]:
-      (b0, b1), (p0, p1) = near, (peaks[near[0]], peaks[near[1]])
-      guess = max(b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0), 2 * low)
-    else:
-      guess = 2 * low
-    guess = max(int(guess) // step * step, low + step)
+    guess = estimate() if peaks else (low + high) / 2 if high else 2 * low
+    ceiling = high - step if high is not None else 8 * max(low, step)  # no wild leaps
+    guess = max(int(min(max(guess, least), ceiling)) // step * step, low + step)
     if high is not None and guess >= high:
       break
     measure(guess)
