@@ -143,8 +143,37 @@ def topology_devices(topology: str):
                    f"v5p:4x4x4, v6e:8x8): {message}") from e
 
 
+def _bytes_in(text: str, pattern: str) -> int:
+  """The size "(15.75G)" at `{size}` in `pattern`, found in the compiler's `text`; 0 if absent."""
+  found = re.search(pattern.format(size=r"\(([\d.]+)([KMGT])\)"), text)
+  return int(float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1)) if found else 0
+
+
+_USABLE_HBM = {}
+
+
+def compiler_usable_hbm(device) -> int:
+  """What the TPU compiler lets one program use on `device` (a little under the chip's HBM,
+  e.g. 15.75 of 16 GiB on v5e): it says so when refusing a program far too large (a
+  4 TB sort); 0 if it did not."""
+  kind = device.device_kind
+  if kind not in _USABLE_HBM:
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    too_big = jax.jit(lambda x: jnp.sort(jnp.outer(x, x), axis=0)[0].sum())
+    try:
+      too_big.trace(jax.ShapeDtypeStruct((10**6,), jnp.float32, sharding=on_device)
+                   ).lower().compile()
+      _USABLE_HBM[kind] = 0
+    except Exception as e:  # pylint: disable=broad-except  (the refusal is the answer)
+      _USABLE_HBM[kind] = _bytes_in(str(e), r"exceeds available HBM {size}")
+  return _USABLE_HBM[kind]
+
+
 def hbm_bytes_per_device(devices) -> float:
-  """HBM of one device: the chip's, divided among the devices a chip shows (v4 cores)."""
+  """Usable HBM of one device: what a real device or the TPU compiler reports, else the
+  chip's divided among the devices a chip shows (v4 cores)."""
   kind = devices[0].device_kind
   try:  # a real (not compile-only) device knows its own memory
     limit = (devices[0].memory_stats() or {}).get("bytes_limit")
@@ -155,6 +184,8 @@ def hbm_bytes_per_device(devices) -> float:
   gpu = next((g for g in GPU_TARGETS.values() if g["description"] == kind), None)
   if gpu:
     return float(gpu["memory"])
+  if devices[0].platform == "tpu" and compiler_usable_hbm(devices[0]):
+    return float(compiler_usable_hbm(devices[0]))
   per_chip = next((gib for name, gib in HBM_GIB_PER_CHIP if name.lower() in kind.lower()),
                   None)
   if per_chip is None:
@@ -182,7 +213,8 @@ class Report:
   compiled: bool = False
   error: Optional[str] = None
   out_of_memory: bool = False       # the TPU compiler refused: it cannot fit in HBM
-  needed_bytes: int = 0             # what the refusing compiler said it needed
+  needed_bytes: int = 0             # what the refusing compiler said it needed (arguments
+                                    # and temporaries: its "HLO temporaries" include both)
   fits: bool = False
   hbm_bytes: float = 0.0
   peak_bytes: int = 0
@@ -259,9 +291,8 @@ def compile_config(config, topology: str, devices, config_name: str = "",
   except Exception as e:  # the compiler's own words say why
     report.error = f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"
     report.out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-    needed = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", str(e))
-    if needed:  # the compiler says how much it would have needed
-      report.needed_bytes = int(float(needed.group(1)) * 1024 ** "KMGT".index(needed.group(2)) * 1024)
+    # the compiler says how much it would have needed
+    report.needed_bytes = _bytes_in(str(e), r"{size} exceeds available HBM")
     return report
   report.compile_seconds = time.perf_counter() - start
   report.compiled = True
