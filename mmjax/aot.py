@@ -12,10 +12,12 @@ GPUs compile deviceless too, with JAX's CUDA plugin (`pip install -e ".[gpu]"`):
 `--topology h100:8` (one host of 8) or `h200:2x8` (2 hosts x 8), cuDNN attention
 included; `--topology local` compiles for this machine's own devices.
 
-Reports per-chip bytes (arguments, outputs, temporaries, aliased, peak) against the
-chip's HBM, whether it fits, compile seconds, XLA's FLOPs per chip and the analytic model
-FLOPs per step, and parameter / optimizer-state bytes per chip. `--find-max-batch`
-searches the largest global batch (a multiple of the data-parallel size) that fits.
+Reports per-chip bytes (arguments, outputs, temporaries, aliased, peak) against the HBM
+the TPU compiler allows a program (asked of the compiler), whether it fits, compile
+seconds, XLA's FLOPs per chip (a scanned layer stack's body counted once, as XLA does)
+and the analytic FLOPs per step (counted on the traced step), and parameter /
+optimizer-state bytes per chip. `--find-max-batch` searches the largest global batch (a
+multiple of the data-parallel size) that fits.
 Exits 1 when the program does not compile or does not fit, naming why.
 
 Needs the TPU compiler for TPU topologies: `pip install -e ".[tpu]"`.
@@ -287,7 +289,8 @@ def compile_config(config, topology: str, devices, config_name: str = "",
   start = time.perf_counter()
   try:
     with program.context():
-      compiled = program.train_step.trace(state, train_batch).lower().compile()
+      traced = program.train_step.trace(state, train_batch)
+      compiled = traced.lower().compile()
   except Exception as e:  # the compiler's own words say why
     report.error = f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"
     report.out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
@@ -315,13 +318,8 @@ def compile_config(config, topology: str, devices, config_name: str = "",
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.xla_flops_per_device = float((cost or {}).get("flops", float("nan")))
-  # Analytic FLOPs of the same step traced for the host (einsum attention: countable).
-  try:
-    report.model_flops_per_step = flops_lib.forward_flops(
-        program.train_step.__wrapped__, program.abstract_state,
-        program_lib.abstract_batch(spec, config.batch_size))
-  except Exception:  # pylint: disable=broad-except  (best effort; XLA's count stands)
-    pass
+  # Counted on the traced step: XLA's count above takes a scanned layer stack's body once.
+  report.model_flops_per_step = flops_lib.count_jaxpr(traced.jaxpr).flops
   try:
     with program.context():
       eval_compiled = program.eval_step.trace(state.params, eval_batch).lower().compile()

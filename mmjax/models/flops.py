@@ -6,7 +6,8 @@
   elementwise arithmetic   1 per output element (add, mul, max, select, ...)
   reductions               1 per input element
 while transcendentals (exp, log, tanh, ...) are counted separately, as XLA does. Loops
-multiply their body by the trip count (scan); conditionals count their costliest branch.
+multiply their body by the trip count (scan), `shard_map` bodies by the shards and Pallas
+kernels by their grid; conditionals count their costliest branch.
 Because it reads shapes off the program, it covers every configured model, every fusion
 strategy and any fork without a per-model formula, and costs one trace. The matmul term
 dominates at every realistic size; tests/test_flops.py checks the total against XLA's own
@@ -64,12 +65,18 @@ def _sub_jaxprs(eqn):
     return [(params["jaxpr"].jaxpr, params["length"])]
   if name == "while":
     return [(params["body_jaxpr"].jaxpr, 1), (params["cond_jaxpr"].jaxpr, 1)]
+  times = 1
+  if name == "shard_map":  # the body sees one shard: it runs once per manual-axes position
+    manual = params.get("newly_manual_axes", params["mesh"].axis_names)
+    times = math.prod(params["mesh"].shape[axis] for axis in manual)
+  elif name == "pallas_call":  # the kernel body sees one block: it runs once per grid point
+    times = math.prod(params["grid_mapping"].grid)
   found = []
   for value in params.values():
     if isinstance(value, jex_core.ClosedJaxpr):
-      found.append((value.jaxpr, 1))
+      found.append((value.jaxpr, times))
     elif isinstance(value, jex_core.Jaxpr):
-      found.append((value, 1))
+      found.append((value, times))
   return found
 
 
@@ -108,8 +115,12 @@ def _count(jaxpr) -> FlopCount:
 
 def count_flops(fn: Callable[..., Any], *args, **kwargs) -> FlopCount:
   """Traces fn(*args, **kwargs) and returns its FlopCount (arrays or ShapeDtypeStructs)."""
-  closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
-  return _count(closed.jaxpr)
+  return count_jaxpr(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args))
+
+
+def count_jaxpr(closed_jaxpr) -> FlopCount:
+  """The FlopCount of a program already traced (e.g. `jax.jit(f).trace(...).jaxpr`)."""
+  return _count(closed_jaxpr.jaxpr)
 
 
 def forward_flops(fn: Callable[..., Any], *args, **kwargs) -> float:
