@@ -12,7 +12,6 @@ row at its K-th setting (to skip settings already known not to fit). Writes
 experiments/results/will_it_fit.{json,md}.
 """
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -92,11 +91,11 @@ def main():
       print(f"[{name}] {command(config_file, topology, overrides)}\n{report.summary()}",
             flush=True)
       if report.fits and args.max_compiles:
-        report.max_global_batch = aot.find_max_batch(
+        report.max_global_batch, report.max_batch_bound = aot.find_max_batch(
             _configured(config_file, overrides), topology, devices, config_file, report,
             max_compiles=args.max_compiles)
       row = dict(row=name, setting=index, command=command(config_file, topology, overrides)
-                 + (" --find-max-batch" if report.fits else ""), **dataclasses.asdict(report))
+                 + (" --find-max-batch" if report.fits else ""), **report.to_json())
       # A row re-measured replaces its earlier results from this setting on (kept until
       # then: an interrupted run loses nothing).
       _update(json_path, lambda r: r["row"] != name or r["setting"] < index, row)

@@ -1,7 +1,7 @@
 """Will it compile and fit on a TPU slice? Answered on a CPU-only machine.
 
-  python -m mmjax.aot --config configs/NAME.py --topology v5e:2x4 [--config.x=...] \
-      [--json FILE] [--find-max-batch]
+  python -m mmjax.aot --config configs/NAME.py --topology TOPO [--config.x=...]
+                      [--json FILE] [--find-max-batch]
 
 Builds the train and eval steps exactly as `python -m mmjax.main` would for that config
 (`mmjax.train.program.build`: the same validation, mesh, logical rules, model, optimizer,
@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -141,8 +141,8 @@ def topology_devices(topology: str):
                                              **kwargs).devices)
   except Exception as e:  # libtpu's message names the problem; keep it on one line
     message = " ".join(str(e).split())[:300]
-    raise AotError(f"unknown TPU topology {topology!r} (expected e.g. v5e:2x4, v4:2x2x2, "
-                   f"v5p:4x4x4, v6e:8x8): {message}") from e
+    raise AotError(f"libtpu cannot build TPU topology {topology!r}: {message} (valid "
+                   "examples: v5e:2x4, v5e:16x16, v4:2x2x2, v5p:4x4x4, v6e:8x8)") from e
 
 
 def _bytes_in(text: str, pattern: str) -> int:
@@ -218,7 +218,7 @@ class Report:
   needed_bytes: int = 0             # what the refusing compiler said it needed (arguments
                                     # and temporaries: its "HLO temporaries" include both)
   fits: bool = False
-  hbm_bytes: float = 0.0
+  hbm_bytes: int = 0
   peak_bytes: int = 0
   argument_bytes: int = 0
   output_bytes: int = 0
@@ -231,34 +231,57 @@ class Report:
   eval_peak_bytes: int = 0
   xla_flops_per_device: float = float("nan")
   model_flops_per_step: float = float("nan")
-  max_global_batch: Optional[int] = None
+  max_global_batch: Optional[int] = None   # --find-max-batch: the largest that fits
+  max_batch_bound: Optional[int] = None    # and the smallest tried that does not
   # Fused-kernel calls in the compiled train step: Pallas (Mosaic) on TPU, cuDNN on GPU.
   kernels: Dict[str, int] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
     head = (f"{self.config} on {self.topology} ({self.devices} x {self.device_kind}, mesh "
             f"{self.mesh}), global batch {self.global_batch}")
+    state = (f"  params {_gib(self.param_bytes)}, optimizer state "
+             f"{_gib(self.opt_state_bytes)} per chip")
     if self.out_of_memory:
-      return f"{head}\n  DOES NOT FIT (the compiler ran out of HBM): {self.error}"
-    if not self.compiled:
-      return f"{head}\n  does not compile: {self.error}"
-    g = lambda b: f"{b / GIB:.2f} GiB"
-    lines = [head,
-             f"  peak per chip   {g(self.peak_bytes)} of {g(self.hbm_bytes)} HBM: "
-             + ("fits" if self.fits else "DOES NOT FIT"),
-             f"  arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)}, "
-             f"temporaries {g(self.temp_bytes)}, aliased {g(self.alias_bytes)}",
-             f"  params {g(self.param_bytes)}, optimizer state {g(self.opt_state_bytes)} per chip",
-             f"  eval step peak {g(self.eval_peak_bytes)} per chip"
-             + ("" if self.eval_compiled else " (did not compile)"),
-             f"  fused kernels {self.kernels or 'none'}",
-             f"  compile {self.compile_seconds:.1f} s; XLA FLOPs/step/chip "
-             f"{self.xla_flops_per_device:.4g}; model FLOPs/step {self.model_flops_per_step:.4g}"]
+      lines = [head, f"  DOES NOT FIT (the compiler ran out of HBM): {self.error}", state]
+    elif not self.compiled:
+      lines = [head, f"  does not compile: {self.error}"]
+    else:
+      lines = [head,
+               f"  peak per chip   {_gib(self.peak_bytes)} of {_gib(self.hbm_bytes)} HBM: "
+               + ("fits" if self.fits else "DOES NOT FIT"),
+               f"  arguments {_gib(self.argument_bytes)}, outputs {_gib(self.output_bytes)}, "
+               f"temporaries {_gib(self.temp_bytes)}, aliased {_gib(self.alias_bytes)}"
+               + ("" if self.peak_bytes == self.argument_bytes + self.output_bytes
+                  + self.temp_bytes - self.alias_bytes else " (the peak is XLA's own)"),
+               state,
+               f"  eval step peak {_gib(self.eval_peak_bytes)} per chip"
+               + ("" if self.eval_compiled else " (did not compile)"),
+               f"  fused kernels {self.kernels or 'none'}",
+               f"  compile {self.compile_seconds:.1f} s; XLA FLOPs/step/chip "
+               f"{self.xla_flops_per_device:.4g}; model FLOPs/step "
+               f"{self.model_flops_per_step:.4g}"]
     if self.max_global_batch is not None:
-      lines.append(f"  largest global batch that fits: {self.max_global_batch} "
-                   f"({self.max_global_batch / self.devices:g} per chip; the search stops "
-                   "within 2% or one data-parallel step of the first batch that does not)")
+      found = (f"  largest global batch that fits: {self.max_global_batch} "
+               f"({self.max_global_batch // self.devices} per chip)")
+      if self.max_batch_bound is None:
+        found += "; the search stopped before a batch that does not fit"
+      elif self.max_batch_bound - self.max_global_batch > max(
+          self.mesh["data"] * self.mesh["fsdp"], 0.02 * self.max_global_batch):
+        found += (f"; the search stopped at its compile limit: the largest lies below "
+                  f"{self.max_batch_bound}, which does not fit")
+      else:
+        found += f"; {self.max_batch_bound} does not"
+      lines.append(found)
     return "\n".join(lines)
+
+  def to_json(self) -> Dict[str, Any]:
+    """The fields, with null where a number is unknown (strict JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+
+def _gib(nbytes: float) -> str:
+  return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def compile_config(config, topology: str, devices, config_name: str = "",
@@ -277,7 +300,8 @@ def compile_config(config, topology: str, devices, config_name: str = "",
   program = program_lib.build(config, spec, devices)
   report = Report(config=config_name, topology=topology, devices=len(devices),
                   device_kind=devices[0].device_kind, mesh=dict(program.mesh.shape),
-                  global_batch=config.batch_size, hbm_bytes=hbm_bytes_per_device(devices))
+                  global_batch=config.batch_size,
+                  hbm_bytes=int(hbm_bytes_per_device(devices)))
   state = state_lib.abstract_with_shardings(program.abstract_state, program.shardings)
   report.param_bytes = _bytes_per_device(program.abstract_state.params,
                                          program.shardings.params)
@@ -292,6 +316,7 @@ def compile_config(config, topology: str, devices, config_name: str = "",
       traced = program.train_step.trace(state, train_batch)
       compiled = traced.lower().compile()
   except Exception as e:  # the compiler's own words say why
+    report.compile_seconds = time.perf_counter() - start  # until it refused
     report.error = f"{type(e).__name__}: {' '.join(str(e).split())[:1000]}"
     report.out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
     # the compiler says how much it would have needed
@@ -335,15 +360,19 @@ def compile_config(config, topology: str, devices, config_name: str = "",
 
 
 def find_max_batch(config, topology: str, devices, config_name: str, first: Report,
-                   tolerance: float = 0.02, max_compiles: int = 10) -> int:
-  """The largest global batch, a multiple of data x fsdp, whose train step fits (0: none).
+                   tolerance: float = 0.02,
+                   max_compiles: int = 10) -> Tuple[int, Optional[int]]:
+  """(the largest global batch, a multiple of data x fsdp, whose train step fits (0: none),
+  the smallest batch tried that does not (None: none did)).
 
   Peak memory is close to linear in the batch, so each guess is where a line meets the
   HBM: the line through the two measurements nearest it (a batch the compiler refused
   counts with the bytes it said it needed), or, with one measurement, the line from the
-  state's bytes (which do not grow with the batch) through it. Each guess is compiled
-  (train step only); the search stops when a fitting and a non-fitting batch are within
-  `tolerance` (or one data-parallel step) of each other.
+  state's bytes (which do not grow with the batch) through it. Once a fitting and a
+  non-fitting batch bracket the answer, each guess stays in the middle half of the
+  bracket (small programs are not quite linear). Each guess is compiled (train step only); the
+  search stops when the bracket is within `tolerance` (or one data-parallel step), or
+  after `max_compiles`.
   """
   step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
   state_bytes = first.param_bytes + first.opt_state_bytes
@@ -356,16 +385,16 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
     fits[report.global_batch] = report.fits
 
   def measure(batch: int) -> None:
+    print(f"  batch {batch} ({batch // first.devices} per chip): ", end="", flush=True)
     trial = config.copy_and_resolve_references()
     trial.batch_size = batch
     report = compile_config(trial, topology, devices, config_name, train_only=True)
     record(report)
-    print(f"  batch {batch}: " + ("fits" if report.fits else "does not fit"
-                                   if report.compiled or report.out_of_memory
-                                   else "does not compile")
-          + (f", peak {report.peak_bytes / GIB:.2f} GiB" if report.compiled
-             else f", needs {report.needed_bytes / GIB:.2f} GiB" if report.needed_bytes
-             else ""), flush=True)
+    print(("fits" if report.fits else "does not fit"
+           if report.compiled or report.out_of_memory else "does not compile")
+          + (f", peak {_gib(report.peak_bytes)}" if report.compiled
+             else f", needs {_gib(report.needed_bytes)}" if report.needed_bytes else ""),
+          flush=True)
 
   def estimate() -> float:
     """The batch at which the line through the measurements nearest the HBM reaches it."""
@@ -375,32 +404,45 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
     (b0, b1), (p0, p1) = near, (peaks.get(near[0], state_bytes), peaks[near[1]])
     return b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0) if p1 != p0 else 2 * b1
 
-  record(first)
-  for _ in range(max_compiles):
+  def bracket():
     low = max((b for b, ok in fits.items() if ok), default=0)
-    high = min((b for b, ok in fits.items() if not ok and b > low), default=None)
+    return low, min((b for b, ok in fits.items() if not ok and b > low), default=None)
+
+  record(first)
+  confirming = False  # the last guess was the smallest step above a fitting batch
+  for _ in range(max_compiles):
+    low, high = bracket()
     least = low + max(step, tolerance * low)  # the smallest move worth a compile
     if high is not None and high <= least:
       break
     guess = estimate() if peaks else (low + high) / 2 if high else 2 * low
-    ceiling = high - step if high is not None else 8 * max(low, step)  # no wild leaps
-    guess = max(int(min(max(guess, least), ceiling)) // step * step, low + step)
+    if high is None:
+      guess = min(max(guess, least), 8 * max(low, step))  # no wild leaps
+    elif low:  # bracketed by two measurements: keep to its middle half, except once to
+      # confirm a boundary the line puts just above `low`
+      quarter = (high - low) / 4
+      confirming = guess < low + quarter and not confirming
+      guess = least if confirming else min(max(guess, low + quarter), high - quarter)
+    guess = max(int(guess) // step * step, low + step)
     if high is not None and guess >= high:
       break
     measure(guess)
-  return max((b for b, ok in fits.items() if ok), default=0)
+  return bracket()
 
 
 def run(config, topology: str, config_name: str = "", json_path: Optional[str] = None,
         max_batch: bool = False) -> Report:
   devices = topology_devices(topology)
   report = compile_config(config, topology, devices, config_name)
-  if max_batch and (report.compiled or report.out_of_memory):
-    report.max_global_batch = find_max_batch(config, topology, devices, config_name, report)
   print(report.summary(), flush=True)
+  if max_batch and (report.compiled or report.out_of_memory):
+    print("searching the largest global batch that fits:", flush=True)
+    report.max_global_batch, report.max_batch_bound = find_max_batch(
+        config, topology, devices, config_name, report)
+    print(report.summary().splitlines()[-1].strip(), flush=True)
   if json_path:
     with open(json_path, "w") as f:
-      json.dump(dataclasses.asdict(report), f, indent=2)
+      json.dump(report.to_json(), f, indent=2)
   return report
 
 

@@ -165,35 +165,65 @@ def test_gpu_topology_without_the_cuda_plugin_is_one_line(monkeypatch):
     aot.topology_devices("h100:8")
 
 
-@pytest.mark.parametrize("says_needed", [True, False])
-@pytest.mark.parametrize("first_batch", [64, 4096])
-def test_find_max_batch_brackets_the_largest_fitting_batch(monkeypatch, first_batch,
-                                                           says_needed):
-  """The search alone, against a compiler whose peak is linear in the batch and which
-  refuses above the HBM (saying what it needed, or not), as the TPU compiler does; from a
-  batch that fits and from one that does not. The real compile is tested above."""
-  hbm, state, fixed, per_example, step = 16 * 2**30, 2**30, 3 * 2**30, 7_777_777, 8
+HBM, STATE, FIXED, PER_EXAMPLE, STEP = 16 * 2**30, 2**30, 3 * 2**30, 7_777_777, 8
+
+
+def _fake_compiler(monkeypatch, says_needed=True, wobble=0.0):
+  """A compiler whose peak is linear in the batch (plus a deterministic wobble of up to
+  `wobble` GiB, as small programs have) and which refuses above the HBM, saying what it
+  needed or not, as the TPU compiler does. Returns the batches it compiled."""
   compiled = []
 
   def fake_compile(config, topology, devices, config_name="", train_only=False):
     del topology, devices
     assert train_only or not compiled, "the search compiles the train step alone"
-    peak = fixed + per_example * config.batch_size
+    peak = FIXED + PER_EXAMPLE * config.batch_size + int(
+        wobble * 2**30 * np.sin(config.batch_size * 0.37))
     compiled.append(config.batch_size)
     return aot.Report(config=config_name, topology=TOPOLOGY, devices=8, device_kind="TPU v5 lite",
                       mesh={"data": 8, "fsdp": 1, "tensor": 1}, global_batch=config.batch_size,
-                      compiled=peak <= hbm, out_of_memory=peak > hbm, fits=peak <= hbm,
-                      hbm_bytes=hbm, peak_bytes=peak if peak <= hbm else 0, param_bytes=state,
-                      needed_bytes=peak if peak > hbm and says_needed else 0)
+                      compiled=peak <= HBM, out_of_memory=peak > HBM, fits=peak <= HBM,
+                      hbm_bytes=HBM, peak_bytes=peak if peak <= HBM else 0, param_bytes=STATE,
+                      needed_bytes=peak if peak > HBM and says_needed else 0)
 
   monkeypatch.setattr(aot, "compile_config", fake_compile)
+  return compiled
+
+
+def _search(first_batch, max_compiles=10):
   config = load_config_file(os.path.join(ROOT, "configs", "vit_digits.py"))
   config.batch_size = first_batch
-  first = fake_compile(config, TOPOLOGY, None)
-  best = aot.find_max_batch(config, TOPOLOGY, None, "vit_digits", first)
-  exact = (hbm - fixed) // per_example // step * step
-  assert best % step == 0 and exact * 0.98 <= best <= exact
+  first = aot.compile_config(config, TOPOLOGY, None, "vit_digits")
+  return first, aot.find_max_batch(config, TOPOLOGY, None, "vit_digits", first,
+                                   max_compiles=max_compiles)
+
+
+@pytest.mark.parametrize("says_needed", [True, False])
+@pytest.mark.parametrize("first_batch", [64, 4096])
+def test_find_max_batch_brackets_the_largest_fitting_batch(monkeypatch, first_batch,
+                                                           says_needed):
+  """The search alone (the real compile is tested above), from a batch that fits and from
+  one that does not: 3-5 compiles when the peak is linear."""
+  compiled = _fake_compiler(monkeypatch, says_needed)
+  first, (best, bound) = _search(first_batch)
+  exact = (HBM - FIXED) // PER_EXAMPLE // STEP * STEP
+  assert best % STEP == 0 and exact * 0.98 <= best <= exact < bound <= best * 1.02 + STEP
   assert len(compiled) - 1 <= (3 if says_needed or first.fits else 5), compiled
+
+
+def test_find_max_batch_narrows_the_bracket_when_the_peak_is_not_linear(monkeypatch):
+  compiled = _fake_compiler(monkeypatch, wobble=0.4)
+  _, (best, bound) = _search(64)
+  assert best in compiled and bound in compiled and best < bound <= best * 1.02 + STEP
+  assert len(compiled) - 1 <= 10
+
+
+def test_find_max_batch_says_when_its_compile_limit_stopped_it(monkeypatch):
+  _fake_compiler(monkeypatch, says_needed=False)
+  first, (first.max_global_batch, first.max_batch_bound) = _search(4096, max_compiles=2)
+  assert first.max_global_batch == 1024 and first.max_batch_bound == 2048
+  assert "stopped at its compile limit" in first.summary()
+  assert json.loads(json.dumps(first.to_json()))["xla_flops_per_device"] is None  # no NaN
 
 
 def test_multi_slice_mesh_spans_the_slices_with_the_data_axis():
