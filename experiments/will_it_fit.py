@@ -120,6 +120,7 @@ def _update(json_path: str, keep, row=None) -> None:
 
 def write_markdown(results, path: str) -> None:
   gib = lambda b: f"{b / 2**30:.1f}"
+  hbm = lambda b: f"{b / 2**30:.2f}".rstrip("0").rstrip(".")  # 15.75, 16
   lines = ["| row | topology | global batch | mesh (data, fsdp, tensor) | remat | peak / HBM "
            "GiB per chip | fits | compile s | largest batch per chip that fits | command |",
            "|---|---|---:|---|---|---|---|---:|---:|---|"]
@@ -130,16 +131,20 @@ def write_markdown(results, path: str) -> None:
     per_chip = r["global_batch"] // r["devices"]
     remat = next((p.split("=")[1] for p in r["command"].split() if "remat_policy" in p), "none")
     mesh = f"{r['mesh']['data']}, {r['mesh']['fsdp']}, {r['mesh']['tensor']}"
-    peak = (f"{gib(r['peak_bytes'])} / {gib(r['hbm_bytes'])}" if r["compiled"]
-            else f"needs {gib(r['needed_bytes'])} / {gib(r['hbm_bytes'])}"
+    peak = (f"{gib(r['peak_bytes'])} / {hbm(r['hbm_bytes'])}" if r["compiled"]
+            else f"needs {gib(r['needed_bytes'])} / {hbm(r['hbm_bytes'])}"
             if r["out_of_memory"] and r.get("needed_bytes")
-            else f"> {gib(r['hbm_bytes'])} (compiler: out of HBM)" if r["out_of_memory"]
+            else f"> {hbm(r['hbm_bytes'])} (compiler: out of HBM)" if r["out_of_memory"]
             else "does not compile")
     largest = (f"{r['max_global_batch'] // r['devices']}" if r.get("max_global_batch")
                else "")
+    if largest:
+      largest += (f" ({r['max_batch_bound'] // r['devices']} does not)"
+                  if r.get("max_batch_bound") else " or more (the search stopped first)")
+    seconds = f"{r['compile_seconds']:.0f}" if r["compiled"] else ""
     lines.append(f"| {r['row']} | {r['topology']} | {r['global_batch']} ({per_chip}/chip) | "
                  f"{mesh} | {remat} | {peak} | {'yes' if r['fits'] else 'no'} | "
-                 f"{r['compile_seconds']:.0f} | {largest} | `{r['command']}` |")
+                 f"{seconds} | {largest} | `{r['command']}` |")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
