@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mmjax import cli
@@ -376,32 +376,38 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
   """
   step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
   state_bytes = first.param_bytes + first.opt_state_bytes
-  peaks, fits = {}, {}
+  peaks, needed, fits = {}, {}, {}
 
   def record(report: Report) -> None:
-    peak = report.peak_bytes if report.compiled else report.needed_bytes
-    if peak:
-      peaks[report.global_batch] = peak
+    if report.compiled:
+      peaks[report.global_batch] = report.peak_bytes
+    elif report.needed_bytes:  # a lower bound: the compiler can stop counting early
+      needed[report.global_batch] = report.needed_bytes
     fits[report.global_batch] = report.fits
 
   def measure(batch: int) -> None:
-    print(f"  batch {batch} ({batch // first.devices} per chip): ", end="", flush=True)
+    print(f"  compiling batch {batch} ({batch // first.devices} per chip)", flush=True)
     trial = config.copy_and_resolve_references()
     trial.batch_size = batch
     report = compile_config(trial, topology, devices, config_name, train_only=True)
     record(report)
-    print(("fits" if report.fits else "does not fit"
+    print(f"  batch {batch}: " + ("fits" if report.fits else "does not fit"
            if report.compiled or report.out_of_memory else "does not compile")
           + (f", peak {_gib(report.peak_bytes)}" if report.compiled
-             else f", needs {_gib(report.needed_bytes)}" if report.needed_bytes else ""),
+             else f", needs at least {_gib(report.needed_bytes)}" if report.needed_bytes
+             else ""),
           flush=True)
 
   def estimate() -> float:
-    """The batch at which the line through the measurements nearest the HBM reaches it."""
-    near = sorted(peaks, key=lambda b: abs(peaks[b] - first.hbm_bytes))[:2]
-    if len(near) < 2 or peaks[near[0]] == peaks[near[1]]:
-      near = [0] + near[:1]
-    (b0, b1), (p0, p1) = near, (peaks.get(near[0], state_bytes), peaks[near[1]])
+    """The batch at which the line through the measurements nearest the HBM reaches it
+    (compiled peaks first, refusals' needed bytes where fewer than two compiled)."""
+    nearest = lambda known: sorted(known, key=lambda b: abs(known[b] - first.hbm_bytes))
+    points = {b: peaks[b] for b in nearest(peaks)[:2]}
+    points.update({b: needed[b] for b in nearest(needed)[:2 - len(points)]})
+    near = sorted(points, key=lambda b: abs(points[b] - first.hbm_bytes))
+    if len(near) < 2 or points[near[0]] == points[near[1]]:
+      near, points[0] = [0] + near[:1], state_bytes
+    (b0, b1), (p0, p1) = near, (points[near[0]], points[near[1]])
     return b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0) if p1 != p0 else 2 * b1
 
   def bracket():
@@ -415,7 +421,7 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
     least = low + max(step, tolerance * low)  # the smallest move worth a compile
     if high is not None and high <= least:
       break
-    guess = estimate() if peaks else (low + high) / 2 if high else 2 * low
+    guess = estimate() if peaks or needed else (low + high) / 2 if high else 2 * low
     if high is None:
       guess = min(max(guess, least), 8 * max(low, step))  # no wild leaps
     elif low:  # bracketed by two measurements: keep to its middle half, except once to
@@ -464,7 +470,10 @@ def _define_flags():
 
 
 def main(argv, config_flag, topology_flag, json_flag, max_batch_flag):
-  del argv
+  if len(argv) > 1:  # e.g. "[--find-max-batch]" pasted with its brackets
+    sys.exit(f"error: unexpected arguments {argv[1:]}; flags are --config, --topology, "
+             "--config.FIELD=VALUE, --json FILE, --find-max-batch.")
+  logging.set_verbosity(logging.WARNING)  # dataset builders' INFO lines, between results
   config_name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
                      None) or sys.argv[sys.argv.index("--config") + 1]
 

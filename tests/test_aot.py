@@ -153,6 +153,10 @@ def test_cli_reports_json_and_refuses_a_bad_topology(tmp_path):
                        text=True, timeout=600)
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology='v5e:banana'")
+  stray = subprocess.run(base + ["--topology", TOPOLOGY, "[--find-max-batch]"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+  assert stray.returncode == 1
+  assert "unexpected arguments ['[--find-max-batch]']" in stray.stderr.strip().splitlines()[-1]
 
 
 def test_gpu_topology_without_the_cuda_plugin_is_one_line(monkeypatch):
