@@ -366,13 +366,13 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
   the smallest batch tried that does not (None: none did)).
 
   Peak memory is close to linear in the batch, so each guess is where a line meets the
-  HBM: the line through the two measurements nearest it (a batch the compiler refused
-  counts with the bytes it said it needed), or, with one measurement, the line from the
-  state's bytes (which do not grow with the batch) through it. Once a fitting and a
-  non-fitting batch bracket the answer, each guess stays in the middle half of the
-  bracket (small programs are not quite linear). Each guess is compiled (train step only); the
-  search stops when the bracket is within `tolerance` (or one data-parallel step), or
-  after `max_compiles`.
+  HBM: the line through the two measurements nearest it (compiled peaks first; a refused
+  batch's needed bytes, a lower bound, only where fewer than two compiled), or, with one
+  measurement, the line from the state's bytes (which do not grow with the batch) through
+  it. Once a fitting and a non-fitting batch bracket the answer, each guess stays in the
+  middle half of the bracket (small programs are not quite linear). Each guess is
+  compiled (train step only); the search stops when the bracket is within `tolerance` (or
+  one data-parallel step), or after `max_compiles`.
   """
   step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
   state_bytes = first.param_bytes + first.opt_state_bytes
