@@ -393,7 +393,7 @@ def _log_step_zero(config, mesh, counts, flops, optimizer_summary) -> None:
            f"devices, {jax.process_count()} process(es)",
            "parameters per top-level module:"]
   lines += [f"  {name:<30} {n:>14,}" for name, n in counts.items()]
-  lines.append(f"FLOPs per step (XLA cost analysis): {flops:.4g}")
+  lines.append(f"FLOPs per step (counted on the traced train step): {flops:.4g}")
   if optimizer_summary["frozen"]:
     lines.append(f"frozen: {optimizer_summary['frozen']}")
   if optimizer_summary["lr_multipliers"]:
