@@ -186,8 +186,9 @@ def hbm_bytes_per_device(devices) -> float:
   gpu = next((g for g in GPU_TARGETS.values() if g["description"] == kind), None)
   if gpu:
     return float(gpu["memory"])
-  if devices[0].platform == "tpu" and compiler_usable_hbm(devices[0]):
-    return float(compiler_usable_hbm(devices[0]))
+  usable = compiler_usable_hbm(devices[0]) if devices[0].platform == "tpu" else 0
+  if usable:
+    return float(usable)
   per_chip = next((gib for name, gib in HBM_GIB_PER_CHIP if name.lower() in kind.lower()),
                   None)
   if per_chip is None:
@@ -212,6 +213,7 @@ class Report:
   device_kind: str
   mesh: Dict[str, int]
   global_batch: int
+  batch_step: int = 1               # global batches are multiples of data x fsdp x grad_accum
   compiled: bool = False
   error: Optional[str] = None
   out_of_memory: bool = False       # the TPU compiler refused: it cannot fit in HBM
@@ -265,8 +267,7 @@ class Report:
                f"({self.max_global_batch // self.devices} per chip)")
       if self.max_batch_bound is None:
         found += "; the search stopped before a batch that does not fit"
-      elif self.max_batch_bound - self.max_global_batch > max(
-          self.mesh["data"] * self.mesh["fsdp"], 0.02 * self.max_global_batch):
+      elif not _bracket_closed(self.max_global_batch, self.max_batch_bound, self.batch_step):
         found += (f"; the search stopped at its compile limit: the largest lies below "
                   f"{self.max_batch_bound}, which does not fit")
       else:
@@ -278,6 +279,12 @@ class Report:
     """The fields, with null where a number is unknown (strict JSON has no NaN)."""
     return {k: None if isinstance(v, float) and math.isnan(v) else v
             for k, v in dataclasses.asdict(self).items()}
+
+
+def _bracket_closed(low: int, high: int, step: int, tolerance: float = 0.02) -> bool:
+  """Whether the search is done: nothing between a fitting `low` and a failing `high` is
+  worth a compile (within `tolerance` of `low`, or one step)."""
+  return high <= low + max(step, tolerance * low)
 
 
 def _gib(nbytes: float) -> str:
@@ -301,6 +308,8 @@ def compile_config(config, topology: str, devices, config_name: str = "",
   report = Report(config=config_name, topology=topology, devices=len(devices),
                   device_kind=devices[0].device_kind, mesh=dict(program.mesh.shape),
                   global_batch=config.batch_size,
+                  batch_step=(program.mesh.shape["data"] * program.mesh.shape["fsdp"]
+                              * config.grad_accum_steps),
                   hbm_bytes=int(hbm_bytes_per_device(devices)))
   state = state_lib.abstract_with_shardings(program.abstract_state, program.shardings)
   report.param_bytes = _bytes_per_device(program.abstract_state.params,
@@ -374,7 +383,7 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
   compiled (train step only); the search stops when the bracket is within `tolerance` (or
   one data-parallel step), or after `max_compiles`.
   """
-  step = first.mesh["data"] * first.mesh["fsdp"] * config.grad_accum_steps
+  step = first.batch_step
   state_bytes = first.param_bytes + first.opt_state_bytes
   peaks, needed, fits = {}, {}, {}
 
@@ -402,12 +411,12 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
     """The batch at which the line through the measurements nearest the HBM reaches it
     (compiled peaks first, refusals' needed bytes where fewer than two compiled)."""
     nearest = lambda known: sorted(known, key=lambda b: abs(known[b] - first.hbm_bytes))
-    points = {b: peaks[b] for b in nearest(peaks)[:2]}
-    points.update({b: needed[b] for b in nearest(needed)[:2 - len(points)]})
-    near = sorted(points, key=lambda b: abs(points[b] - first.hbm_bytes))
-    if len(near) < 2 or points[near[0]] == points[near[1]]:
-      near, points[0] = [0] + near[:1], state_bytes
-    (b0, b1), (p0, p1) = near, (points[near[0]], points[near[1]])
+    points = [(b, peaks[b]) for b in nearest(peaks)[:2]]
+    points += [(b, needed[b]) for b in nearest(needed)[:2 - len(points)]]
+    points.sort(key=lambda point: abs(point[1] - first.hbm_bytes))
+    if len(points) < 2 or points[0][1] == points[1][1]:
+      points = [(0, state_bytes), points[0]]
+    (b0, p0), (b1, p1) = points
     return b0 + (first.hbm_bytes - p0) * (b1 - b0) / (p1 - p0) if p1 != p0 else 2 * b1
 
   def bracket():
@@ -418,9 +427,9 @@ def find_max_batch(config, topology: str, devices, config_name: str, first: Repo
   confirming = False  # the last guess was the smallest step above a fitting batch
   for _ in range(max_compiles):
     low, high = bracket()
-    least = low + max(step, tolerance * low)  # the smallest move worth a compile
-    if high is not None and high <= least:
+    if high is not None and _bracket_closed(low, high, step, tolerance):
       break
+    least = low + max(step, tolerance * low)  # the smallest move worth a compile
     guess = estimate() if peaks or needed else (low + high) / 2 if high else 2 * low
     if high is None:
       guess = min(max(guess, least), 8 * max(low, step))  # no wild leaps

@@ -186,7 +186,7 @@ def _fake_compiler(monkeypatch, says_needed=True, wobble=0.0):
     compiled.append(config.batch_size)
     return aot.Report(config=config_name, topology=TOPOLOGY, devices=8, device_kind="TPU v5 lite",
                       mesh={"data": 8, "fsdp": 1, "tensor": 1}, global_batch=config.batch_size,
-                      compiled=peak <= HBM, out_of_memory=peak > HBM, fits=peak <= HBM,
+                      batch_step=STEP, compiled=peak <= HBM, out_of_memory=peak > HBM, fits=peak <= HBM,
                       hbm_bytes=HBM, peak_bytes=peak if peak <= HBM else 0, param_bytes=STATE,
                       needed_bytes=peak if peak > HBM and says_needed else 0)
 
@@ -228,6 +228,9 @@ def test_find_max_batch_says_when_its_compile_limit_stopped_it(monkeypatch):
   assert first.max_global_batch == 1024 and first.max_batch_bound == 2048
   assert "stopped at its compile limit" in first.summary()
   assert json.loads(json.dumps(first.to_json()))["xla_flops_per_device"] is None  # no NaN
+  # One step of data x fsdp x grad_accum (8 x 1 x 4) apart is a finished search.
+  first.batch_step, first.max_global_batch, first.max_batch_bound = 32, 1024, 1056
+  assert first.summary().endswith("; 1056 does not")
 
 
 def test_multi_slice_mesh_spans_the_slices_with_the_data_axis():
